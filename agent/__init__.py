@@ -1,0 +1,3 @@
+"""metal-agent: memory-safe local LLM serving for Kubernetes Model objects."""
+
+__version__ = "0.1.0"

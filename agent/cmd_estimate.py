@@ -1,0 +1,212 @@
+"""``metal-agent estimate``: would this model fit, and why.
+
+Exit status: 0 fits, 1 does not fit, 2 invalid input or unreadable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.budget import Budget, resolve_budget
+from agent.gguf_header import GGUFError
+from agent.hostmem import HostMemory, detect_host_memory
+from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
+from agent.preflight import Reason, Verdict, preflight
+from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
+from agent.shape import KV_CACHE_TYPES, ServeSettings
+
+EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID = 0, 1, 2
+AGENT_FRACTION_ENV = "METAL_AGENT_MEMORY_FRACTION"
+
+
+class UsageError(Exception):
+    """Invalid input: printed as one ``error:`` line, exit status 2."""
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="estimate a model's memory and check it against its budget",
+        description=(
+            "Estimate what llama.cpp will allocate for MODEL (a GGUF file, the first shard of a split model, or a "
+            "Model manifest in YAML whose hardware fields apply) and check it against the budget. Budget "
+            "precedence: --memory-budget > --memory-fraction > the Model's memoryBudget > memoryFraction > "
+            f"${AGENT_FRACTION_ENV} > adaptive default (0.67 of RAM up to 36 GiB, 0.75 above). Quantities use "
+            "Kubernetes units: 24Gi, 512Mi, 32G, 1e9. Exit status: 0 fits, 1 does not fit, 2 invalid input."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="GGUF file or Model manifest (YAML)")
+    p.add_argument("--ctx-size", "-c", type=int, help="context size in tokens (default: the manifest's, else 4096)")
+    p.add_argument("--parallel", "-np", type=int, help="parallel slots (default 1)")
+    p.add_argument("--cache-type-k", "-ctk", choices=KV_CACHE_TYPES, help="KV cache type for K (default f16)")
+    p.add_argument("--cache-type-v", "-ctv", choices=KV_CACHE_TYPES, help="KV cache type for V (default f16)")
+    p.add_argument("--flash-attn", "-fa", action="store_true", default=None, help="flash attention on")
+    p.add_argument("--ubatch-size", "-ub", type=int, help="physical batch size (default 512)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--memory-budget", metavar="Q", help="the Model's memoryBudget, e.g. 24Gi")
+    group.add_argument("--memory-fraction", metavar="F", help="the Model's memoryFraction, 0 < F <= 1")
+    p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def _load_target(path: Path) -> tuple[Path, ModelSpec | None, ServiceSpec | None]:
+    """The GGUF path and, for a manifest, its Model and the first InferenceService that uses it."""
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        return path, None, None
+    objects = load_file(path)
+    models = [o for o in objects if isinstance(o, ModelSpec)]
+    if not models:
+        raise UsageError(f"{path}: no Model in this manifest")
+    model = models[0]
+    service = next((o for o in objects if isinstance(o, ServiceSpec) and o.model_ref == model.name), None)
+    local = model.local_path()
+    if local is None:
+        raise UsageError(f"{path}: spec.source {model.source!r} is remote; download it first or use a local path")
+    return local, model, service
+
+
+def _settings(args: argparse.Namespace, service: ServiceSpec | None) -> ServeSettings:
+    base = service.settings() if service else ServeSettings()
+    overrides = {
+        "ctx_size": args.ctx_size,
+        "parallel": args.parallel,
+        "cache_type_k": args.cache_type_k,
+        "cache_type_v": args.cache_type_v,
+        "flash_attn": args.flash_attn,
+        "n_ubatch": args.ubatch_size,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _budget(args: argparse.Namespace, model: ModelSpec | None, host: HostMemory) -> Budget:
+    if args.memory_budget is not None or args.memory_fraction is not None:
+        budget, fraction = args.memory_budget, args.memory_fraction
+        if fraction is not None:
+            fraction = parse_fraction(fraction, "--memory-fraction")
+        if budget is not None:
+            parse_quantity(budget, "--memory-budget")
+    elif model is not None:
+        budget, fraction = model.memory_budget, model.memory_fraction
+    else:
+        budget = fraction = None
+    agent_fraction = os.environ.get(AGENT_FRACTION_ENV) or None
+    return resolve_budget(host.total_bytes, budget, fraction, agent_fraction)
+
+
+def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
+    target, model, service = _load_target(Path(args.model))
+    settings = _settings(args, service)
+    override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None
+    host = detect_host_memory(override)
+    budget = _budget(args, model, host)
+    return preflight(target, settings, budget, host), target, host
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        verdict, target, host = evaluate(args)
+    except (UsageError, ManifestError, InvalidValue, GGUFError) as exc:
+        return _error(str(exc))
+    except RuntimeError as exc:  # host memory could not be detected: fail closed
+        return _error(f"cannot check memory: {exc}")
+    if verdict.estimate is None or verdict.reason in (Reason.MEMORY_CHECK_FAILED, Reason.INVALID_SPEC):
+        return _error(verdict.message)
+    if args.json:
+        print(json.dumps(to_json(verdict, target, host)))
+    else:
+        print(render(verdict, target, host))
+    return EXIT_FITS if verdict.fits else EXIT_DOES_NOT_FIT
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+    return EXIT_INVALID
+
+
+def to_json(verdict: Verdict, target: Path, host: HostMemory) -> dict[str, Any]:
+    shape, est, budget, settings = verdict.shape, verdict.estimate, verdict.budget, verdict.settings
+    assert shape and est and budget and settings
+    return {
+        "model": {
+            "path": str(target),
+            "architecture": shape.architecture,
+            "block_count": shape.n_layer,
+            "context_length": shape.context_length,
+            "file_bytes": shape.file_bytes,
+            "shards": shape.shard_count,
+            "missing_metadata": list(shape.missing),
+        },
+        "settings": {
+            "ctx_size": settings.ctx_size,
+            "parallel": settings.parallel,
+            "cache_type_k": settings.cache_type_k,
+            "cache_type_v": settings.cache_type_v,
+            "flash_attn": settings.flash_attn,
+            "n_ubatch": settings.n_ubatch,
+        },
+        "estimate": {
+            "weights_bytes": est.weights_bytes,
+            "kv_cache_bytes": est.kv_cache_bytes,
+            "compute_bytes": est.compute_bytes,
+            "overhead_bytes": est.overhead_bytes,
+            "total_bytes": est.total_bytes,
+            "kv_cells": est.kv_cells,
+            "fallback": est.fallback,
+            "notes": list(est.notes),
+        },
+        "budget": {
+            "bytes": budget.bytes,
+            "source": budget.source,
+            "fraction": budget.fraction,
+            "host_total_bytes": budget.host_total_bytes,
+        },
+        "host": {"total_bytes": host.total_bytes, "source": host.source, "notes": list(host.notes)},
+        "fits": verdict.fits,
+        "reason": str(verdict.reason),
+        "message": verdict.message,
+        "limit_bytes": verdict.limit_bytes,
+        "binding": verdict.binding,
+        "headroom_bytes": verdict.headroom_bytes,
+        "max_ctx_size": verdict.max_ctx_size,
+        "advice": list(verdict.advice),
+    }
+
+
+def render(verdict: Verdict, target: Path, host: HostMemory) -> str:
+    shape, est, budget, settings = verdict.shape, verdict.estimate, verdict.budget, verdict.settings
+    assert shape and est and budget and settings and verdict.limit_bytes is not None
+    kv_note = f"{est.kv_cells} cells, K {settings.cache_type_k} / V {settings.cache_type_v}"
+    rows = [
+        ("weights", est.weights_bytes, f"{shape.tensor_count} tensors in {shape.shard_count} file(s)"),
+        ("KV cache", est.kv_cache_bytes, kv_note),
+        ("compute", est.compute_bytes, f"ubatch {settings.n_ubatch}, flash attention {_on(settings.flash_attn)}"),
+        ("overhead", est.overhead_bytes, "output buffer, runtime"),
+        ("total", est.total_bytes, ""),
+        ("limit", verdict.limit_bytes, verdict.binding or ""),
+    ]
+    lines = [
+        f"model     {target}",
+        f"          {shape.architecture}, {shape.n_layer} layers, training context {shape.context_length}",
+        f"settings  ctx {settings.ctx_size}, parallel {settings.parallel}",
+        f"host      {format_bytes(host.total_bytes)} ({host.source})",
+        *(f"          note: {note}" for note in host.notes),
+        "",
+    ]
+    lines += [f"{name:<9} {format_bytes(size):>12}  {note}".rstrip() for name, size, note in rows]
+    lines += ["", *(f"note: {n}" for n in est.notes)]
+    verdict_word = "FITS" if verdict.fits else str(verdict.reason)
+    lines.append(f"{verdict_word}: {verdict.message}")
+    if verdict.max_ctx_size is not None:
+        lines.append(f"largest context that fits: {verdict.max_ctx_size or 'none'}")
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"

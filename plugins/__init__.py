@@ -1,0 +1,1 @@
+"""Executor plugins shipped with metal-agent."""
