@@ -1,0 +1,384 @@
+"""Read the parts of a GGUF header that memory budgeting needs, fast and safely.
+
+``gguf.GGUFReader`` decodes every vocabulary string and memory-maps the whole file; on a 152k-token vocabulary
+that takes seconds. Budgeting needs only scalar metadata, short numeric arrays (per-layer head counts,
+sliding-window patterns) and tensor shapes, so this reader walks string arrays by their length prefixes and
+seeks past everything else. Model files come from untrusted places: every count and length is checked against
+the bytes left in the file before anything is read or allocated, so a hostile file costs bounded time and
+memory and fails with one clear ``GGUFError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import gguf
+
+MAX_ARRAY_VALUES = 65_536  # numeric arrays up to this length keep their values; longer ones are skipped
+MAX_KV_COUNT = 1_000_000
+MAX_TENSOR_COUNT = 1_000_000
+MAX_KEY_BYTES = 65_535
+MAX_STRING_VALUE_BYTES = 16 * 2**20  # chat templates are tens of KiB; anything this large is not metadata
+MAX_TENSOR_NAME_BYTES = 4096
+GGML_MAX_DIMS = 4  # ggml.h; the gguf package does not export it
+_CHUNK = 1 << 20
+
+# Smallest encodings, used to reject counts that cannot fit in the bytes left.
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+
+_T = gguf.GGUFValueType
+_SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
+    _T.UINT8: "B",
+    _T.INT8: "b",
+    _T.UINT16: "H",
+    _T.INT16: "h",
+    _T.UINT32: "I",
+    _T.INT32: "i",
+    _T.FLOAT32: "f",
+    _T.BOOL: "?",
+    _T.UINT64: "Q",
+    _T.INT64: "q",
+    _T.FLOAT64: "d",
+}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+Scalar = int | float | bool | str
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be budgeted: malformed, unsupported or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """An array value: its values only when numeric and short enough to matter for budgeting."""
+
+    item_type: gguf.GGUFValueType
+    length: int
+    values: tuple[int | float | bool, ...] | None
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: str
+    version: int
+    file_bytes: int
+    alignment: int
+    metadata: dict[str, Scalar | ArrayInfo]
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """One model, possibly split over several shards; metadata comes from the first shard."""
+
+    path: str
+    headers: tuple[GGUFHeader, ...]
+    metadata: dict[str, Scalar | ArrayInfo]
+    tensors: tuple[TensorInfo, ...]
+    weights_bytes: int
+    file_bytes: int
+
+
+class _Cursor:
+    """A bounds-checked, chunk-buffered reader: every read first proves the bytes exist in the file."""
+
+    def __init__(self, file: BinaryIO, size: int, fail: Callable[[str], GGUFError]) -> None:
+        self._file = file
+        self.size = size
+        self.fail = fail
+        self.pos = 0
+        self._buf = b""
+        self._buf_start = 0
+
+    def _window(self, n: int) -> tuple[bytes, int]:
+        """Return a buffer and the index of ``pos`` in it, holding at least ``n`` bytes from ``pos``."""
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated: needs {n} bytes at offset {self.pos}, file has {self.size}")
+        off = self.pos - self._buf_start
+        if off < 0 or off + n > len(self._buf):
+            self._file.seek(self.pos)
+            self._buf = self._file.read(max(n, _CHUNK))
+            self._buf_start = self.pos
+            off = 0
+            if len(self._buf) < n:
+                raise self.fail(f"truncated: short read at offset {self.pos}")
+        return self._buf, off
+
+    def read(self, n: int) -> bytes:
+        buf, off = self._window(n)
+        self.pos += n
+        return buf[off : off + n]
+
+    def unpack(self, fmt: struct.Struct) -> int:
+        buf, off = self._window(fmt.size)
+        self.pos += fmt.size
+        value: int = fmt.unpack_from(buf, off)[0]
+        return value
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} of {n} bytes at offset {self.pos} runs past the end of the file")
+        self.pos += n
+
+    def skip_strings(self, count: int) -> None:
+        """Walk ``count`` length-prefixed strings without decoding them (vocabularies, merges)."""
+        unpack = _U64.unpack_from
+        while count:
+            buf, off = self._window(8)
+            end = len(buf)
+            done = 0
+            for _ in range(count):
+                if off + 8 > end:
+                    break
+                nxt = off + 8 + unpack(buf, off)[0]
+                if nxt > end:
+                    break
+                off = nxt
+                done += 1
+            self.pos = self._buf_start + off
+            count -= done
+            if count and off + 8 <= end:
+                # The next string does not fit in the buffer: seek over it (or fail if it passes the end).
+                length = unpack(buf, off)[0]
+                self.pos += 8
+                self.skip(length, "string")
+                count -= 1
+
+    def string(self, limit: int, what: str) -> str:
+        length = self.unpack(_U64)
+        if length > limit:
+            raise self.fail(f"{what} is {length} bytes long at offset {self.pos - 8} (limit {limit})")
+        return self.read(length).decode("utf-8", errors="replace")
+
+
+def _value_type(cur: _Cursor, raw: int, key: str) -> gguf.GGUFValueType:
+    try:
+        return gguf.GGUFValueType(raw)
+    except ValueError:
+        raise cur.fail(f"key {key!r} has unknown value type {raw}") from None
+
+
+def _read_scalar(cur: _Cursor, vtype: gguf.GGUFValueType, key: str) -> Scalar:
+    if vtype == _T.STRING:
+        return cur.string(MAX_STRING_VALUE_BYTES, f"string value of {key!r}")
+    fmt = struct.Struct("<" + _SCALAR_FORMATS[vtype])
+    value: Scalar = fmt.unpack_from(cur.read(fmt.size))[0]
+    return value
+
+
+def _read_array(cur: _Cursor, key: str) -> ArrayInfo:
+    item_type = _value_type(cur, cur.unpack(_U32), key)
+    length = cur.unpack(_U64)
+    if item_type == _T.ARRAY:
+        raise cur.fail(f"key {key!r} is a nested array, which GGUF readers do not support")
+    if item_type == _T.STRING:
+        if length > (cur.size - cur.pos) // 8:
+            raise cur.fail(f"string array {key!r} claims {length} items, more than the file can hold")
+        cur.skip_strings(length)
+        return ArrayInfo(item_type, length, None)
+    code = _SCALAR_FORMATS[item_type]
+    item_size = struct.calcsize(code)
+    if length > (cur.size - cur.pos) // item_size:
+        raise cur.fail(f"array {key!r} claims {length} items, more than the file can hold")
+    if length > MAX_ARRAY_VALUES:
+        cur.skip(length * item_size, f"array {key!r}")
+        return ArrayInfo(item_type, length, None)
+    values = struct.unpack_from(f"<{length}{code}", cur.read(length * item_size))
+    return ArrayInfo(item_type, length, values)
+
+
+def _read_tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
+    name = cur.string(MAX_TENSOR_NAME_BYTES, "tensor name")
+    n_dims = cur.unpack(_U32)
+    if not 1 <= n_dims <= GGML_MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (must be 1..{GGML_MAX_DIMS})")
+    dims = struct.unpack_from(f"<{n_dims}Q", cur.read(8 * n_dims))
+    ggml_type = cur.unpack(_U32)
+    offset = cur.unpack(_U64)
+    return name, dims, ggml_type, offset
+
+
+def _tensor_nbytes(cur: _Cursor, name: str, dims: tuple[int, ...], ggml_type: int) -> int:
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+    elements = 1
+    for dim in dims:
+        if not 0 < dim < 2**63:
+            raise cur.fail(f"tensor {name!r} has invalid dimension {dim} in {dims}")
+        elements *= dim
+        if elements > cur.size * block_size:  # more elements than the file could ever hold: stop early
+            raise cur.fail(f"tensor {name!r} with dims {dims} is larger than the file ({cur.size} bytes)")
+    if dims[0] % block_size:
+        raise cur.fail(f"tensor {name!r}: dims[0]={dims[0]} is not a multiple of the block size {block_size}")
+    return elements // block_size * type_size
+
+
+def _read_version(cur: _Cursor, fail: Callable[[str], GGUFError]) -> int:
+    magic = cur.unpack(_U32)
+    if magic != gguf.GGUF_MAGIC:
+        raise fail(f"not a GGUF file (magic {magic:#010x}, expected {gguf.GGUF_MAGIC:#010x})")
+    version = cur.unpack(_U32)
+    if version & 0xFFFF == 0 and int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+        raise fail("big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise fail(f"unsupported GGUF version {version} (only 2 and 3 are supported)")
+    return version
+
+
+def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
+    """Read one GGUF file's metadata and tensor infos, checking tensor data lies within the file."""
+    path_str = os.fspath(path)
+
+    def fail(message: str) -> GGUFError:
+        return GGUFError(f"{path_str}: {message}")
+
+    try:
+        with open(path_str, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            return _parse(_Cursor(file, size, fail), path_str, fail)
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc}") from exc
+
+
+def _parse(cur: _Cursor, path: str, fail: Callable[[str], GGUFError]) -> GGUFHeader:
+    version = _read_version(cur, fail)
+    tensor_count = cur.unpack(_U64)
+    kv_count = cur.unpack(_U64)
+    if kv_count > MAX_KV_COUNT or kv_count * _MIN_KV_BYTES > cur.size - cur.pos:
+        raise fail(f"metadata count {kv_count} is impossible for a file of {cur.size} bytes")
+    if tensor_count > MAX_TENSOR_COUNT or tensor_count * _MIN_TENSOR_INFO_BYTES > cur.size - cur.pos:
+        raise fail(f"tensor count {tensor_count} is impossible for a file of {cur.size} bytes")
+
+    metadata: dict[str, Scalar | ArrayInfo] = {}
+    for _ in range(kv_count):
+        key = cur.string(MAX_KEY_BYTES, "metadata key")
+        if not key:
+            raise fail(f"empty metadata key at offset {cur.pos}")
+        if key in metadata:
+            raise fail(f"duplicate metadata key {key!r}")
+        vtype = _value_type(cur, cur.unpack(_U32), key)
+        metadata[key] = _read_array(cur, key) if vtype == _T.ARRAY else _read_scalar(cur, vtype, key)
+
+    alignment = metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        raise fail(f"{gguf.Keys.General.ALIGNMENT} must be a power of two, got {alignment!r}")
+
+    raw_infos = [_read_tensor_info(cur) for _ in range(tensor_count)]
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors: list[TensorInfo] = []
+    seen: set[str] = set()
+    for name, dims, ggml_type, offset in raw_infos:
+        if name in seen:
+            raise fail(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        nbytes = _tensor_nbytes(cur, name, dims, ggml_type)
+        if offset % alignment:
+            raise fail(f"tensor {name!r} data offset {offset} is not aligned to {alignment}")
+        if data_start + offset + nbytes > cur.size:
+            raise fail(
+                f"tensor {name!r} ({nbytes} bytes at data offset {offset}) runs past the end of the file "
+                f"({cur.size} bytes); the file is truncated or corrupt"
+            )
+        tensors.append(TensorInfo(name, tuple(dims), ggml_type, nbytes))
+    return GGUFHeader(path, version, cur.size, alignment, metadata, tuple(tensors))
+
+
+def _split_int(header: GGUFHeader, key: str) -> int | None:
+    value = header.metadata.get(key)
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise GGUFError(f"{header.path}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _shard_paths(first: GGUFHeader) -> list[str]:
+    """Locate every shard of a split model from the first one (llama.cpp's ``-0000N-of-0000M`` naming)."""
+    count = _split_int(first, gguf.Keys.Split.LLM_KV_SPLIT_COUNT)
+    match = _SHARD_NAME.match(Path(first.path).name)
+    if count is None or count <= 1:
+        if match and int(match["count"]) > 1:
+            raise GGUFError(
+                f"{first.path}: named as shard of {int(match['count'])} but has no split.count key"
+            )
+        return [first.path]
+    if count > 99_999:
+        raise GGUFError(f"{first.path}: split.count {count} is absurd")
+    if match is None:
+        raise GGUFError(
+            f"{first.path}: split.count is {count} but the file name does not follow "
+            f"NAME-00001-of-{count:05d}.gguf, so the other shards cannot be found"
+        )
+    if int(match["count"]) != count:
+        raise GGUFError(
+            f"{first.path}: file name says {int(match['count'])} shards but split.count is {count}"
+        )
+    directory = Path(first.path).parent
+    return [first.path] + [
+        str(directory / f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)
+    ]
+
+
+def read_model(path: str | os.PathLike[str]) -> GGUFModel:
+    """Read a model; for a split model ``path`` must be the first shard and every shard must be present."""
+    path_str = os.fspath(path)
+    match = _SHARD_NAME.match(Path(path_str).name)
+    if match and int(match["no"]) != 1:
+        raise GGUFError(
+            f"{path_str}: this is shard {int(match['no'])} of {int(match['count'])}; "
+            f"pass the first shard (…-00001-of-{match['count']}.gguf)"
+        )
+    first = read_header(path_str)
+    split_no = _split_int(first, gguf.Keys.Split.LLM_KV_SPLIT_NO)
+    if split_no not in (None, 0):
+        raise GGUFError(f"{path_str}: split.no is {split_no}; pass the first shard of the split model")
+    paths = _shard_paths(first)
+    headers = [first]
+    for index, shard_path in enumerate(paths[1:], start=1):
+        if not os.path.exists(shard_path):
+            raise GGUFError(f"{path_str}: shard {index + 1} of {len(paths)} is missing: {shard_path}")
+        shard = read_header(shard_path)
+        for key, expected in (
+            (gguf.Keys.Split.LLM_KV_SPLIT_NO, index),
+            (gguf.Keys.Split.LLM_KV_SPLIT_COUNT, len(paths)),
+        ):
+            if _split_int(shard, key) != expected:
+                raise GGUFError(f"{shard_path}: {key} is {shard.metadata.get(key)!r}, expected {expected}")
+        headers.append(shard)
+
+    tensors = tuple(t for header in headers for t in header.tensors)
+    if len({t.name for t in tensors}) != len(tensors):
+        raise GGUFError(f"{path_str}: the same tensor name appears in more than one shard")
+    declared = _split_int(first, gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+    if declared is not None and len(paths) > 1 and declared != len(tensors):
+        raise GGUFError(
+            f"{path_str}: split.tensors.count is {declared} but the shards hold {len(tensors)} tensors"
+        )
+    return GGUFModel(
+        path=path_str,
+        headers=tuple(headers),
+        metadata=first.metadata,
+        tensors=tensors,
+        weights_bytes=sum(t.nbytes for t in tensors),
+        file_bytes=sum(h.file_bytes for h in headers),
+    )
