@@ -96,7 +96,8 @@ def _budget(args: argparse.Namespace, model: ModelSpec | None, host: HostMemory)
         budget, fraction = model.memory_budget, model.memory_fraction
     else:
         budget = fraction = None
-    agent_fraction = os.environ.get(AGENT_FRACTION_ENV) or None
+    env = os.environ.get(AGENT_FRACTION_ENV)
+    agent_fraction = parse_fraction(env, AGENT_FRACTION_ENV) if env else None
     return resolve_budget(host.total_bytes, budget, fraction, agent_fraction)
 
 

@@ -32,14 +32,15 @@ def cache_type(name: str, field: str = "cacheType") -> GGMLQuantizationType:
     return GGMLQuantizationType[name.upper()]
 
 
-def row_bytes(type_name: str, n_elements: int, field: str = "cacheType") -> int:
-    """Bytes of one row of ``n_elements`` in a cache type; quantized rows must be whole blocks."""
+def row_bytes(type_name: str, n_heads: int, head_dim: int, field: str = "cacheType") -> int:
+    """Bytes of one cell's row (``n_heads`` × ``head_dim``); llama.cpp needs whole blocks per head."""
     block, size = GGML_QUANT_SIZES[cache_type(type_name, field)]
-    if n_elements % block:
+    if head_dim % block:
         raise InvalidSettings(
-            f"{field}: {type_name} stores blocks of {block} elements, but a row here has {n_elements}"
+            f"{field}: {type_name} stores blocks of {block} elements, which does not divide the head size "
+            f"{head_dim} (llama.cpp refuses it); use f16"
         )
-    return n_elements // block * size
+    return n_heads * head_dim // block * size
 
 
 def validate_settings(settings: ServeSettings) -> None:
@@ -83,18 +84,36 @@ def kv_cells(shape: ModelShape, settings: ServeSettings) -> KVCells:
     return KVCells(full=full, swa=swa, streams=streams)
 
 
-def kv_cache_bytes(shape: ModelShape, settings: ServeSettings) -> int:
-    """Attention KV cache plus recurrent state, in bytes, as llama.cpp allocates them."""
+@dataclass(frozen=True)
+class KVCacheParts:
+    """The caches llama.cpp builds: full-attention layers, sliding-window layers, recurrent state."""
+
+    full: int = 0
+    swa: int = 0
+    recurrent: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.full + self.swa + self.recurrent
+
+
+def kv_cache_parts(shape: ModelShape, settings: ServeSettings) -> KVCacheParts:
     cells = kv_cells(shape, settings)
-    total = 0
+    full = swa = 0
     for layer in range(shape.n_layer):
         heads = shape.n_head_kv[layer]
-        if heads:
-            k = row_bytes(settings.cache_type_k, heads * shape.key_length[layer], "cacheTypeK")
-            v = row_bytes(settings.cache_type_v, heads * shape.value_length[layer], "cacheTypeV")
-            sliding = bool(shape.swa_layers) and shape.swa_layers[layer]
-            layer_cells = cells.swa if sliding else cells.full
-            total += (k + v) * layer_cells * cells.streams
-    if shape.recurrent_state_bytes:
-        total += sum(shape.recurrent_state_bytes) * max(1, settings.parallel)
-    return total
+        if not heads:
+            continue
+        k = row_bytes(settings.cache_type_k, heads, shape.key_length[layer], "cacheTypeK")
+        v = row_bytes(settings.cache_type_v, heads, shape.value_length[layer], "cacheTypeV")
+        if shape.swa_layers and shape.swa_layers[layer]:
+            swa += (k + v) * cells.swa * cells.streams
+        else:
+            full += (k + v) * cells.full * cells.streams
+    recurrent = sum(shape.recurrent_state_bytes) * max(1, settings.parallel)
+    return KVCacheParts(full=full, swa=swa, recurrent=recurrent)
+
+
+def kv_cache_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    """Attention KV cache plus recurrent state, in bytes, as llama.cpp allocates them."""
+    return kv_cache_parts(shape, settings).total

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGUFWriter
 
 # A tiny SentencePiece-style vocabulary: control tokens, byte tokens, then printable pieces.
 _CONTROL = ["<unk>", "<s>", "</s>"]
+# Architectures with norms after attention and FFN (gemma2 also slides every other layer).
+_POST_NORM_ARCHES = ("gemma2",)
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -48,10 +50,7 @@ def _vocab(n_extra: int) -> tuple[list[str], list[float], list[int]]:
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256  # byte
     pieces = ["▁", "▁the", "▁a", "▁hello", "▁world", "<|user|>", "<|assistant|>", "<|system|>"]
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    while len(pieces) < n_extra:
-        i = len(pieces)
-        pieces.append("▁" + letters[i % 26] + letters[(i // 26) % 26])
+    pieces += [f"▁w{i}" for i in range(max(0, n_extra - len(pieces)))]
     tokens += pieces[:n_extra]
     types += [1] * n_extra
     scores = [0.0] * len(tokens)
@@ -142,6 +141,9 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
         tensor(f"{p}.attn_v.weight", kv_out, shape.n_embd)
         tensor(f"{p}.attn_output.weight", shape.n_embd, q_out)
         norm(f"{p}.ffn_norm.weight", shape.n_embd)
+        if arch in _POST_NORM_ARCHES:
+            norm(f"{p}.post_attention_norm.weight", shape.n_embd)
+            norm(f"{p}.post_ffw_norm.weight", shape.n_embd)
         if shape.n_expert:
             tensor(f"{p}.ffn_gate_inp.weight", shape.n_expert, shape.n_embd)
             tensor(f"{p}.ffn_gate_exps.weight", shape.n_expert, shape.n_ff, shape.n_embd)
@@ -152,11 +154,11 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
             tensor(f"{p}.ffn_up.weight", shape.n_ff, shape.n_embd)
             tensor(f"{p}.ffn_down.weight", shape.n_embd, shape.n_ff)
     norm("output_norm.weight", shape.n_embd)
-    tensor("output.weight", vocab_size, shape.n_embd)
+    if arch not in _POST_NORM_ARCHES:  # gemma ties the output to the token embedding
+        tensor("output.weight", vocab_size, shape.n_embd)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    _ = GGMLQuantizationType  # re-exported for callers choosing weight types
     return path

@@ -65,7 +65,7 @@ def test_grouped_query_attention_is_counted_not_ignored() -> None:
      ("q5_0", 22), ("q5_1", 24)],
 )
 def test_cache_types_use_true_block_sizes(cache_type: str, bytes_per_32: int) -> None:
-    assert row_bytes(cache_type, 32 * 1024) == bytes_per_32 * 1024
+    assert row_bytes(cache_type, 8, 128) == bytes_per_32 * 32
     settings = ServeSettings(ctx_size=4096, cache_type_k=cache_type, cache_type_v=cache_type, flash_attn=True)
     expected = 32 * 8 * 4096 * 2 * (128 // 32) * bytes_per_32
     assert kv_cache_bytes(make_shape(), settings) == expected
@@ -77,9 +77,10 @@ def test_different_k_and_v_lengths_and_types() -> None:
     assert kv_cache_bytes(shape, settings) == 2 * 256 * (4 * 64 // 32 * 34 + 4 * 128 * 2)
 
 
-def test_quantized_rows_must_be_whole_blocks() -> None:
-    with pytest.raises(InvalidSettings, match="blocks of 32"):
-        kv_cache_bytes(make_shape(head_dim=40, heads_kv=1), ServeSettings(cache_type_k="q8_0"))
+def test_quantized_cache_needs_whole_blocks_per_head() -> None:
+    # 2 heads of 16 make a 32-element row, but llama.cpp checks the head size: 16 is refused.
+    with pytest.raises(InvalidSettings, match="does not divide the head size 16"):
+        kv_cache_bytes(make_shape(head_dim=16, heads_kv=2), ServeSettings(cache_type_k="q8_0"))
 
 
 def test_quantized_v_needs_flash_attention() -> None:

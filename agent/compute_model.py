@@ -1,0 +1,68 @@
+"""Compute buffers and runtime overhead, calibrated against real llama.cpp (docs/calibration.md).
+
+ggml allocates one compute buffer sized for the peak of a graph over one micro-batch (``n_ubatch`` tokens,
+``n_kv`` = the cells of one stream). Measured, the peak is: the attention mask (a graph input, alive
+throughout) plus the larger of the attention score matrix (without flash attention) and the feed-forward
+intermediates, plus a per-token working set proportional to the model's width. Each term below is a
+tensor llama.cpp really builds; the per-token coefficients were fitted to the measurements, rounded up.
+"""
+
+from __future__ import annotations
+
+from agent.kvcache import kv_cells
+from agent.shape import ModelShape, ServeSettings
+
+F32, F16 = 4, 2
+MiB = 1 << 20
+
+# Per-token working set, in f32 values. Without flash attention: 4 x n_embd (residual, norms, attention
+# output, FFN input), 3 x the query width (Q, its rotation, the attention result) and the K+V projections of
+# one layer. Flash attention fuses most of it away: n_embd and 2 x the query width remain.
+EMBD_ROWS, QUERY_ROWS, FLASH_EMBD_ROWS, FLASH_QUERY_ROWS = 4, 3, 1, 2
+# Gate, up and their product are alive together in a SwiGLU block, beside the residual and the norm; a
+# mixture of experts adds the router's weights of every expert and one more row for the combined output.
+FFN_ROWS, FFN_EMBD_ROWS = 3, 2
+# Measured RSS of the server process over its reported buffers (xllamacpp 2026.10.11549, CPU): 26.3 MiB for
+# the smallest model; rounded up. Covers the runtime, its libraries and HTTP threads.
+RUNTIME_BASELINE_BYTES = 32 * MiB
+
+
+def _micro_batch(settings: ServeSettings) -> int:
+    return min(settings.n_ubatch, settings.n_batch, settings.ctx_size)
+
+
+def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    tokens = _micro_batch(settings)
+    cells = kv_cells(shape, settings)
+    n_kv = cells.full
+    attention_layers = [layer for layer in range(shape.n_layer) if shape.n_head_kv[layer]]
+    # Sliding-window layers have a mask of their own; measured, it only adds up without flash attention.
+    swa_mask = any(shape.swa_layers) and not settings.flash_attn
+    mask_cells = n_kv + (cells.swa if swa_mask else 0)
+    mask = mask_cells * tokens * (F16 if settings.flash_attn else F32) if attention_layers else 0
+    scores = 0 if settings.flash_attn or not attention_layers else n_kv * tokens * shape.n_head * F32
+    experts = max(1, shape.n_expert_used)
+    moe_rows = shape.n_ff + shape.n_expert if shape.n_expert else 0
+    ffn = tokens * F32 * (FFN_ROWS * shape.n_ff * experts + moe_rows + FFN_EMBD_ROWS * shape.n_embd)
+    query_width = max(
+        (shape.n_head * shape.key_length[layer] for layer in attention_layers), default=shape.n_embd
+    )
+    kv_width = max(
+        (shape.n_head_kv[layer] * (shape.key_length[layer] + shape.value_length[layer]) for layer in attention_layers),
+        default=0,
+    )
+    if settings.flash_attn:
+        rows = FLASH_EMBD_ROWS * shape.n_embd + FLASH_QUERY_ROWS * query_width
+    else:
+        rows = EMBD_ROWS * shape.n_embd + QUERY_ROWS * query_width + kv_width
+    per_token = tokens * F32 * rows
+    return mask + max(scores, ffn) + per_token
+
+
+def output_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    """Logits kept for one output per sequence (measured: n_vocab x 4 bytes x slots)."""
+    return shape.n_vocab * F32 * settings.parallel
+
+
+def runtime_overhead_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    return output_buffer_bytes(shape, settings) + RUNTIME_BASELINE_BYTES + settings.cache_ram_bytes

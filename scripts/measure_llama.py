@@ -1,0 +1,70 @@
+"""Measure what real llama.cpp allocates for a matrix of tiny models and settings (calibration data).
+
+Writes one JSON line per run (to --out, default stdout): the model shape, the settings, llama.cpp's reported
+buffers and the server's RSS. docs/calibration.md is derived from this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from agent.calibrate import measure
+from agent.kvcache import InvalidSettings, kv_cache_bytes
+from agent.gguf_shape import load_shape
+from agent.shape import ServeSettings
+from agent.tinymodel import TinyShape, n_vocab, write_tiny_gguf
+
+SHAPES = {
+    "small": TinyShape(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab_extra=200),
+    "wide": TinyShape(n_layer=2, n_embd=512, n_head=8, n_head_kv=8, n_ff=1024, n_vocab_extra=200),
+    "vocab": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=1, n_ff=256, n_vocab_extra=8000),
+    "ff": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=4096, n_vocab_extra=200),
+    "heads": TinyShape(n_layer=4, n_embd=256, n_head=16, n_head_kv=4, head_dim=32, n_ff=512, n_vocab_extra=1000),
+    "moe": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_expert=8, n_expert_used=2,
+                     n_vocab_extra=1000),
+}
+SETTINGS = [
+    ServeSettings(ctx_size=512),
+    ServeSettings(ctx_size=4096),
+    ServeSettings(ctx_size=16384),
+    ServeSettings(ctx_size=4096, flash_attn=True),
+    ServeSettings(ctx_size=16384, flash_attn=True),
+    ServeSettings(ctx_size=4096, n_ubatch=256),
+    ServeSettings(ctx_size=8192, parallel=4),
+    ServeSettings(ctx_size=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--shapes", nargs="*", default=sorted(SHAPES))
+    args = parser.parse_args()
+    out = args.out.open("w") if args.out else sys.stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.shapes:
+            shape = SHAPES[name]
+            path = write_tiny_gguf(Path(tmp) / f"{name}.gguf", shape)
+            for settings in SETTINGS:
+                try:
+                    kv_cache_bytes(load_shape(path), settings)
+                except InvalidSettings:
+                    continue  # llama.cpp refuses these settings for this shape
+                m = measure(path, settings)
+                row = {
+                    "shape": name, **dataclasses.asdict(shape), "n_vocab": n_vocab(shape),
+                    "settings": dataclasses.asdict(settings),
+                    "model": m.report.model_bytes, "kv": m.report.kv_bytes,
+                    "cells": [r.cells for r in m.report.kv], "output": m.report.output_bytes,
+                    "compute": m.report.compute_bytes, "rss": m.rss_bytes,
+                }
+                print(json.dumps(row), file=out, flush=True)
+
+
+if __name__ == "__main__":
+    main()
