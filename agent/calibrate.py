@@ -35,13 +35,33 @@ def free_port() -> int:
 def server_argv(model: str | os.PathLike[str], settings: ServeSettings, port: int) -> list[str]:
     """llama-server flags for these settings, run through the xllamacpp stand-in."""
     argv = [
-        sys.executable, "-m", "plugins.xllamacpp_server",
-        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--ctx-size", str(settings.ctx_size), "--parallel", str(settings.parallel),
-        "--batch-size", str(settings.n_batch), "--ubatch-size", str(settings.n_ubatch),
-        "--cache-type-k", settings.cache_type_k, "--cache-type-v", settings.cache_type_v,
-        "--flash-attn", "on" if settings.flash_attn else "off",
-        "--cache-ram", str(settings.cache_ram_bytes >> 20), "--threads", "2",
+        sys.executable,
+        "-m",
+        "plugins.xllamacpp_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        str(settings.ctx_size),
+        "--parallel",
+        str(settings.parallel),
+        "--batch-size",
+        str(settings.n_batch),
+        "--ubatch-size",
+        str(settings.n_ubatch),
+        "--cache-type-k",
+        settings.cache_type_k,
+        "--cache-type-v",
+        settings.cache_type_v,
+        "--flash-attn",
+        "on" if settings.flash_attn else "off",
+        "--cache-ram",
+        str(settings.cache_ram_bytes >> 20),
+        "--threads",
+        "2",
     ]
     if settings.kv_unified:
         argv.append("--kv-unified")
@@ -62,8 +82,11 @@ def measure(model: str | os.PathLike[str], settings: ServeSettings, timeout: flo
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            server_argv(model, settings, port), stdout=log, stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
+            server_argv(model, settings, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
         )
         try:
             _wait_healthy(proc, port, timeout)

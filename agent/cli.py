@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from agent import __version__, cmd_estimate
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line and exit status 2, like every other invalid input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="metal-agent",
         description="Run local LLM inference servers for Kubernetes Model objects within their memory budget.",
     )
@@ -22,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors: report the status instead of exiting
+        return exit_.code if isinstance(exit_.code, int) else 2
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2

@@ -187,7 +187,11 @@ def render(verdict: Verdict, target: Path, host: HostMemory) -> str:
     rows = [
         ("weights", est.weights_bytes, f"{shape.tensor_count} tensors in {shape.shard_count} file(s)"),
         ("KV cache", est.kv_cache_bytes, kv_note),
-        ("compute", est.compute_bytes, f"ubatch {settings.n_ubatch}, flash attention {_on(settings.flash_attn)}"),
+        (
+            "compute",
+            est.compute_bytes,
+            f"ubatch {settings.n_ubatch}, flash attention {_on(settings.flash_attn)}",
+        ),
         ("overhead", est.overhead_bytes, "output buffer, runtime"),
         ("total", est.total_bytes, ""),
         ("limit", verdict.limit_bytes, verdict.binding or ""),

@@ -44,9 +44,7 @@ def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
     experts = max(1, shape.n_expert_used)
     moe_rows = shape.n_ff + shape.n_expert if shape.n_expert else 0
     ffn = tokens * F32 * (FFN_ROWS * shape.n_ff * experts + moe_rows + FFN_EMBD_ROWS * shape.n_embd)
-    query_width = max(
-        (shape.n_head * shape.key_length[layer] for layer in attention_layers), default=shape.n_embd
-    )
+    query_width = max((shape.n_head * shape.key_length[layer] for layer in attention_layers), default=shape.n_embd)
     kv_width = max(
         (shape.n_head_kv[layer] * (shape.key_length[layer] + shape.value_length[layer]) for layer in attention_layers),
         default=0,

@@ -55,9 +55,7 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
             "the estimate may be high"
         )
     if shape.context_length and settings.ctx_size > shape.context_length:
-        notes.append(
-            f"context {settings.ctx_size} is beyond the model's training context {shape.context_length}"
-        )
+        notes.append(f"context {settings.ctx_size} is beyond the model's training context {shape.context_length}")
     cells = kv_cells(shape, settings)
     return Estimate(
         weights_bytes=shape.weights_bytes,

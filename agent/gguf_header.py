@@ -318,9 +318,7 @@ def _shard_paths(first: GGUFHeader) -> list[str]:
     match = _SHARD_NAME.match(Path(first.path).name)
     if count is None or count <= 1:
         if match and int(match["count"]) > 1:
-            raise GGUFError(
-                f"{first.path}: named as shard of {int(match['count'])} but has no split.count key"
-            )
+            raise GGUFError(f"{first.path}: named as shard of {int(match['count'])} but has no split.count key")
         return [first.path]
     if count > 99_999:
         raise GGUFError(f"{first.path}: split.count {count} is absurd")
@@ -330,9 +328,7 @@ def _shard_paths(first: GGUFHeader) -> list[str]:
             f"NAME-00001-of-{count:05d}.gguf, so the other shards cannot be found"
         )
     if int(match["count"]) != count:
-        raise GGUFError(
-            f"{first.path}: file name says {int(match['count'])} shards but split.count is {count}"
-        )
+        raise GGUFError(f"{first.path}: file name says {int(match['count'])} shards but split.count is {count}")
     directory = Path(first.path).parent
     return [first.path] + [
         str(directory / f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)
@@ -371,9 +367,7 @@ def read_model(path: str | os.PathLike[str]) -> GGUFModel:
         raise GGUFError(f"{path_str}: the same tensor name appears in more than one shard")
     declared = _split_int(first, gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     if declared is not None and len(paths) > 1 and declared != len(tensors):
-        raise GGUFError(
-            f"{path_str}: split.tensors.count is {declared} but the shards hold {len(tensors)} tensors"
-        )
+        raise GGUFError(f"{path_str}: split.tensors.count is {declared} but the shards hold {len(tensors)} tensors")
     return GGUFModel(
         path=path_str,
         headers=tuple(headers),

@@ -46,7 +46,9 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def cgroup_limit(proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int | None] | None:
+def cgroup_limit(
+    proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> tuple[int, int | None] | None:
     """This process's cgroup memory limit and current usage, or None when unlimited or not in a cgroup."""
     try:
         lines = (proc_root / "self" / "cgroup").read_text().splitlines()
@@ -78,6 +80,7 @@ def cgroup_limit(proc_root: Path = Path("/proc"), cgroup_root: Path = Path("/sys
 
 def wired_limit_bytes(run: Callable[[list[str]], str] | None = None) -> int | None:
     """macOS ``iogpu.wired_limit_mb`` in bytes when set (0 means the OS default), else None."""
+
     def sysctl(argv: list[str]) -> str:
         return subprocess.run(argv, capture_output=True, text=True, timeout=5, check=True).stdout
 

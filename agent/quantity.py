@@ -77,9 +77,10 @@ def parse_fraction(value: object, field: str) -> float:
 
 def format_bytes(n: int) -> str:
     """Human-readable binary size: ``24.0 GiB``, ``512.0 MiB``, ``900 B`` (negative values keep their sign)."""
-    sign, size = ("-" if n < 0 else ""), abs(n)
-    if size < 1024:
-        return f"{sign}{size} B"
+    sign = "-" if n < 0 else ""
+    if abs(n) < 1024:
+        return f"{sign}{abs(n)} B"
+    size = float(abs(n))
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
         size /= 1024
         if size < 1024:

@@ -72,9 +72,7 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
     dtype = np.float16 if shape.weight_type == "f16" else np.float32
     arch = shape.arch
     head_dim = shape.head_dim or shape.n_embd // shape.n_head
-    kv_heads = (
-        shape.n_head_kv if isinstance(shape.n_head_kv, list) else [shape.n_head_kv] * shape.n_layer
-    )
+    kv_heads = shape.n_head_kv if isinstance(shape.n_head_kv, list) else [shape.n_head_kv] * shape.n_layer
     vocab_size = n_vocab(shape)
 
     w = GGUFWriter(str(path), arch)

@@ -73,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import xllamacpp
     except ImportError:
-        print("error: the xllamacpp wheel is not installed: pip install 'metal-agent[xllamacpp]'", file=sys.stderr)
+        print(
+            "error: the xllamacpp wheel is not installed: pip install 'metal-agent[xllamacpp]'",
+            file=sys.stderr,
+        )
         return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

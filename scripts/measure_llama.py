@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from agent.calibrate import measure
-from agent.kvcache import InvalidSettings, kv_cache_bytes
 from agent.gguf_shape import load_shape
+from agent.kvcache import InvalidSettings, kv_cache_bytes
 from agent.shape import ServeSettings
 from agent.tinymodel import TinyShape, n_vocab, write_tiny_gguf
 
@@ -25,8 +25,16 @@ SHAPES = {
     "vocab": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=1, n_ff=256, n_vocab_extra=8000),
     "ff": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=4096, n_vocab_extra=200),
     "heads": TinyShape(n_layer=4, n_embd=256, n_head=16, n_head_kv=4, head_dim=32, n_ff=512, n_vocab_extra=1000),
-    "moe": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_expert=8, n_expert_used=2,
-                     n_vocab_extra=1000),
+    "moe": TinyShape(
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        n_head_kv=2,
+        n_ff=256,
+        n_expert=8,
+        n_expert_used=2,
+        n_vocab_extra=1000,
+    ),
 }
 SETTINGS = [
     ServeSettings(ctx_size=512),
@@ -57,11 +65,16 @@ def main() -> None:
                     continue  # llama.cpp refuses these settings for this shape
                 m = measure(path, settings)
                 row = {
-                    "shape": name, **dataclasses.asdict(shape), "n_vocab": n_vocab(shape),
+                    "shape": name,
+                    **dataclasses.asdict(shape),
+                    "n_vocab": n_vocab(shape),
                     "settings": dataclasses.asdict(settings),
-                    "model": m.report.model_bytes, "kv": m.report.kv_bytes,
-                    "cells": [r.cells for r in m.report.kv], "output": m.report.output_bytes,
-                    "compute": m.report.compute_bytes, "rss": m.rss_bytes,
+                    "model": m.report.model_bytes,
+                    "kv": m.report.kv_bytes,
+                    "cells": [r.cells for r in m.report.kv],
+                    "output": m.report.output_bytes,
+                    "compute": m.report.compute_bytes,
+                    "rss": m.rss_bytes,
                 }
                 print(json.dumps(row), file=out, flush=True)
 

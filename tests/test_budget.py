@@ -43,7 +43,7 @@ def test_fraction_maths_is_exact() -> None:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.1, 0, 0.0, 1.01, "abc"])
 @pytest.mark.parametrize("level", ["model_fraction", "agent_fraction"])
 def test_bad_fractions_rejected_at_every_level(bad: object, level: str) -> None:
-    with pytest.raises(InvalidValue, match="(?i)fraction"):
+    with pytest.raises(InvalidValue, match=r"(?i)fraction"):
         resolve_budget(64 * GiB, **{level: bad})  # type: ignore[arg-type]
 
 

@@ -36,14 +36,24 @@ def test_json_contract(gguf_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert isinstance(estimate, dict) and isinstance(budget, dict)
     assert model["architecture"] == "llama" and model["block_count"] == 4 and model["context_length"] == 4096
     assert model["file_bytes"] == gguf_path.stat().st_size
-    assert settings == {"ctx_size": 1000, "parallel": 1, "cache_type_k": "f16", "cache_type_v": "f16",
-                        "flash_attn": False, "n_ubatch": 512}
+    assert settings == {
+        "ctx_size": 1000,
+        "parallel": 1,
+        "cache_type_k": "f16",
+        "cache_type_v": "f16",
+        "flash_attn": False,
+        "n_ubatch": 512,
+    }
     parts = ("weights_bytes", "kv_cache_bytes", "compute_bytes", "overhead_bytes")
     assert all(isinstance(estimate[k], int) and estimate[k] > 0 for k in parts)
     assert estimate["total_bytes"] == sum(estimate[k] for k in parts)  # type: ignore[misc]
     assert estimate["kv_cache_bytes"] == 4 * 1024 * 2 * 32 * 2 * 2  # layers x cells x heads_kv x dim x K,V x f16
-    assert budget == {"bytes": int(16 * GiB * 0.67), "source": "adaptive", "fraction": 0.67,
-                      "host_total_bytes": 16 * GiB}
+    assert budget == {
+        "bytes": int(16 * GiB * 0.67),
+        "source": "adaptive",
+        "fraction": 0.67,
+        "host_total_bytes": 16 * GiB,
+    }
     assert result["headroom_bytes"] == budget["bytes"] - estimate["total_bytes"]  # type: ignore[operator]
     assert result["max_ctx_size"] == 4096  # capped at the training context
 
@@ -52,8 +62,12 @@ def test_does_not_fit_exits_1_and_explains(gguf_path: Path, capsys: pytest.Captu
     code, result = run_json(capsys, str(gguf_path), "--memory-budget", "2Mi")
     assert code == 1 and result["fits"] is False and result["reason"] == "InsufficientMemory"
     assert isinstance(result["headroom_bytes"], int) and result["headroom_bytes"] < 0
-    assert result["budget"] == {"bytes": 2 * MiB, "source": "model-budget", "fraction": None,
-                                "host_total_bytes": result["budget"]["host_total_bytes"]}  # type: ignore[index]
+    assert result["budget"] == {
+        "bytes": 2 * MiB,
+        "source": "model-budget",
+        "fraction": None,
+        "host_total_bytes": result["budget"]["host_total_bytes"],
+    }  # type: ignore[index]
     assert result["advice"], "a verdict that does not fit says what would"
 
 
@@ -65,7 +79,7 @@ def test_max_ctx_size_is_the_largest_context_that_fits(gguf_path: Path, capsys: 
     assert code == 1
     best = tight["max_ctx_size"]
     assert isinstance(best, int) and 0 < best < 4096
-    code, at_best = run_json(capsys, str(gguf_path), "--ctx-size", str(best), "--memory-budget", str(total_at_4096 - 1))
+    code, _ = run_json(capsys, str(gguf_path), "--ctx-size", str(best), "--memory-budget", str(total_at_4096 - 1))
     assert code == 0
     code, _ = run_json(capsys, str(gguf_path), "--ctx-size", str(best + 256), "--memory-budget", str(total_at_4096 - 1))
     assert code == 1
@@ -82,7 +96,9 @@ def test_human_output_has_a_table_and_the_verdict(gguf_path: Path, capsys: pytes
     ("extra", "needle"),
     [
         (["--memory-budget", "24GB"], "24GB"),
-        (["--memory-budget", "-1Gi"], "-1Gi"),
+        (["--memory-budget=-1Gi"], "-1Gi"),
+        (["--memory-budget", "-1Gi"], "--memory-budget"),
+        (["--cache-type-k", "q2_k"], "q2_k"),
         (["--memory-budget", "0"], "0"),
         (["--memory-fraction", "1.5"], "1.5"),
         (["--memory-fraction", "nan"], "nan"),
@@ -108,7 +124,12 @@ def test_agent_fraction_from_the_environment(
 ) -> None:
     monkeypatch.setenv("METAL_AGENT_MEMORY_FRACTION", "0.5")
     _, result = run_json(capsys, str(gguf_path), "--host-memory", "64Gi")
-    assert result["budget"] == {"bytes": 32 * GiB, "source": "agent", "fraction": 0.5, "host_total_bytes": 64 * GiB}
+    assert result["budget"] == {
+        "bytes": 32 * GiB,
+        "source": "agent",
+        "fraction": 0.5,
+        "host_total_bytes": 64 * GiB,
+    }
     monkeypatch.setenv("METAL_AGENT_MEMORY_FRACTION", "NaN")
     assert main(["estimate", str(gguf_path)]) == 2
     assert "METAL_AGENT_MEMORY_FRACTION" in capsys.readouterr().err
@@ -144,11 +165,16 @@ def test_manifest_budget_applies_and_flags_override(
     code, result = run_json(capsys, str(manifest))
     assert result["budget"]["source"] == "model-budget" and result["budget"]["bytes"] == 3 * MiB  # type: ignore[index]
     assert result["settings"]["ctx_size"] == 2048 and result["settings"]["parallel"] == 2  # type: ignore[index]
-    code, result = run_json(capsys, str(manifest), "--memory-fraction", "0.5", "--ctx-size", "512",
-                            "--host-memory", "8Gi")
+    code, result = run_json(
+        capsys, str(manifest), "--memory-fraction", "0.5", "--ctx-size", "512", "--host-memory", "8Gi"
+    )
     assert code == 0
-    assert result["budget"] == {"bytes": 4 * GiB, "source": "model-fraction", "fraction": 0.5,
-                                "host_total_bytes": 8 * GiB}
+    assert result["budget"] == {
+        "bytes": 4 * GiB,
+        "source": "model-fraction",
+        "fraction": 0.5,
+        "host_total_bytes": 8 * GiB,
+    }
     assert result["settings"]["ctx_size"] == 512  # type: ignore[index]
 
 
@@ -167,7 +193,10 @@ def test_console_script_runs_without_traceback(gguf_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     done = subprocess.run(
         [str(bin_dir / "metal-agent"), "estimate", str(gguf_path), "--memory-budget", "24gb"],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error:") and "Traceback" not in done.stderr

@@ -188,9 +188,7 @@ def test_split_model_rejects_non_first_shard(tmp_path: Path) -> None:
 def test_split_shard_disagreeing_count(tmp_path: Path) -> None:
     write_with_gguf(tmp_path / "m.gguf", split_max_tensors=2)
     second = tmp_path / "m-00002-of-00002.gguf"
-    raw_gguf(
-        second, [kv("split.no", T.UINT16, struct.pack("<H", 1)), kv("split.count", T.UINT16, b"\x03\x00")]
-    )
+    raw_gguf(second, [kv("split.no", T.UINT16, struct.pack("<H", 1)), kv("split.count", T.UINT16, b"\x03\x00")])
     with pytest.raises(GGUFError, match=r"split.count is 3, expected 2"):
         read_model(tmp_path / "m-00001-of-00002.gguf")
 

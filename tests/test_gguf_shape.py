@@ -95,9 +95,7 @@ def test_per_layer_head_count_kv_and_ff_arrays(tmp_path: Path) -> None:
 
 def test_per_layer_array_of_wrong_length_is_rejected(tmp_path: Path) -> None:
     path = write_model(tmp_path / "m.gguf", setup=lambda w: w.add_head_count_kv([1, 2]))
-    with pytest.raises(
-        GGUFError, match=r"llama.attention.head_count_kv is an array of 2 items; expected .* \(4\)"
-    ):
+    with pytest.raises(GGUFError, match=r"llama.attention.head_count_kv is an array of 2 items; expected .* \(4\)"):
         load_shape(path)
 
 

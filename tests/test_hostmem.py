@@ -31,10 +31,13 @@ def test_real_host_is_detected() -> None:
 
 def test_cgroup_v2_limit_clamps_total_and_available(tmp_path: Path) -> None:
     proc, root = fake_cgroup(
-        tmp_path, "0::/agent.slice/agent.service",
-        {"agent.slice/agent.service/memory.max": str(2 * GiB),
-         "agent.slice/agent.service/memory.current": str(GiB // 2),
-         "agent.slice/memory.max": "max"},
+        tmp_path,
+        "0::/agent.slice/agent.service",
+        {
+            "agent.slice/agent.service/memory.max": str(2 * GiB),
+            "agent.slice/agent.service/memory.current": str(GiB // 2),
+            "agent.slice/memory.max": "max",
+        },
     )
     host = detect_host_memory(platform="linux", proc_root=proc, cgroup_root=root)
     assert host.total_bytes == 2 * GiB and host.source == "cgroup"
@@ -53,13 +56,15 @@ def test_cgroup_unlimited_and_v1(tmp_path: Path) -> None:
     proc, root = fake_cgroup(tmp_path / "v2", "0::/x", {"x/memory.max": "max"})
     assert cgroup_limit(proc, root) is None
     proc, root = fake_cgroup(
-        tmp_path / "v1", "5:memory:/docker/abc",
-        {"memory/docker/abc/memory.limit_in_bytes": str(3 * GiB), "memory/docker/abc/memory.usage_in_bytes": "7"},
+        tmp_path / "v1",
+        "5:memory:/docker/abc",
+        {
+            "memory/docker/abc/memory.limit_in_bytes": str(3 * GiB),
+            "memory/docker/abc/memory.usage_in_bytes": "7",
+        },
     )
     assert cgroup_limit(proc, root) == (3 * GiB, 7)
-    proc, root = fake_cgroup(
-        tmp_path / "v1u", "5:memory:/", {"memory/memory.limit_in_bytes": str(2**63 - 4096)}
-    )
+    proc, root = fake_cgroup(tmp_path / "v1u", "5:memory:/", {"memory/memory.limit_in_bytes": str(2**63 - 4096)})
     assert cgroup_limit(proc, root) is None
 
 

@@ -61,8 +61,17 @@ def test_grouped_query_attention_is_counted_not_ignored() -> None:
 
 @pytest.mark.parametrize(
     ("cache_type", "bytes_per_32"),
-    [("f32", 128), ("f16", 64), ("bf16", 64), ("q8_0", 34), ("q4_0", 18), ("iq4_nl", 18), ("q4_1", 20),
-     ("q5_0", 22), ("q5_1", 24)],
+    [
+        ("f32", 128),
+        ("f16", 64),
+        ("bf16", 64),
+        ("q8_0", 34),
+        ("q4_0", 18),
+        ("iq4_nl", 18),
+        ("q4_1", 20),
+        ("q5_0", 22),
+        ("q5_1", 24),
+    ],
 )
 def test_cache_types_use_true_block_sizes(cache_type: str, bytes_per_32: int) -> None:
     assert row_bytes(cache_type, 8, 128) == bytes_per_32 * 32
@@ -91,7 +100,12 @@ def test_quantized_v_needs_flash_attention() -> None:
 
 @pytest.mark.parametrize(
     "settings",
-    [ServeSettings(ctx_size=0), ServeSettings(parallel=0), ServeSettings(cache_type_k="q2_k"), ServeSettings(n_ubatch=0)],
+    [
+        ServeSettings(ctx_size=0),
+        ServeSettings(parallel=0),
+        ServeSettings(cache_type_k="q2_k"),
+        ServeSettings(n_ubatch=0),
+    ],
 )
 def test_invalid_settings_are_rejected(settings: ServeSettings) -> None:
     with pytest.raises(InvalidSettings):

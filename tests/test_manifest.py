@@ -40,8 +40,15 @@ def test_model_fields_follow_llmkube_names() -> None:
 
 def test_service_settings() -> None:
     spec = parse_object(
-        service(contextSize=8192, parallelSlots=4, flashAttention=True, cacheTypeK="q8_0", cacheTypeV="q4_0",
-                extraArgs=["--threads", "4"], priority="high"),
+        service(
+            contextSize=8192,
+            parallelSlots=4,
+            flashAttention=True,
+            cacheTypeK="q8_0",
+            cacheTypeV="q4_0",
+            extraArgs=["--threads", "4"],
+            priority="high",
+        ),
         "f.yaml",
     )
     assert isinstance(spec, ServiceSpec)

@@ -50,8 +50,29 @@ def test_valid_quantities(text: str | int, expected: int | None) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["24GB", "24gb", "-1Gi", "0", "0Gi", "", " ", "24 Gi", "NaN", "nan", "Inf", "-inf", "0.5", "1m",
-     "9223372036854775808", "9Ei", "1e400", "Gi", "1.2.3Gi", "0x10", "1e-3"],
+    [
+        "24GB",
+        "24gb",
+        "-1Gi",
+        "0",
+        "0Gi",
+        "",
+        " ",
+        "24 Gi",
+        "NaN",
+        "nan",
+        "Inf",
+        "-inf",
+        "0.5",
+        "1m",
+        "9223372036854775808",
+        "9Ei",
+        "1e400",
+        "Gi",
+        "1.2.3Gi",
+        "0x10",
+        "1e-3",
+    ],
 )
 def test_invalid_quantities_name_the_field_and_value(text: str) -> None:
     with pytest.raises(InvalidValue) as info:
@@ -103,7 +124,8 @@ def test_valid_fractions(value: object, expected: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [0, 0.0, -0.5, 1.5, 1.0000001, math.nan, math.inf, -math.inf, "nan", "inf", "abc", "", None, True, [0.5]]
+    "value",
+    [0, 0.0, -0.5, 1.5, 1.0000001, math.nan, math.inf, -math.inf, "nan", "inf", "abc", "", None, True, [0.5]],
 )
 def test_invalid_fractions_name_the_field_and_value(value: object) -> None:
     with pytest.raises(InvalidValue) as info:
@@ -112,8 +134,15 @@ def test_invalid_fractions_name_the_field_and_value(value: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "text"), [(900, "900 B"), (2048, "2.0 KiB"), (512 * 2**20, "512.0 MiB"), (24 * 2**30, "24.0 GiB"),
-                    (-3 * 2**20, "-3.0 MiB"), (2**62, "4.0 EiB")],
+    ("n", "text"),
+    [
+        (900, "900 B"),
+        (2048, "2.0 KiB"),
+        (512 * 2**20, "512.0 MiB"),
+        (24 * 2**30, "24.0 GiB"),
+        (-3 * 2**20, "-3.0 MiB"),
+        (2**62, "4.0 EiB"),
+    ],
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
