@@ -104,6 +104,8 @@ def advice(shape: ModelShape, settings: ServeSettings, limit: int) -> list[str]:
     best_ctx = max_ctx_size(shape, settings, limit)
     if best_ctx:
         tips.append(f"reduce the context to {best_ctx} tokens (now {settings.ctx_size})")
+    if not settings.flash_attn and _fits(shape, dataclasses.replace(settings, flash_attn=True), limit):
+        tips.append("enable flash attention (the attention scores then never materialise in the compute buffer)")
     for k_type, v_type in (("q8_0", "q8_0"), ("q4_0", "q4_0")):
         if (settings.cache_type_k, settings.cache_type_v) == (k_type, v_type):
             continue

@@ -100,12 +100,18 @@ class KVCacheParts:
 def kv_cache_parts(shape: ModelShape, settings: ServeSettings) -> KVCacheParts:
     cells = kv_cells(shape, settings)
     full = swa = 0
+    # Without flash attention V is stored transposed, and llama.cpp then sizes every layer's V rows for the
+    # widest layer (n_embd_v_gqa_max): per-layer head counts only save V memory with flash attention.
+    widest_v = max((shape.n_head_kv[layer] * shape.value_length[layer] for layer in range(shape.n_layer)), default=0)
     for layer in range(shape.n_layer):
         heads = shape.n_head_kv[layer]
         if not heads:
             continue
         k = row_bytes(settings.cache_type_k, heads, shape.key_length[layer], "cacheTypeK")
-        v = row_bytes(settings.cache_type_v, heads, shape.value_length[layer], "cacheTypeV")
+        if settings.flash_attn:
+            v = row_bytes(settings.cache_type_v, heads, shape.value_length[layer], "cacheTypeV")
+        else:
+            v = row_bytes(settings.cache_type_v, 1, widest_v, "cacheTypeV")
         if shape.swa_layers and shape.swa_layers[layer]:
             swa += (k + v) * cells.swa * cells.streams
         else:

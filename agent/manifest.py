@@ -6,6 +6,7 @@ field path in every message, so a bad manifest is reported where it is written a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ class ModelSpec:
             return None
         path = Path(self.source).expanduser()
         if not path.is_absolute() and self.origin:
-            path = Path(self.origin).parent / path
+            path = Path(os.path.normpath(Path(self.origin).parent / path))
         return path
 
 

@@ -87,7 +87,7 @@ def judge(
     largest = est.largest_component()
     if total <= limit:
         message = (
-            f"fits: needs {format_bytes(total)} of {format_bytes(limit)} "
+            f"needs {format_bytes(total)} of {format_bytes(limit)} "
             f"({format_bytes(limit - total)} headroom; limit: {binding})"
         )
         return Verdict(reason=Reason.FITS, allowed=True, message=message, **context)  # type: ignore[arg-type]

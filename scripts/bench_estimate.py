@@ -30,6 +30,7 @@ SHAPES = {
     "mqa": TinyShape(n_layer=4, n_embd=256, n_head=8, n_head_kv=1, n_ff=512),
     "moe-8x2": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_expert=8, n_expert_used=2),
     "big-vocab": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_vocab_extra=16000),
+    "per-layer": TinyShape(arch="deci", n_layer=4, n_embd=128, n_head=4, n_head_kv=[2, 4, 1, 2], head_dim=32),
     "swa": TinyShape(arch="gemma2", n_layer=4, n_embd=128, n_head=4, n_head_kv=2, head_dim=32, sliding_window=512),
 }
 SETTINGS = {

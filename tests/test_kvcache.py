@@ -137,3 +137,12 @@ def test_layers_without_attention_have_no_kv_but_recurrent_state_per_sequence() 
     settings = ServeSettings(ctx_size=4096, parallel=2)
     attention = 8 * 128 * 2 * 2 * 4096  # one attention layer, 2 streams of 2048 cells
     assert kv_cache_bytes(shape, settings) == attention + 3 * 5000 * 2
+
+
+def test_per_layer_heads_save_v_memory_only_with_flash_attention() -> None:
+    # Measured in llama.cpp (deci, heads_kv [2, 4, 1, 2]): K per layer; V per layer with flash attention,
+    # but sized for the widest layer without it (V is stored transposed).
+    shape = make_shape(n_layer=4, n_head_kv=(2, 4, 1, 2), head_dim=32)
+    k = 9 * 32 * 2 * 4096
+    assert kv_cache_bytes(shape, ServeSettings(ctx_size=4096, flash_attn=True)) == 2 * k
+    assert kv_cache_bytes(shape, ServeSettings(ctx_size=4096)) == k + 4 * 4 * 32 * 2 * 4096

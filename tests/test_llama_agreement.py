@@ -27,6 +27,7 @@ SHAPES = {
     "mqa": TinyShape(n_layer=2, n_embd=256, n_head=8, n_head_kv=1, n_vocab_extra=2000),
     "head-dim": TinyShape(n_layer=2, n_embd=128, n_head=8, n_head_kv=2, head_dim=64),  # 8 x 64 != 128
     "moe": TinyShape(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_expert=4, n_expert_used=2),
+    "per-layer-kv": TinyShape(arch="deci", n_layer=4, n_embd=128, n_head=4, n_head_kv=[2, 4, 1, 2], head_dim=32),
     "sliding-window": TinyShape(
         arch="gemma2", n_layer=4, n_embd=128, n_head=4, n_head_kv=2, head_dim=32, sliding_window=256
     ),

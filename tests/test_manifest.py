@@ -97,7 +97,7 @@ def test_invalid_objects_name_the_field(obj: object, where: str) -> None:
 def test_source_resolution(tmp_path: Path) -> None:
     origin = str(tmp_path / "manifests" / "m.yaml")
     relative = ModelSpec(name="m", namespace="d", source="../models/a.gguf", origin=origin)
-    assert relative.local_path() == tmp_path / "manifests" / ".." / "models" / "a.gguf"
+    assert relative.local_path() == tmp_path / "models" / "a.gguf"
     assert ModelSpec(name="m", namespace="d", source="file:///x/a%20b.gguf").local_path() == Path("/x/a b.gguf")
     assert ModelSpec(name="m", namespace="d", source="https://h/a.gguf").local_path() is None
     assert ModelSpec(name="m", namespace="d", source="hf://org/repo").local_path() is None
