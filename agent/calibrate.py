@@ -23,6 +23,9 @@ import psutil
 
 from agent.llama_memlog import LlamaMemoryReport, parse_memory_log
 from agent.shape import ServeSettings
+from plugins.llamacpp import ServerOptions, server_argv
+
+STAND_IN = [sys.executable, "-m", "plugins.xllamacpp_server"]  # llama.cpp's server from the xllamacpp wheel
 
 
 def free_port() -> int:
@@ -30,44 +33,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def server_argv(model: str | os.PathLike[str], settings: ServeSettings, port: int) -> list[str]:
-    """llama-server flags for these settings, run through the xllamacpp stand-in."""
-    argv = [
-        sys.executable,
-        "-m",
-        "plugins.xllamacpp_server",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--ctx-size",
-        str(settings.ctx_size),
-        "--parallel",
-        str(settings.parallel),
-        "--batch-size",
-        str(settings.n_batch),
-        "--ubatch-size",
-        str(settings.n_ubatch),
-        "--cache-type-k",
-        settings.cache_type_k,
-        "--cache-type-v",
-        settings.cache_type_v,
-        "--flash-attn",
-        "on" if settings.flash_attn else "off",
-        "--cache-ram",
-        str(settings.cache_ram_bytes >> 20),
-        "--threads",
-        "2",
-    ]
-    if settings.kv_unified:
-        argv.append("--kv-unified")
-    if settings.swa_full:
-        argv.append("--swa-full")
-    return argv
 
 
 @dataclass(frozen=True)
@@ -82,7 +47,7 @@ def measure(model: str | os.PathLike[str], settings: ServeSettings, timeout: flo
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            server_argv(model, settings, port),
+            server_argv(STAND_IN, model, settings, port, ServerOptions(threads=2)),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,

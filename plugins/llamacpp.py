@@ -1,0 +1,115 @@
+"""llama.cpp's ``llama-server``: finding it and the command line that serves a model within its estimate.
+
+Every setting that changes memory is passed explicitly, because llama-server's defaults are what the budget
+cannot see: ``-c 0`` means the training context (often 128k), ``-np`` auto means 4 slots, and ``--cache-ram``
+defaults to an 8 GiB host prompt cache. The command is an argument list, never a shell string.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.shape import ServeSettings
+
+BINARY = "llama-server"
+WELL_KNOWN_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
+INSTALL_HINT = (
+    "llama-server was not found: install llama.cpp (macOS: `brew install llama.cpp`), set its path in the "
+    "config, or install the fallback with `pip install 'metal-agent[xllamacpp]'`"
+)
+
+
+# Flags that change what llama.cpp allocates: set through the spec (contextSize, parallelSlots, ...) so that the
+# estimate sees them, never through extraArgs, which would silently break the budget.
+MEMORY_FLAGS = frozenset(
+    {"-c", "--ctx-size", "-np", "--parallel", "-b", "--batch-size", "-ub", "--ubatch-size", "-ctk",
+     "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn", "--cache-ram", "-cram", "--kv-unified",
+     "-kvu", "--swa-full", "-m", "--model", "--port", "--host"}
+)  # fmt: skip
+
+
+class UnsafeExtraArgs(ValueError):
+    """An extra argument that would change memory behind the estimate's back."""
+
+
+def check_extra_args(extra: Sequence[str]) -> None:
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in MEMORY_FLAGS:
+            raise UnsafeExtraArgs(
+                f"extraArgs: {arg!r} changes what the budget was checked against; set it in the spec "
+                "(contextSize, parallelSlots, batchSize, uBatchSize, cacheTypeK/V, flashAttention) instead"
+            )
+
+
+class ServerNotFound(RuntimeError):
+    """No llama-server binary and no xllamacpp fallback; the message says how to install one."""
+
+
+def find_llama_server(configured: str | None = None, search_path: str | None = None) -> list[str]:
+    """The command prefix that runs llama-server: config, PATH, well-known dirs, then the xllamacpp stand-in."""
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return [str(path)]
+        raise ServerNotFound(f"the configured llama-server {configured!r} is not an executable file")
+    found = shutil.which(BINARY, path=search_path)
+    if found:
+        return [found]
+    for directory in WELL_KNOWN_DIRS:
+        candidate = Path(directory) / BINARY
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        raise ServerNotFound(INSTALL_HINT) from None
+    return [sys.executable, "-m", "plugins.xllamacpp_server"]
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What the agent decides beyond the memory settings."""
+
+    host: str = "127.0.0.1"
+    gpu_layers: int | None = None  # LLMKube: 0 or None means all layers (99)
+    mlock: bool = False
+    threads: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+def server_argv(
+    command: Sequence[str], model: str | os.PathLike[str], settings: ServeSettings, port: int, options: ServerOptions
+) -> list[str]:
+    check_extra_args(options.extra_args)
+    gpu_layers = 99 if not options.gpu_layers or options.gpu_layers < 0 else options.gpu_layers
+    argv = [
+        *command,
+        "--model", str(model),
+        "--host", options.host,
+        "--port", str(port),
+        "--ctx-size", str(settings.ctx_size),
+        "--parallel", str(settings.parallel),
+        "--batch-size", str(settings.n_batch),
+        "--ubatch-size", str(settings.n_ubatch),
+        "--cache-type-k", settings.cache_type_k,
+        "--cache-type-v", settings.cache_type_v,
+        "--flash-attn", "on" if settings.flash_attn else "off",
+        "--cache-ram", str(settings.cache_ram_bytes >> 20),
+        "--n-gpu-layers", str(gpu_layers),
+        "--metrics",
+    ]  # fmt: skip
+    if settings.kv_unified:
+        argv.append("--kv-unified")
+    if settings.swa_full:
+        argv.append("--swa-full")
+    if options.mlock:
+        argv.append("--mlock")
+    if options.threads:
+        argv += ["--threads", str(options.threads)]
+    return argv + list(options.extra_args)

@@ -1,0 +1,69 @@
+"""The llama-server command line: explicit memory settings, safe extra args, binary discovery."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.shape import ServeSettings
+from plugins.llamacpp import (
+    ServerNotFound,
+    ServerOptions,
+    UnsafeExtraArgs,
+    find_llama_server,
+    server_argv,
+)
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_every_memory_setting_is_explicit() -> None:
+    settings = ServeSettings(ctx_size=8192, parallel=2, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True)
+    argv = server_argv(["llama-server"], "/m.gguf", settings, 41234, ServerOptions(extra_args=("--threads", "4")))
+    assert argv[0] == "llama-server"
+    assert flag(argv, "--ctx-size") == "8192" and flag(argv, "--parallel") == "2"
+    assert flag(argv, "--cache-type-k") == "q8_0" and flag(argv, "--flash-attn") == "on"
+    assert flag(argv, "--cache-ram") == "0"  # llama-server's default 8 GiB prompt cache is not left on
+    assert flag(argv, "--host") == "127.0.0.1" and flag(argv, "--port") == "41234"
+    assert flag(argv, "--n-gpu-layers") == "99" and "--metrics" in argv and "--mlock" not in argv
+    assert argv[-2:] == ["--threads", "4"]
+
+
+@pytest.mark.parametrize("extra", [("-c", "0"), ("--ctx-size=131072",), ("--parallel", "8"), ("--cache-ram", "8192")])
+def test_extra_args_cannot_change_memory_behind_the_budget(extra: tuple[str, ...]) -> None:
+    with pytest.raises(UnsafeExtraArgs, match="extraArgs"):
+        server_argv(["llama-server"], "/m.gguf", ServeSettings(), 1, ServerOptions(extra_args=extra))
+
+
+def test_gpu_layers_and_mlock() -> None:
+    argv = server_argv(["x"], "/m", ServeSettings(), 1, ServerOptions(gpu_layers=12, mlock=True))
+    assert flag(argv, "--n-gpu-layers") == "12" and "--mlock" in argv
+
+
+def executable(path: Path) -> Path:
+    path.write_text("#!/bin/sh\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_discovery_order(tmp_path: Path) -> None:
+    configured = executable(tmp_path / "custom-server")
+    assert find_llama_server(str(configured)) == [str(configured)]
+    with pytest.raises(ServerNotFound, match="not an executable"):
+        find_llama_server(str(tmp_path / "missing"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    on_path = executable(bin_dir / "llama-server")
+    assert find_llama_server(search_path=str(bin_dir)) == [str(on_path)]
+
+
+def test_fallback_to_the_xllamacpp_stand_in(tmp_path: Path) -> None:
+    if any(os.access(Path(d) / "llama-server", os.X_OK) for d in ("/opt/homebrew/bin", "/usr/local/bin")):
+        pytest.skip("a llama-server is installed in a well-known directory")
+    assert find_llama_server(search_path=str(tmp_path)) == [sys.executable, "-m", "plugins.xllamacpp_server"]
