@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent import __version__, cmd_estimate
+from agent import __version__, cmd_estimate, cmd_run
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"metal-agent {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cmd_run.add_parser(subparsers)
     cmd_estimate.add_parser(subparsers)
     return parser
 

@@ -59,7 +59,7 @@ class ModelSpec:
             return None
         path = Path(self.source).expanduser()
         if not path.is_absolute() and self.origin:
-            path = Path(os.path.normpath(Path(self.origin).parent / path))
+            path = Path(os.path.abspath(Path(self.origin).parent / path))
         return path
 
 

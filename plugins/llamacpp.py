@@ -7,14 +7,17 @@ defaults to an 8 GiB host prompt cache. The command is an argument list, never a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.hookspecs import Executor, Launch, hookimpl
 from agent.shape import ServeSettings
+from agent.units import ServingUnit
 
 BINARY = "llama-server"
 WELL_KNOWN_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
@@ -113,3 +116,34 @@ def server_argv(
     if options.threads:
         argv += ["--threads", str(options.threads)]
     return argv + list(options.extra_args)
+
+
+class LlamaCppExecutor:
+    """GGUF models on llama.cpp: Metal on macOS, CPU elsewhere (and the xllamacpp stand-in where no binary)."""
+
+    name = "llamacpp"
+    accelerators = ("metal", "cpu")
+
+    def __init__(self, binary: str | None = None, options: ServerOptions | None = None) -> None:
+        self.binary, self.options = binary, options or ServerOptions()
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        if unit.service.runtime not in ("llamacpp", "llama.cpp"):
+            return f"runtime {unit.service.runtime!r} is not llamacpp"
+        if unit.model.format != "gguf":
+            return f"format {unit.model.format!r} is not gguf"
+        if unit.model.accelerator not in self.accelerators:
+            return f"accelerator {unit.model.accelerator!r} is not one of {', '.join(self.accelerators)}"
+        return None
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        options = dataclasses.replace(
+            self.options, gpu_layers=unit.model.gpu_layers, extra_args=unit.service.extra_args
+        )
+        argv = server_argv(find_llama_server(self.binary), model_path, unit.settings, port, options)
+        return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
+
+
+@hookimpl
+def register_executors(register: Callable[[Executor], None]) -> None:
+    register(LlamaCppExecutor())

@@ -1,0 +1,95 @@
+"""``metal-agent run``: the agent. Watches manifests, keeps every serving unit within budget, serves its API."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from agent.api import serve
+from agent.pipeline import Agent, AgentConfig
+from agent.plugin_manager import load_plugins
+from agent.preflight import Mode
+from agent.quantity import InvalidValue, parse_fraction, parse_quantity
+from agent.standalone import watch
+
+DEFAULT_STATE_DIR = Path("~/.local/state/metal-agent").expanduser()
+DEFAULT_API_PORT = 9464
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the agent",
+        description=(
+            "Run the agent on a directory of Model and InferenceService manifests (standalone mode): every "
+            "serving unit is checked against its budget and the host budget before its server starts."
+        ),
+    )
+    p.add_argument("--manifests", type=Path, default=Path("config/samples"), help="manifest directory")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="logs and state")
+    p.add_argument("--api-host", default="127.0.0.1")
+    p.add_argument(
+        "--api-port", type=int, default=DEFAULT_API_PORT, help=f"local API port (default {DEFAULT_API_PORT})"
+    )
+    p.add_argument("--memory-fraction", metavar="F", help="share of host memory for all models, 0 < F <= 1")
+    p.add_argument("--memory-check-mode", choices=[m.value for m in Mode], default=Mode.ENFORCE.value)
+    p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
+    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health")
+    p.add_argument("--grace-period", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    p.set_defaults(handler=run)
+
+
+def config_from(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        state_dir=args.state_dir,
+        memory_fraction=parse_fraction(args.memory_fraction, "--memory-fraction") if args.memory_fraction else None,
+        mode=Mode(args.memory_check_mode),
+        host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
+        startup_timeout=args.startup_timeout,
+        grace_period=args.grace_period,
+    )
+
+
+async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
+    agent = Agent(config, load_plugins())
+    runner = await serve(agent, args.api_host, args.api_port)
+    log = structlog.get_logger("metal_agent")
+    log.info("agent started", manifests=str(args.manifests), api=f"http://{args.api_host}:{args.api_port}/status")
+    try:
+        async with anyio.create_task_group() as tasks:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping", signal=signal.Signals(signum).name)
+                        tasks.cancel_scope.cancel()
+                        return
+
+            tasks.start_soon(stop_on_signal)
+            tasks.start_soon(agent.run, watch(args.manifests, args.poll_interval, agent.set_source_errors))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await agent.shutdown()
+            await runner.cleanup()
+            log.info("agent stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from(args)
+    except InvalidValue as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.manifests.is_dir():
+        print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
+        return 2
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    anyio.run(main_async, args, config)
+    return 0
