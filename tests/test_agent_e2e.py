@@ -1,0 +1,169 @@
+"""The agent end to end: `metal-agent run` on a manifest directory, real llama.cpp servers (xllamacpp)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agent.calibrate import free_port
+from agent.tinymodel import TinyShape, write_tiny_gguf
+
+pytestmark = pytest.mark.llama
+API_VERSION = "inference.llmkube.dev/v1alpha1"
+
+
+def manifest(name: str, source: Path, budget: str = "512Mi", ctx: int = 2048) -> str:
+    return (
+        f"apiVersion: {API_VERSION}\nkind: Model\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  source: {source}\n  hardware: {{accelerator: cpu, memoryBudget: '{budget}'}}\n---\n"
+        f"apiVersion: {API_VERSION}\nkind: InferenceService\nmetadata: {{name: {name}}}\n"
+        f"spec: {{modelRef: {name}, contextSize: {ctx}}}\n"
+    )
+
+
+class AgentProcess:
+    def __init__(self, manifests: Path, state: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.log = (state.parent / "agent.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),
+             "--api-port", str(self.port), "--poll-interval", "0.2", "--startup-timeout", "30",
+             "--grace-period", "3", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=2) as response:
+            result: dict[str, Any] = json.load(response)
+            return result
+
+    def unit(self, name: str) -> dict[str, Any] | None:
+        return next((u for u in self.status()["units"] if u["unit"] == f"default/{name}"), None)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "the agent exited"
+            try:
+                if predicate():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"condition not met within {timeout} s; status: {self.status()}")
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
+    manifests, models = tmp_path / "manifests", tmp_path / "models"
+    manifests.mkdir()
+    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
+    write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
+    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.005")
+    yield process, manifests, models
+    if process.proc.poll() is None:
+        process.proc.kill()
+        for child in process.children():
+            child.kill()
+        process.proc.wait()
+
+
+def ready(process: AgentProcess, name: str) -> Callable[[], bool]:
+    return lambda: (process.unit(name) or {}).get("phase") == "Ready"
+
+
+def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess, Path, Path]) -> None:
+    process, manifests, models = agent
+    (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))
+    process.wait(ready(process, "a"))
+    unit = process.unit("a")
+    assert unit is not None and unit["budget"] == {"bytes": 512 << 20, "source": "model-budget"}
+    assert unit["estimate"]["total"] > 0 and unit["actual"]["kv"] == unit["estimate"]["kv_cache"]
+    request = urllib.request.Request(
+        unit["endpoint"] + "/v1/chat/completions",
+        data=json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.load(response)
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_second_model_waits_for_memory_then_starts_when_the_first_is_deleted(
+    agent: tuple[AgentProcess, Path, Path],
+) -> None:
+    process, manifests, models = agent
+    # Host budget: 0.005 x 16 GiB = 81.9 MiB; each tiny server is estimated at about 44 MiB.
+    (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))
+    process.wait(ready(process, "a"))
+    first_pid = process.unit("a")["pid"]  # type: ignore[index]
+    (manifests / "b.yaml").write_text(manifest("b", models / "b.gguf"))
+    process.wait(lambda: (process.unit("b") or {}).get("reason") == "InsufficientMemory")
+    unit_b = process.unit("b")
+    assert unit_b is not None and unit_b["phase"] == "Pending" and unit_b["pid"] is None
+    assert "host budget" in unit_b["message"]
+    assert len([c for c in process.children() if "xllamacpp_server" in " ".join(c.cmdline())]) == 1
+    (manifests / "a.yaml").unlink()
+    process.wait(ready(process, "b"))
+    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == psutil.STATUS_ZOMBIE
+    assert process.unit("a") is None
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            lambda m: manifest("bad", m / "a.gguf").replace("memoryBudget: '512Mi'", "memoryFraction: 1.5"),
+            "memoryFraction",
+        ),
+        (lambda m: manifest("bad", m / "a.gguf", budget="-1Gi"), "memoryBudget"),
+    ],
+)
+def test_invalid_manifests_are_reported_and_start_nothing(
+    agent: tuple[AgentProcess, Path, Path], content: Callable[[Path], str], reason: str
+) -> None:
+    process, manifests, models = agent
+    (manifests / "bad.yaml").write_text(content(models))
+    process.wait(lambda: bool(process.status()["manifest_errors"]))
+    errors = process.status()["manifest_errors"]
+    assert reason in errors[str(manifests / "bad.yaml")]
+    assert process.unit("bad") is None and not process.children()
+    (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))  # the agent keeps working
+    process.wait(ready(process, "a"))
+
+
+def test_corrupt_model_fails_closed(agent: tuple[AgentProcess, Path, Path]) -> None:
+    process, manifests, models = agent
+    (models / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + os.urandom(64))
+    (manifests / "c.yaml").write_text(manifest("c", models / "corrupt.gguf"))
+    process.wait(lambda: (process.unit("c") or {}).get("reason") == "MemoryCheckFailed")
+    assert process.unit("c")["phase"] == "Failed" and not process.children()  # type: ignore[index]
+
+
+def test_killed_child_is_restarted_and_sigterm_leaves_no_child(agent: tuple[AgentProcess, Path, Path]) -> None:
+    process, manifests, models = agent
+    (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))
+    process.wait(ready(process, "a"))
+    old_pid = process.unit("a")["pid"]  # type: ignore[index]
+    os.kill(old_pid, signal.SIGKILL)
+    process.wait(lambda: (u := process.unit("a")) is not None and u["restarts"] == 1 and u["phase"] == "Ready")
+    new_pid = process.unit("a")["pid"]  # type: ignore[index]
+    assert new_pid != old_pid
+    children = process.children()
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.proc.wait(timeout=15) == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
