@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent import __version__, cmd_estimate, cmd_run
+from agent import __version__, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,10 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     cmd_run.add_parser(subparsers)
     cmd_estimate.add_parser(subparsers)
+    cmd_status.add_parser(subparsers)
+    cmd_plugins.add_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logs.configure()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -65,6 +65,7 @@ class UnitRuntime:
     unhealthy: int = 0
     retry_at: float | None = None
     actual: dict[str, int] = field(default_factory=dict)
+    executor: str | None = None
 
     def poke(self) -> None:
         self.wake.set()
@@ -85,6 +86,7 @@ class UnitRuntime:
             "port": child.port if child else None,
             "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
             "restarts": self.restarts,
+            "executor": self.executor,
         }
 
 
@@ -245,7 +247,7 @@ class Agent:
             self.ledger.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
             return
-        runtime.child = child
+        runtime.child, runtime.executor = child, executor.name
         await self._set(runtime, "Starting", "Admitted", f"{executor.name} pid {child.pid} on port {port}")
         try:
             await supervisor.wait_ready(

@@ -33,14 +33,14 @@ def manifest(name: str, source: Path, budget: str = "512Mi", ctx: int = 2048) ->
 
 
 class AgentProcess:
-    def __init__(self, manifests: Path, state: Path, *extra: str) -> None:
+    def __init__(self, manifests: Path, state: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = (state.parent / "agent.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),
              "--api-port", str(self.port), "--poll-interval", "0.2", "--startup-timeout", "30",
              "--grace-period", "3", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
 
     def status(self) -> dict[str, Any]:
