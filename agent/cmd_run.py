@@ -73,7 +73,8 @@ async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
                         return
 
             tasks.start_soon(stop_on_signal)
-            tasks.start_soon(agent.run, watch(args.manifests, args.poll_interval, agent.set_source_errors))
+            events = watch(args.manifests, args.poll_interval, agent.set_source_errors, agent.reap_unclaimed)
+            tasks.start_soon(agent.run, events)
     finally:
         with anyio.CancelScope(shield=True):
             await agent.shutdown()

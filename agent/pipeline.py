@@ -30,6 +30,9 @@ from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
 from agent.quantity import format_bytes
 from agent.standalone import Event, EventType
+from agent.statefile import ChildRecord
+from agent.statefile import load as load_state
+from agent.statefile import save as save_state
 from agent.units import ServingUnit, join
 
 log = structlog.get_logger("metal_agent.pipeline")
@@ -101,6 +104,9 @@ class Agent:
         self.ledger = Ledger(resolve_budget(self.host.total_bytes, None, None, config.memory_fraction).bytes)
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
+        self.state_path = config.state_dir / "children.json"
+        # Children a previous agent started that are still running: adopted if their unit still wants them.
+        self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- events ---------------------------------------------------------------------------------------------
@@ -208,12 +214,48 @@ class Agent:
             runtime.retry_at = time.monotonic() + self.config.probe_interval  # also poked when memory frees
             await self._set(runtime, "Pending", "InsufficientMemory", self._ledger_message(runtime.key, need))
             return
+        if await self._adopt(runtime, unit):
+            return
         executor, why_not = self._executor(unit)
         if executor is None:
             self.ledger.release(runtime.key)
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
         await self._launch(runtime, unit, executor, model_path)
+
+    async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
+        """Take over the child a previous agent started for this unit, if it runs this spec and is healthy."""
+        record = self.adoptable.pop(runtime.key, None)
+        if record is None:
+            return False
+        child = record.child()
+        if record.spec_hash == unit.spec_hash() and record.is_ours() and await supervisor.healthy(child):
+            runtime.child = child
+            runtime.actual = self._actual(child)
+            await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
+            return True
+        if record.is_ours():
+            await supervisor.stop(child, self.config.grace_period)
+        return False
+
+    def reap_unclaimed(self) -> None:
+        """After the first full listing: children whose unit no longer exists are stopped (if still ours)."""
+        known = {f"{s.namespace}/{s.name}" for s in self.services.values()}
+        for key in [k for k in self.adoptable if k not in known]:
+            record = self.adoptable.pop(key)
+            if record.is_ours():
+                assert self._tasks is not None
+                self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        records = [
+            ChildRecord(r.key, r.spec_hash or "", c.pid, c.create_time, c.argv, c.port, str(c.log_path))
+            for r in self.runtimes.values()
+            if (c := r.child) is not None
+        ]
+        records += list(self.adoptable.values())  # not yet claimed: keep them on record
+        save_state(self.state_path, records)
 
     def _admit(self, key: str, need: int, host: HostMemory) -> bool:
         # The OS must also have the memory now: a foreign process may hold what our ledger thinks is free.
@@ -315,6 +357,7 @@ class Agent:
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
+        self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
         unit, _ = self.current_unit(runtime.key)
         await self.plugins.each("report", unit=unit, status=runtime.status())

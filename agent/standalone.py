@@ -78,12 +78,16 @@ def _spec(obj: Obj) -> Obj:
 
 
 async def watch(
-    directory: Path, interval: float = 1.0, on_errors: Callable[[dict[str, str]], None] | None = None
+    directory: Path,
+    interval: float = 1.0,
+    on_errors: Callable[[dict[str, str]], None] | None = None,
+    on_synced: Callable[[], None] | None = None,
 ) -> AsyncIterator[Event]:
     """Events for the directory's objects: everything at start, then each change; bad files go to ``on_errors``."""
     known: dict[tuple[str, str, str], Obj] = {}
     reported: dict[str, str] = {}
     fingerprint: tuple[tuple[str, float, int], ...] | None = None
+    synced = False
     while True:
         current = _fingerprint(directory)
         if current != fingerprint:
@@ -101,5 +105,8 @@ async def watch(
                     objects[key] = obj
             for event in diff(known, objects):
                 yield event
+            if on_synced and not synced:  # the first full listing has been delivered
+                on_synced()
+            synced = True
             known = objects
         await anyio.sleep(interval)

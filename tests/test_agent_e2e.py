@@ -167,3 +167,39 @@ def test_killed_child_is_restarted_and_sigterm_leaves_no_child(agent: tuple[Agen
     process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(timeout=15) == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def llama_children(process: AgentProcess | None = None) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "plugins.xllamacpp_server" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_agent_killed_and_restarted_adopts_or_reaps_its_children(tmp_path: Path) -> None:
+    manifests, models, state = tmp_path / "manifests", tmp_path / "models", tmp_path / "state"
+    manifests.mkdir()
+    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
+    write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
+    (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))
+    (manifests / "b.yaml").write_text(manifest("b", models / "b.gguf"))
+    first = AgentProcess(manifests, state)
+    first.wait(lambda: all((first.unit(n) or {}).get("phase") == "Ready" for n in ("a", "b")))
+    pids = {n: first.unit(n)["pid"] for n in ("a", "b")}  # type: ignore[index]
+    first.proc.kill()  # no chance to clean up: its children keep running in their own sessions
+    first.proc.wait()
+    assert all(psutil.pid_exists(pid) for pid in pids.values())
+    (manifests / "b.yaml").unlink()  # b is deleted while no agent runs
+    second = AgentProcess(manifests, state)
+    try:
+        second.wait(lambda: (second.unit("a") or {}).get("reason") == "Adopted")
+        assert second.unit("a")["pid"] == pids["a"]  # type: ignore[index]
+        second.wait(lambda: not psutil.pid_exists(pids["b"]) or psutil.Process(pids["b"]).status() == "zombie")
+        mine = [p.pid for p in llama_children() if str(models) in " ".join(p.cmdline())]
+        assert mine == [pids["a"]]  # nothing started twice, the orphan reaped
+    finally:
+        second.proc.terminate()
+        second.proc.wait(timeout=15)
+    assert not psutil.pid_exists(pids["a"]) or psutil.Process(pids["a"]).status() == "zombie"
