@@ -17,6 +17,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="show the running agent's units and memory")
     p.add_argument("--api", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the agent's local API")
     p.add_argument("--json", action="store_true", help="print the status JSON")
+    p.add_argument("--endpoint", metavar="UNIT", help="print only this unit's endpoint URL (namespace/name)")
     p.set_defaults(handler=run)
 
 
@@ -33,7 +34,7 @@ def render(status: dict[str, Any]) -> str:
         f"({reserved / budget:.0%})",
         "",
     ]
-    header = ("UNIT", "PHASE", "REASON", "BUDGET", "ESTIMATE", "ACTUAL", "PID", "PORT", "RESTARTS")
+    header = ("UNIT", "PHASE", "REASON", "BUDGET", "ESTIMATE", "ACTUAL", "PID", "ENDPOINT", "RESTARTS")
     rows = [header]
     for unit in status["units"]:
         budget_text = f"{_size(unit['budget']['bytes'])} ({unit['budget']['source']})" if unit["budget"] else "-"
@@ -46,7 +47,7 @@ def render(status: dict[str, Any]) -> str:
                 _size((unit["estimate"] or {}).get("total")),
                 _size((unit["actual"] or {}).get("rss")),
                 str(unit["pid"] or "-"),
-                str(unit["port"] or "-"),
+                unit["endpoint"] or "-",
                 str(unit["restarts"]),
             )
         )
@@ -67,5 +68,15 @@ def run(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"error: cannot reach the agent at {args.api}: {exc}", file=sys.stderr)
         return 2
+    if args.endpoint:
+        unit = next((u for u in status["units"] if u["unit"] == args.endpoint), None)
+        if unit is None or not unit["endpoint"]:
+            print(
+                f"error: {args.endpoint} has no endpoint (phase {unit['phase'] if unit else 'unknown'})",
+                file=sys.stderr,
+            )
+            return 1
+        print(unit["endpoint"])
+        return 0
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0

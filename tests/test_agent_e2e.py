@@ -66,6 +66,21 @@ class AgentProcess:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
+    def close(self) -> None:
+        """Stop the agent the way an operator does (SIGTERM); kill whatever is left if it does not comply."""
+        if self.proc.poll() is None:
+            children = self.children()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            for child in children:
+                if child.is_running():
+                    child.kill()
+        self.log.close()
+
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
@@ -75,11 +90,7 @@ def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
     write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
     process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.005")
     yield process, manifests, models
-    if process.proc.poll() is None:
-        process.proc.kill()
-        for child in process.children():
-            child.kill()
-        process.proc.wait()
+    process.close()
 
 
 def ready(process: AgentProcess, name: str) -> Callable[[], bool]:
@@ -200,6 +211,5 @@ def test_agent_killed_and_restarted_adopts_or_reaps_its_children(tmp_path: Path)
         mine = [p.pid for p in llama_children() if str(models) in " ".join(p.cmdline())]
         assert mine == [pids["a"]]  # nothing started twice, the orphan reaped
     finally:
-        second.proc.terminate()
-        second.proc.wait(timeout=15)
+        second.close()
     assert not psutil.pid_exists(pids["a"]) or psutil.Process(pids["a"]).status() == "zombie"

@@ -98,5 +98,4 @@ def test_third_party_executor_serves_a_model(installed: Path, tmp_path: Path) ->
         process.wait(lambda: (process.unit("ex") or {}).get("phase") == "Ready")
         assert process.unit("ex")["executor"] == "example"  # type: ignore[index]
     finally:
-        process.proc.terminate()
-        process.proc.wait(timeout=15)
+        process.close()
