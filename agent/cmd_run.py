@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
 from agent.quantity import InvalidValue, parse_fraction, parse_quantity
 from agent.standalone import watch
+from plugins.llamacpp import BINARY_ENV
 
 DEFAULT_STATE_DIR = Path("~/.local/state/metal-agent").expanduser()
 DEFAULT_API_PORT = 9464
@@ -42,6 +44,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health")
     p.add_argument("--grace-period", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument(
+        "--llama-server", metavar="PATH", help="the llama-server binary (default: PATH, Homebrew, xllamacpp)"
+    )
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
     p.set_defaults(handler=run)
 
@@ -92,5 +97,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
         return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    if args.llama_server:
+        os.environ[BINARY_ENV] = args.llama_server
     anyio.run(main_async, args, config)
     return 0

@@ -144,6 +144,9 @@ class LlamaCppExecutor:
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
 
 
+BINARY_ENV = "METAL_AGENT_LLAMA_SERVER"  # set by `metal-agent run --llama-server PATH`
+
+
 @hookimpl
 def register_executors(register: Callable[[Executor], None]) -> None:
-    register(LlamaCppExecutor())
+    register(LlamaCppExecutor(binary=os.environ.get(BINARY_ENV) or None))
