@@ -42,6 +42,7 @@ class ModelSpec:
     sha256: str | None = None
     accelerator: str = "cpu"
     gpu_layers: int | None = None
+    gpu_count: int | None = None
     memory_budget: str | None = None
     memory_fraction: float | None = None
     generation: int = 0
@@ -176,6 +177,7 @@ def parse_model(obj: Mapping[str, Any], where: str) -> ModelSpec:
         sha256=sha256,
         accelerator=hardware.choice("accelerator", ACCELERATORS, "cpu"),
         gpu_layers=hardware.sub("gpu").int_in("layers", -1, 100_000),
+        gpu_count=hardware.sub("gpu").int_in("count", 1, 64),
         memory_budget=str(budget) if budget is not None else None,
         memory_fraction=float(fraction) if fraction is not None else None,
         generation=generation,

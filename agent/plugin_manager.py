@@ -20,7 +20,7 @@ from agent import hookspecs
 from agent.hookspecs import ENTRY_POINT_GROUP, PROJECT, Executor
 
 log = structlog.get_logger("metal_agent.plugins")
-BUILTIN = ("agent.defaults", "plugins.llamacpp")
+BUILTIN = ("agent.defaults", "plugins.llamacpp", "plugins.mlx", "plugins.cuda")
 
 
 @dataclass

@@ -122,7 +122,7 @@ class LlamaCppExecutor:
     """GGUF models on llama.cpp: Metal on macOS, CPU elsewhere (and the xllamacpp stand-in where no binary)."""
 
     name = "llamacpp"
-    accelerators = ("metal", "cpu")
+    accelerators: tuple[str, ...] = ("metal", "cpu")
 
     def __init__(self, binary: str | None = None, options: ServerOptions | None = None) -> None:
         self.binary, self.options = binary, options or ServerOptions()

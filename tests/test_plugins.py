@@ -82,7 +82,7 @@ def plugins_json(site: Path) -> dict[str, Any]:
 def test_third_party_executor_is_listed_and_a_broken_plugin_is_reported(installed: Path) -> None:
     info = plugins_json(installed)
     assert {"name": "example", "version": "0.1.0"} in info["plugins"]
-    assert [e["name"] for e in info["executors"]] == ["example", "llamacpp"]
+    assert [e["name"] for e in info["executors"]] == ["example", "cuda", "mlx", "llamacpp"]
     assert "no_such_module_here" in info["failed"]["broken"]
 
 

@@ -1,0 +1,98 @@
+"""MLX models (Apple Silicon): served by ``mlx_lm.server`` from a model directory.
+
+MLX models are directories of safetensors with a Hugging Face ``config.json``. The estimate reads the layer
+count, KV heads and head size from the config and the weights from the safetensors sizes, then reuses the
+llama.cpp-calibrated terms. It has not been measured against MLX, so it is marked as lower confidence.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
+
+from agent.budget import Budget
+from agent.hookspecs import Executor, Launch, hookimpl
+from agent.hostmem import HostMemory
+from agent.preflight import Mode, Reason, Verdict, failed, judge
+from agent.shape import ModelShape
+from agent.units import ServingUnit
+
+LOW_CONFIDENCE = "mlx: estimated from config.json and safetensors sizes, not measured against MLX (lower confidence)"
+
+
+class MLXError(ValueError):
+    """An MLX model directory that cannot be budgeted."""
+
+
+def mlx_shape(directory: Path) -> ModelShape:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        layers = int(config["num_hidden_layers"])
+        embd = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads", heads))
+        head_dim = int(config.get("head_dim") or embd // heads)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise MLXError(f"{directory}: not an MLX model directory (config.json: {exc})") from exc
+    weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    if not weights:
+        raise MLXError(f"{directory}: no *.safetensors weights")
+    return ModelShape(
+        path=str(directory),
+        architecture=str(config.get("model_type", "mlx")),
+        n_layer=layers,
+        n_embd=embd,
+        n_head=heads,
+        n_head_kv=(kv_heads,) * layers,
+        key_length=(head_dim,) * layers,
+        value_length=(head_dim,) * layers,
+        n_vocab=int(config.get("vocab_size", 32000)),
+        n_ff=int(config.get("intermediate_size", 4 * embd)),
+        context_length=int(config.get("max_position_embeddings", 4096)),
+        weights_bytes=weights,
+        file_bytes=weights,
+        tensor_count=0,
+        missing=(LOW_CONFIDENCE,),
+    )
+
+
+def is_mlx(unit: ServingUnit) -> bool:
+    return unit.model.format == "mlx" or unit.service.runtime == "mlx"
+
+
+@hookimpl
+def preflight(unit: ServingUnit, model_path: Path, budget: Budget, host: HostMemory, mode: str) -> Verdict | None:
+    if not is_mlx(unit):
+        return None
+    try:
+        shape = mlx_shape(model_path)
+    except MLXError as exc:
+        return failed(Reason.MEMORY_CHECK_FAILED, str(exc), Mode(mode), settings=unit.settings)
+    return judge(shape, unit.settings, budget, host, Mode(mode))
+
+
+class MLXExecutor:
+    name = "mlx"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if is_mlx(unit) else "not an MLX model (format mlx or runtime mlx)"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        found = shutil.which("mlx_lm.server")
+        if found:
+            prefix = [found]
+        elif find_spec("mlx_lm") is not None:
+            prefix = [sys.executable, "-m", "mlx_lm.server"]
+        else:
+            raise RuntimeError("mlx_lm.server was not found: `pip install mlx-lm` (Apple Silicon only)")
+        argv = [*prefix, "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+        return Launch(argv=argv + list(unit.service.extra_args), health_path="/v1/models")
+
+
+@hookimpl
+def register_executors(register: Callable[[Executor], None]) -> None:
+    register(MLXExecutor())
