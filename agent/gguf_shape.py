@@ -6,6 +6,7 @@ in ``ModelShape.missing``), and every absurd value is rejected before it can dri
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -263,5 +264,15 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
 
 
 def load_shape(path: str | os.PathLike[str]) -> ModelShape:
-    """Read a (possibly split) GGUF model's header and return its shape."""
+    """Read a (possibly split) GGUF model's header and return its shape.
+
+    Many units often share one model file, and a reconcile re-reads it: shapes are cached by the first
+    file's path, size and modification time, so a changed file is read again.
+    """
+    stat = os.stat(path)
+    return _cached_shape(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_shape(path: str, size: int, mtime_ns: int) -> ModelShape:
     return shape_from_model(read_model(path))

@@ -33,9 +33,10 @@ from agent.standalone import Event, EventType
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
 from agent.statefile import save as save_state
-from agent.units import ServingUnit, join
+from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.pipeline")
+CHILD_PHASES = ("Starting", "Ready")  # phases in which a unit has a process on record
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,14 @@ class Agent:
         return runtime
 
     def current_unit(self, key: str) -> tuple[ServingUnit | None, str]:
-        units, orphans = join(list(self.services.values()), list(self.models.values()))
-        return units.get(key), orphans.get(key, "")
+        namespace, name = key.split("/", 1)
+        service = self.services.get((namespace, name))
+        if service is None:
+            return None, ""
+        model = self.models.get((namespace, service.model_ref))
+        if model is None:
+            return None, f"Model {namespace}/{service.model_ref} not found"
+        return ServingUnit(service=service, model=model), ""
 
     # -- one worker per unit --------------------------------------------------------------------------------
     async def _worker(self, runtime: UnitRuntime) -> None:
@@ -170,7 +177,7 @@ class Agent:
         unit, missing_reason = self.current_unit(runtime.key)
         if unit is None or not unit.wanted:
             await self._teardown(runtime)
-            if unit is None and runtime.key.split("/", 1)[1] not in {s.name for s in self.services.values()}:
+            if unit is None and not missing_reason:  # the InferenceService itself is gone
                 return True
             phase, reason = ("Stopped", "Suspended") if unit else ("Pending", "ModelNotFound")
             await self._set(runtime, phase, reason, missing_reason or "replicas is 0 or suspend is true")
@@ -356,8 +363,10 @@ class Agent:
                 other.poke()
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
+        children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
-        self._save_state()
+        if children_changed:
+            self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
         unit, _ = self.current_unit(runtime.key)
         await self.plugins.each("report", unit=unit, status=runtime.status())

@@ -42,18 +42,3 @@ class ServingUnit:
 
         text = json.dumps([spec(self.service), spec(self.model)], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def join(services: list[ServiceSpec], models: list[ModelSpec]) -> tuple[dict[str, ServingUnit], dict[str, str]]:
-    """Units for every service whose Model exists, and a reason for each service whose Model does not."""
-    by_name = {(m.namespace, m.name): m for m in models}
-    units: dict[str, ServingUnit] = {}
-    orphans: dict[str, str] = {}
-    for service in services:
-        model = by_name.get((service.namespace, service.model_ref))
-        key = f"{service.namespace}/{service.name}"
-        if model is None:
-            orphans[key] = f"Model {service.namespace}/{service.model_ref} not found"
-        else:
-            units[key] = ServingUnit(service=service, model=model)
-    return units, orphans

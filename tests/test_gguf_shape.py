@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -254,3 +256,12 @@ def test_split_model_shape(tmp_path: Path) -> None:
     assert shape.weights_bytes == 1000 * 256 * 2 + 4 * 256 * 4
     assert shape.file_bytes == sum(p.stat().st_size for p in shards)
     assert shape.n_head_kv == (2,) * 4
+
+
+def test_shapes_are_cached_until_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinyShape(n_layer=2))
+    assert load_shape(path) is load_shape(path)
+    write_tiny_gguf(path, TinyShape(n_layer=3))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a distinct mtime even on coarse clocks
+    assert load_shape(path).n_layer == 3

@@ -1,0 +1,117 @@
+"""The pipeline in-process: crash loops back off, failing spawns are reported, Model changes re-run units."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent.hookspecs import Executor, Launch, hookimpl
+from agent.manifest import ModelSpec, ServiceSpec
+from agent.pipeline import Agent, AgentConfig
+from agent.plugin_manager import load_plugins
+from agent.standalone import Event, EventType
+from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.units import ServingUnit
+
+pytestmark = pytest.mark.anyio
+
+
+class Crashing:
+    """An executor whose server exits at once."""
+
+    name = "crashing"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == "crash" else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        return Launch(argv=[sys.executable, "-c", "print('boom'); raise SystemExit(1)"])
+
+
+class Refusing:
+    name = "refusing"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == "refuse" else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        raise RuntimeError("cannot build a command for this model")
+
+
+class Executors:
+    @hookimpl
+    def register_executors(self, register: Callable[[Executor], None]) -> None:
+        register(Crashing())
+        register(Refusing())
+
+
+async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:
+    send, receive = anyio.create_memory_object_stream[Event](100)
+
+    async def stream() -> AsyncIterator[Event]:
+        async with receive:
+            async for event in receive:
+                yield event
+
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(agent.run, stream())
+            for event in events:
+                await send.send(event)
+            while not until():
+                await anyio.sleep(0.02)
+            await agent.shutdown()
+            tasks.cancel_scope.cancel()
+
+
+def state(agent: Agent) -> tuple[str, str]:
+    runtime = agent.runtimes.get("d/s")
+    return (runtime.phase, runtime.reason) if runtime else ("", "")
+
+
+def objects(tmp_path: Path, runtime: str, budget: str = "512Mi") -> list[Event]:
+    model_path = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())
+    model = ModelSpec(name="m", namespace="d", source=str(model_path), memory_budget=budget)
+    service = ServiceSpec(name="s", namespace="d", model_ref="m", runtime=runtime, context_size=1024)
+    return [Event(EventType.ADDED, model), Event(EventType.ADDED, service)]
+
+
+def make_agent(tmp_path: Path) -> Agent:
+    config = AgentConfig(state_dir=tmp_path / "state", backoff_base=0.01, backoff_cap=0.05, crash_loop_after=3,
+                         startup_timeout=10, grace_period=1, probe_interval=0.05)  # fmt: skip
+    return Agent(config, load_plugins(extra=[Executors()], entry_points=False))
+
+
+async def test_crashing_server_backs_off_into_crash_loop(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    await drive(agent, objects(tmp_path, "crash"), lambda: state(agent) == ("CrashLoop", "Failed"))
+    runtime = agent.runtimes["d/s"]
+    assert runtime.restarts >= 3 and "boom" in runtime.message and "retry in" in runtime.message
+    assert agent.ledger.used == 0  # a crashed server holds no memory
+
+
+async def test_spawn_failure_marks_the_unit_failed_with_the_plugin_message(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    await drive(agent, objects(tmp_path, "refuse"), lambda: state(agent)[0] == "Failed")
+    runtime = agent.runtimes["d/s"]
+    assert runtime.reason == "SpawnFailed" and "cannot build a command" in runtime.message
+    assert agent.ledger.used == 0
+
+
+async def test_no_executor_is_a_clear_reason(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    await drive(agent, objects(tmp_path, "vllm"), lambda: state(agent)[1] == "NoExecutor")
+    assert "no executor accepts" in agent.runtimes["d/s"].message
+
+
+async def test_a_model_budget_lowered_below_the_estimate_is_rejected(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    events = objects(tmp_path, "refuse")
+    lowered = ModelSpec(name="m", namespace="d", source=events[0].obj.source, memory_budget="1Mi")  # type: ignore[union-attr]
+    events.append(Event(EventType.MODIFIED, lowered))
+    await drive(agent, events, lambda: state(agent)[1] == "InsufficientMemory")
+    assert agent.runtimes["d/s"].phase == "Failed" and "1.0 MiB" in agent.runtimes["d/s"].message
