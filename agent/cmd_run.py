@@ -17,8 +17,8 @@ from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
 from agent.quantity import InvalidValue, parse_fraction, parse_quantity
-from agent.standalone import watch
-from plugins.llamacpp import BINARY_ENV
+from agent.standalone import Event, watch
+from plugins.llamacpp import BINARY_ENV, MLOCK_ENV
 
 DEFAULT_STATE_DIR = Path("~/.local/state/metal-agent").expanduser()
 DEFAULT_API_PORT = 9464
@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--grace-period", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     p.add_argument(
         "--llama-server", metavar="PATH", help="the llama-server binary (default: PATH, Homebrew, xllamacpp)"
+    )
+    p.add_argument(
+        "--mlock", action="store_true", help="pass --mlock to llama-server: weights wired in RAM (macOS: wired memory)"
     )
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
     p.set_defaults(handler=run)
@@ -78,8 +81,17 @@ async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
                         return
 
             tasks.start_soon(stop_on_signal)
-            events = watch(args.manifests, args.poll_interval, agent.set_source_errors, agent.reap_unclaimed)
-            tasks.start_soon(agent.run, events)
+            send, receive = anyio.create_memory_object_stream[Event](1000)
+
+            async def source() -> None:
+                async with send:
+                    async for event in watch(
+                        args.manifests, args.poll_interval, agent.set_source_errors, agent.reap_unclaimed
+                    ):
+                        await send.send(event)
+
+            tasks.start_soon(source)
+            tasks.start_soon(agent.run, receive)
     finally:
         with anyio.CancelScope(shield=True):
             await agent.shutdown()
@@ -99,5 +111,7 @@ def run(args: argparse.Namespace) -> int:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if args.llama_server:
         os.environ[BINARY_ENV] = args.llama_server
+    if args.mlock:
+        os.environ[MLOCK_ENV] = "1"
     anyio.run(main_async, args, config)
     return 0

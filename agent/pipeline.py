@@ -9,7 +9,7 @@ Per unit: resolve_budget → preflight → ledger admission → executor command
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class Agent:
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- events ---------------------------------------------------------------------------------------------
-    async def run(self, events: AsyncIterator[Event]) -> None:
+    async def run(self, events: AsyncIterable[Event]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             async for event in events:

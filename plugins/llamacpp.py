@@ -145,8 +145,10 @@ class LlamaCppExecutor:
 
 
 BINARY_ENV = "METAL_AGENT_LLAMA_SERVER"  # set by `metal-agent run --llama-server PATH`
+MLOCK_ENV = "METAL_AGENT_MLOCK"  # set by `metal-agent run --mlock`
 
 
 @hookimpl
 def register_executors(register: Callable[[Executor], None]) -> None:
-    register(LlamaCppExecutor(binary=os.environ.get(BINARY_ENV) or None))
+    mlock = os.environ.get(MLOCK_ENV, "") in ("1", "true", "yes")
+    register(LlamaCppExecutor(binary=os.environ.get(BINARY_ENV) or None, options=ServerOptions(mlock=mlock)))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from agent.hookspecs import Executor, Launch, hookimpl
@@ -42,11 +43,35 @@ class Refusing:
         raise RuntimeError("cannot build a command for this model")
 
 
+SICKENING = """
+import http.server, sys, time
+start = time.monotonic()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if time.monotonic() - start < 0.5 else 503); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+class Sickening:
+    """A server that is healthy for half a second, then answers 503 forever."""
+
+    name = "sickening"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == "sicken" else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        return Launch(argv=[sys.executable, "-c", SICKENING, str(port)])
+
+
 class Executors:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         register(Crashing())
         register(Refusing())
+        register(Sickening())
 
 
 async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:
@@ -115,3 +140,18 @@ async def test_a_model_budget_lowered_below_the_estimate_is_rejected(tmp_path: P
     events.append(Event(EventType.MODIFIED, lowered))
     await drive(agent, events, lambda: state(agent)[1] == "InsufficientMemory")
     assert agent.runtimes["d/s"].phase == "Failed" and "1.0 MiB" in agent.runtimes["d/s"].message
+
+
+async def test_unhealthy_server_is_stopped_before_its_replacement_starts(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+
+    def restarted() -> bool:
+        runtime = agent.runtimes.get("d/s")
+        if runtime and runtime.child and runtime.child.pid not in pids:
+            # Whenever a new server appears, every earlier one is already gone.
+            assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+            pids.append(runtime.child.pid)
+        return runtime is not None and runtime.restarts >= 2 and len(pids) >= 2
+
+    await drive(agent, objects(tmp_path, "sicken"), restarted)
+    assert "unhealthy" in agent.runtimes["d/s"].message or agent.runtimes["d/s"].phase == "Ready"
