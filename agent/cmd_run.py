@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import signal
 import sys
@@ -17,7 +19,7 @@ from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
 from agent.quantity import InvalidValue, parse_fraction, parse_quantity
-from agent.standalone import Event, watch
+from agent.standalone import SYNCED, Event, Synced, watch
 from plugins.llamacpp import BINARY_ENV, MLOCK_ENV
 
 DEFAULT_STATE_DIR = Path("~/.local/state/metal-agent").expanduser()
@@ -81,13 +83,14 @@ async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
                         return
 
             tasks.start_soon(stop_on_signal)
-            send, receive = anyio.create_memory_object_stream[Event](1000)
+            # The source runs apart from the pipeline; the first listing ends with SYNCED, so that what it
+            # did not contain (children of deleted units) is reaped only after every event in it is applied.
+            send, receive = anyio.create_memory_object_stream[Event | Synced](math.inf)
 
             async def source() -> None:
+                synced = functools.partial(send.send_nowait, SYNCED)
                 async with send:
-                    async for event in watch(
-                        args.manifests, args.poll_interval, agent.set_source_errors, agent.reap_unclaimed
-                    ):
+                    async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
                         await send.send(event)
 
             tasks.start_soon(source)

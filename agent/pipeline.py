@@ -29,7 +29,7 @@ from agent.manifest import ModelSpec, ServiceSpec
 from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
 from agent.quantity import format_bytes
-from agent.standalone import Event, EventType
+from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
 from agent.statefile import save as save_state
@@ -111,12 +111,15 @@ class Agent:
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- events ---------------------------------------------------------------------------------------------
-    async def run(self, events: AsyncIterable[Event]) -> None:
+    async def run(self, events: AsyncIterable[Event | Synced]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             async for event in events:
-                self.apply(event)
-                self.synced = True
+                if isinstance(event, Synced):
+                    self.reap_unclaimed()
+                    self.synced = True
+                else:
+                    self.apply(event)
 
     def apply(self, event: Event) -> None:
         obj = event.obj

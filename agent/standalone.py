@@ -34,6 +34,13 @@ class Event:
     obj: Obj
 
 
+class Synced:
+    """Sent once a source has delivered its first complete listing: what is not in it does not exist."""
+
+
+SYNCED = Synced()
+
+
 def object_key(obj: Obj) -> tuple[str, str, str]:
     return (type(obj).__name__, obj.namespace, obj.name)
 

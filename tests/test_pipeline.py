@@ -144,6 +144,7 @@ async def test_a_model_budget_lowered_below_the_estimate_is_rejected(tmp_path: P
 
 async def test_unhealthy_server_is_stopped_before_its_replacement_starts(tmp_path: Path) -> None:
     agent = make_agent(tmp_path)
+    pids: list[int] = []
 
     def restarted() -> bool:
         runtime = agent.runtimes.get("d/s")
@@ -154,4 +155,4 @@ async def test_unhealthy_server_is_stopped_before_its_replacement_starts(tmp_pat
         return runtime is not None and runtime.restarts >= 2 and len(pids) >= 2
 
     await drive(agent, objects(tmp_path, "sicken"), restarted)
-    assert "unhealthy" in agent.runtimes["d/s"].message or agent.runtimes["d/s"].phase == "Ready"
+    assert agent.runtimes["d/s"].unhealthy >= 1 or agent.runtimes["d/s"].restarts >= 2
