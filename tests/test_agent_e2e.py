@@ -112,6 +112,17 @@ def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess
     with urllib.request.urlopen(request, timeout=30) as response:
         answer = json.load(response)
     assert answer["choices"][0]["message"]["role"] == "assistant"
+    base = f"http://127.0.0.1:{process.port}"
+    for path, expected in (("/healthz", "ok"), ("/readyz", "ready")):
+        with urllib.request.urlopen(base + path, timeout=5) as response:
+            assert response.read().decode().strip() == expected
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+        samples = dict(
+            line.rsplit(" ", 1) for line in response.read().decode().splitlines() if line and not line.startswith("#")
+        )
+    assert int(samples['metal_agent_unit_estimated_bytes{unit="default/a"}']) == unit["estimate"]["total"]
+    assert samples['metal_agent_unit_phase{unit="default/a",phase="Ready"}'] == "1"
+    assert int(samples["metal_agent_reserved_bytes"]) == unit["estimate"]["total"]
 
 
 def test_second_model_waits_for_memory_then_starts_when_the_first_is_deleted(
