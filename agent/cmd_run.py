@@ -52,12 +52,25 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--mlock", action="store_true", help="pass --mlock to llama-server: weights wired in RAM (macOS: wired memory)"
     )
+    p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
     p.set_defaults(handler=run)
 
 
+def port_range(text: str) -> range:
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise InvalidValue(f"--ports: {text!r} is not a port range like 8100-8199") from None
+    if not 1 <= low <= high <= 65535:
+        raise InvalidValue(f"--ports: {text!r} is outside 1-65535 or reversed")
+    return range(low, high + 1)
+
+
 def config_from(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
+        ports=port_range(args.ports) if args.ports else None,
         state_dir=args.state_dir,
         memory_fraction=parse_fraction(args.memory_fraction, "--memory-fraction") if args.memory_fraction else None,
         mode=Mode(args.memory_check_mode),

@@ -52,6 +52,7 @@ class AgentConfig:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
+    ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
 
 
 @dataclass
@@ -289,8 +290,9 @@ class Agent:
         return None, "no executor accepts this model (" + "; ".join(reasons) + ")"
 
     async def _launch(self, runtime: UnitRuntime, unit: ServingUnit, executor: Executor, model_path: Path) -> None:
-        port = free_port()
         try:
+            taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
+            port = free_port(self.config.ports, taken)
             launch = executor.command(unit, model_path, port)
             child = supervisor.start(
                 launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"

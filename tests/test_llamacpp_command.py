@@ -67,3 +67,24 @@ def test_fallback_to_the_xllamacpp_stand_in(tmp_path: Path) -> None:
     if any(os.access(Path(d) / "llama-server", os.X_OK) for d in ("/opt/homebrew/bin", "/usr/local/bin")):
         pytest.skip("a llama-server is installed in a well-known directory")
     assert find_llama_server(search_path=str(tmp_path)) == [sys.executable, "-m", "plugins.xllamacpp_server"]
+
+
+def test_ports_kernel_assigned_or_from_a_configured_range() -> None:
+    import socket
+
+    from agent.calibrate import free_port
+    from agent.cmd_run import port_range
+    from agent.quantity import InvalidValue
+
+    assert free_port() > 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken_port = busy.getsockname()[1]
+        candidates = range(taken_port, taken_port + 3)
+        chosen = free_port(candidates, taken=frozenset({taken_port + 1}))
+        assert chosen == taken_port + 2  # skips the busy port and the one another unit holds
+    assert port_range("8100-8199") == range(8100, 8200) and port_range("9000") == range(9000, 9001)
+    for bad in ("x-1", "9000-8000", "0-10", "70000"):
+        with pytest.raises(InvalidValue, match="--ports"):
+            port_range(bad)
