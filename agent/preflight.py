@@ -7,6 +7,7 @@ model anyway, but invalid values (a bad quantity, a cache type llama.cpp refuses
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -57,12 +58,21 @@ class Verdict:
         return self.limit_bytes - self.estimate.total_bytes
 
 
-def failed(reason: Reason, message: str, mode: Mode, **context: object) -> Verdict:
+WARN_SUFFIX = " (memory check mode is warn: starting anyway)"
+
+
+def failed(
+    reason: Reason,
+    message: str,
+    mode: Mode,
+    settings: ServeSettings | None = None,
+    shape: ModelShape | None = None,
+    budget: Budget | None = None,
+) -> Verdict:
     """A verdict for a check that could not complete; only ``warn`` mode lets a check failure through."""
     allowed = mode is Mode.WARN and reason is Reason.MEMORY_CHECK_FAILED
-    if allowed:
-        message += " (memory check mode is warn: starting anyway)"
-    return Verdict(reason=reason, allowed=allowed, message=message, **context)  # type: ignore[arg-type]
+    message += WARN_SUFFIX if allowed else ""
+    return Verdict(reason, allowed, message, settings=settings, shape=shape, budget=budget)
 
 
 def judge(
@@ -74,39 +84,36 @@ def judge(
     if host.total_bytes < budget.bytes:
         constraints.append((f"host memory {format_bytes(host.total_bytes)} ({host.source})", host.total_bytes))
     binding, limit = min(constraints, key=lambda c: c[1])
-    context = {
-        "settings": settings,
-        "shape": shape,
-        "estimate": est,
-        "budget": budget,
-        "limit_bytes": limit,
-        "binding": binding,
-        "max_ctx_size": max_ctx_size(shape, settings, limit),
-    }
     total = est.total_bytes
-    largest = est.largest_component()
-    if total <= limit:
-        message = (
+    fits = total <= limit
+    verdict = Verdict(
+        reason=Reason.FITS,
+        allowed=True,
+        message=(
             f"needs {format_bytes(total)} of {format_bytes(limit)} "
             f"({format_bytes(limit - total)} headroom; limit: {binding})"
-        )
-        return Verdict(reason=Reason.FITS, allowed=True, message=message, **context)  # type: ignore[arg-type]
+        ),
+        settings=settings,
+        shape=shape,
+        estimate=est,
+        budget=budget,
+        limit_bytes=limit,
+        binding=binding,
+        max_ctx_size=max_ctx_size(shape, settings, limit),
+    )
+    if fits:
+        return verdict
     tips = tuple(advice(shape, settings, limit))
+    largest = est.largest_component()
     message = (
         f"needs {format_bytes(total)} but the limit is {format_bytes(limit)} ({binding}); "
         f"largest part: {largest.replace('_', ' ')} {format_bytes(est.components()[largest])}"
     )
-    if tips:
-        message += "; to fit: " + "; or ".join(tips)
+    message += ("; to fit: " + "; or ".join(tips)) if tips else ""
     allowed = mode is Mode.WARN
-    if allowed:
-        message += " (memory check mode is warn: starting anyway)"
-    return Verdict(
-        reason=Reason.INSUFFICIENT_MEMORY,
-        allowed=allowed,
-        message=message,
-        advice=tips,
-        **context,  # type: ignore[arg-type]
+    message += WARN_SUFFIX if allowed else ""
+    return dataclasses.replace(
+        verdict, reason=Reason.INSUFFICIENT_MEMORY, allowed=allowed, message=message, advice=tips
     )
 
 
