@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
 from agent.statefile import save as save_state
+from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.pipeline")
@@ -53,46 +54,6 @@ class AgentConfig:
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
-
-
-@dataclass
-class UnitRuntime:
-    key: str
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    phase: str = "Pending"
-    reason: str = ""
-    message: str = ""
-    spec_hash: str | None = None
-    verdict: Verdict | None = None
-    child: supervisor.Child | None = None
-    restarts: int = 0
-    failures: int = 0  # consecutive, reset by a healthy start
-    unhealthy: int = 0
-    retry_at: float | None = None
-    actual: dict[str, int] = field(default_factory=dict)
-    executor: str | None = None
-
-    def poke(self) -> None:
-        self.wake.set()
-
-    def status(self) -> dict[str, Any]:
-        verdict, child = self.verdict, self.child
-        est = verdict.estimate if verdict else None
-        budget = verdict.budget if verdict else None
-        return {
-            "unit": self.key,
-            "phase": self.phase,
-            "reason": self.reason,
-            "message": self.message,
-            "budget": {"bytes": budget.bytes, "source": budget.source} if budget else None,
-            "estimate": {**est.components(), "total": est.total_bytes} if est else None,
-            "actual": self.actual or None,
-            "pid": child.pid if child else None,
-            "port": child.port if child else None,
-            "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
-            "restarts": self.restarts,
-            "executor": self.executor,
-        }
 
 
 class Agent:

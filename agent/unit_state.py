@@ -1,0 +1,54 @@
+"""What the agent knows about one serving unit while it runs it: phase, reason, process, memory.
+
+Its ``status()`` is the shape reported by the local API, ``metal-agent status`` and the ``report`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from agent import supervisor
+from agent.preflight import Verdict
+
+
+@dataclass
+class UnitRuntime:
+    key: str
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    phase: str = "Pending"
+    reason: str = ""
+    message: str = ""
+    spec_hash: str | None = None
+    verdict: Verdict | None = None
+    child: supervisor.Child | None = None
+    restarts: int = 0
+    failures: int = 0  # consecutive, reset by a healthy start
+    unhealthy: int = 0
+    retry_at: float | None = None
+    actual: dict[str, int] = field(default_factory=dict)
+    executor: str | None = None
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def status(self) -> dict[str, Any]:
+        verdict, child = self.verdict, self.child
+        est = verdict.estimate if verdict else None
+        budget = verdict.budget if verdict else None
+        return {
+            "unit": self.key,
+            "phase": self.phase,
+            "reason": self.reason,
+            "message": self.message,
+            "budget": {"bytes": budget.bytes, "source": budget.source} if budget else None,
+            "estimate": {**est.components(), "total": est.total_bytes} if est else None,
+            "actual": self.actual or None,
+            "pid": child.pid if child else None,
+            "port": child.port if child else None,
+            "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
+            "restarts": self.restarts,
+            "executor": self.executor,
+        }
