@@ -21,6 +21,7 @@ from agent.tinymodel import TinyShape, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
 API_VERSION = "inference.llmkube.dev/v1alpha1"
+POLL_SECONDS = 0.1
 
 
 def manifest(name: str, source: Path, budget: str = "512Mi", ctx: int = 2048) -> str:
@@ -60,7 +61,7 @@ class AgentProcess:
                     return
             except OSError:
                 pass
-            time.sleep(0.1)
+            time.sleep(POLL_SECONDS)  # between checks of the condition
         raise AssertionError(f"condition not met within {timeout} s; status: {self.status()}")
 
     def children(self) -> list[psutil.Process]:

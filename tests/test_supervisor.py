@@ -67,10 +67,10 @@ async def test_stop_kills_a_child_that_ignores_sigterm_and_its_group(tmp_path: P
     stubborn = """
     import signal, subprocess, sys, time
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    code = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    code = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()"
     grandchild = subprocess.Popen([sys.executable, "-c", code])
     print(grandchild.pid, flush=True)
-    time.sleep(600)
+    signal.pause()
     """
     log = tmp_path / "c.log"
     child = supervisor.start(Launch(argv=python(stubborn)), free_port(), log)
