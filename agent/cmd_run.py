@@ -15,6 +15,7 @@ import anyio
 import structlog
 
 from agent.api import serve
+from agent.instance_lock import AlreadyRunning, InstanceLock
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
@@ -125,9 +126,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
         return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(config.state_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.llama_server:
         os.environ[BINARY_ENV] = args.llama_server
     if args.mlock:
         os.environ[MLOCK_ENV] = "1"
-    anyio.run(main_async, args, config)
+    try:
+        anyio.run(main_async, args, config)
+    finally:
+        lock.release()
     return 0

@@ -225,3 +225,16 @@ def test_agent_killed_and_restarted_adopts_or_reaps_its_children(tmp_path: Path)
     finally:
         second.close()
     assert not psutil.pid_exists(pids["a"]) or psutil.Process(pids["a"]).status() == "zombie"
+
+
+def test_a_second_agent_on_the_same_state_directory_refuses_to_start(agent: tuple[AgentProcess, Path, Path]) -> None:
+    process, manifests, _ = agent
+    process.wait(lambda: process.status() is not None)
+    state = manifests.parent / "state"
+    second = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),
+         "--api-port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert second.stderr.startswith("error: another metal-agent") and str(process.proc.pid) in second.stderr
