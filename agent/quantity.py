@@ -15,8 +15,8 @@ MAX_QUANTITY = 2**63 - 1
 BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 _QUANTITY = re.compile(
-    r"^(?P<sign>[+-]?)(?P<number>(?:\d+\.?\d*|\.\d+))"
-    r"(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)|[eE](?P<exponent>[+-]?\d+))?$"
+    r"(?P<sign>[+-]?)(?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+))"
+    r"(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)|[eE](?P<exponent>[+-]?[0-9]+))?"
 )
 _HINT = "use binary Ki Mi Gi Ti Pi Ei or decimal k M G T P E, e.g. 24Gi"
 
@@ -30,7 +30,7 @@ def parse_quantity(value: str | int, field: str = "quantity", positive: bool = T
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidValue(f"{field}: {value!r} is not a quantity ({_HINT})")
     text = str(value)
-    match = _QUANTITY.match(text)
+    match = _QUANTITY.fullmatch(text)  # not match(): "$" would let a trailing newline through
     if not match:
         raise InvalidValue(f"{field}: {text!r} is not a Kubernetes quantity ({_HINT})")
     sign, number, suffix, exponent = match.group("sign", "number", "suffix", "exponent")

@@ -146,3 +146,9 @@ def test_invalid_fractions_name_the_field_and_value(value: object) -> None:
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize("text", ["24Gi\n", "\n24Gi", "\u0663Gi", "24\u00a0Gi"])
+def test_only_the_whole_ascii_text_counts(text: str) -> None:
+    with pytest.raises(InvalidValue, match="not a Kubernetes quantity"):
+        parse_quantity(text)
