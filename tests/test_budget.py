@@ -26,21 +26,28 @@ def test_agent_fraction_beats_adaptive() -> None:
 
 
 @pytest.mark.parametrize(
-    ("total", "fraction"),
-    [(16 * GiB, 0.67), (ADAPTIVE_THRESHOLD, 0.67), (ADAPTIVE_THRESHOLD + 1, 0.75), (128 * GiB, 0.75)],
+    ("total", "fraction", "percent"),
+    [
+        (16 * GiB, 0.67, 67),
+        (ADAPTIVE_THRESHOLD, 0.67, 67),
+        (ADAPTIVE_THRESHOLD + 1, 0.75, 75),
+        (128 * GiB, 0.75, 75),
+    ],
 )
-def test_adaptive_default_and_the_36_gib_boundary(total: int, fraction: float) -> None:
+def test_adaptive_default_and_the_36_gib_boundary(total: int, fraction: float, percent: int) -> None:
     budget = resolve_budget(total)
     assert (budget.source, budget.fraction) == ("adaptive", fraction)
-    assert budget.bytes == fraction_of(total, fraction)
+    assert budget.bytes == total * percent // 100
 
 
 def test_fraction_maths_is_exact() -> None:
     assert fraction_of(36 * GiB, 0.67) == 36 * GiB * 67 // 100
     assert fraction_of(3, 0.1) == 0  # floor, never rounded up
+    # float maths would round 0.7 × 10**17 to a neighbour; the decimal as written gives it exactly
+    assert fraction_of(10**17 + 1, 0.7) == 7 * (10**17 + 1) // 10
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.1, 0, 0.0, 1.01, "abc"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -0.1, 0, 0.0, 1.01, "abc", True, "nan"])
 @pytest.mark.parametrize("level", ["model_fraction", "agent_fraction"])
 def test_bad_fractions_rejected_at_every_level(bad: object, level: str) -> None:
     with pytest.raises(InvalidValue, match=r"(?i)fraction"):
@@ -58,11 +65,25 @@ def test_an_invalid_lower_value_is_an_error_even_when_a_higher_one_wins() -> Non
         resolve_budget(64 * GiB, "24Gi", None, 1.5)
     with pytest.raises(InvalidValue, match="memoryFraction"):
         resolve_budget(64 * GiB, "24Gi", math.nan)
+    with pytest.raises(InvalidValue, match="agent memory fraction"):
+        resolve_budget(64 * GiB, None, 0.5, "0,5")
+
+
+def test_a_fraction_that_leaves_no_whole_byte_is_rejected() -> None:
+    with pytest.raises(InvalidValue, match=r"memoryFraction.*less than one byte"):
+        resolve_budget(1000, None, 1e-4)
+    assert resolve_budget(10_000, None, 1e-4).bytes == 1
+
+
+@pytest.mark.parametrize("bad", [0, -GiB, True])
+def test_host_total_must_be_positive(bad: int) -> None:
+    with pytest.raises(ValueError, match="host memory total"):
+        resolve_budget(bad)
 
 
 def test_describe_names_the_source() -> None:
-    assert "memoryBudget" in describe(resolve_budget(64 * GiB, "24Gi"))
-    assert "memoryFraction" in describe(resolve_budget(64 * GiB, None, 0.5))
-    assert "agent" in describe(resolve_budget(64 * GiB, None, None, 0.5))
-    assert "<= 36 GiB" in describe(resolve_budget(32 * GiB))
-    assert "> 36 GiB" in describe(resolve_budget(64 * GiB))
+    assert describe(resolve_budget(64 * GiB, "24Gi")) == "24.0 GiB from the Model's memoryBudget"
+    assert describe(resolve_budget(64 * GiB, None, 0.5)) == "0.5 of 64.0 GiB from the Model's memoryFraction"
+    assert describe(resolve_budget(64 * GiB, None, None, 0.5)) == "0.5 of 64.0 GiB from the agent's memory fraction"
+    assert describe(resolve_budget(32 * GiB)) == "0.67 of 32.0 GiB (adaptive default for hosts <= 36 GiB)"
+    assert describe(resolve_budget(64 * GiB)) == "0.75 of 64.0 GiB (adaptive default for hosts > 36 GiB)"
