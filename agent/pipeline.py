@@ -18,7 +18,7 @@ import anyio
 import psutil
 import structlog
 
-from agent import supervisor
+from agent import logs, supervisor
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.hookspecs import Executor
@@ -26,6 +26,7 @@ from agent.hostmem import HostMemory, detect_host_memory
 from agent.ledger import Ledger
 from agent.llama_memlog import parse_memory_log
 from agent.manifest import ModelSpec, ServiceSpec
+from agent.metrics import Metrics
 from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
 from agent.quantity import format_bytes
@@ -71,6 +72,7 @@ class Agent:
         # Children a previous agent started that are still running: adopted if their unit still wants them.
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
+        self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
@@ -96,7 +98,7 @@ class Agent:
         else:
             affected = {f"{s.namespace}/{s.name}" for s in self.services.values() if (s.namespace, s.model_ref) == key}
         for unit_key in affected:
-            self._runtime(unit_key).poke()
+            self._runtime(unit_key).notify()
 
     def _runtime(self, key: str) -> UnitRuntime:
         runtime = self.runtimes.get(key)
@@ -118,17 +120,22 @@ class Agent:
 
     # -- one worker per unit --------------------------------------------------------------------------------
     async def _worker(self, runtime: UnitRuntime) -> None:
+        logs.bind_unit(runtime.key, runtime.log_context)  # every line this task logs names the unit and its process
         while True:
             with anyio.move_on_after(self._next_wake(runtime)):
                 await runtime.wake.wait()
             runtime.wake = anyio.Event()
+            event_at, runtime.event_at = runtime.event_at, None
             try:
                 done = await self.reconcile(runtime)
             except Exception as exc:  # a bug in one unit must not stop the others
                 log.exception("reconcile failed", unit=runtime.key)
                 await self._set(runtime, "Failed", "InternalError", str(exc))
                 done = False
+            if event_at is not None:
+                self.metrics.reconciled(time.monotonic() - event_at)
             if done:
+                self.metrics.forget_unit(runtime.key)
                 self.runtimes.pop(runtime.key, None)
                 return
 
@@ -164,6 +171,7 @@ class Agent:
         runtime.retry_at = None
         model_path = unit.model.local_path()
         if model_path is None:
+            self.metrics.rejected("UnsupportedSource")
             await self._set(runtime, "Failed", "UnsupportedSource", f"source {unit.model.source!r} is not local")
             return
         host = detect_host_memory(self.config.host_memory)
@@ -172,6 +180,7 @@ class Agent:
                 "resolve_budget", unit=unit, host=host, agent_fraction=self.config.memory_fraction
             )
         except ValueError as exc:
+            self.metrics.rejected("InvalidSpec")
             await self._set(runtime, "Failed", "InvalidSpec", str(exc))
             return
         verdict: Verdict = await self.plugins.first(
@@ -179,18 +188,23 @@ class Agent:
         )
         runtime.verdict = verdict
         if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
+            self.metrics.rejected(str(verdict.reason))
             await self._set(runtime, "Failed", str(verdict.reason), verdict.message)
             return
         need = verdict.estimate.total_bytes if verdict.estimate else budget.bytes
         if not self._admit(runtime.key, need, host):
+            if (runtime.phase, runtime.reason) != ("Pending", "InsufficientMemory"):  # counted once per wait
+                self.metrics.rejected("WaitingForMemory")
             runtime.retry_at = time.monotonic() + self.config.probe_interval  # also poked when memory frees
             await self._set(runtime, "Pending", "InsufficientMemory", self._ledger_message(runtime.key, need))
             return
+        self.metrics.admitted()
         if await self._adopt(runtime, unit):
             return
         executor, why_not = self._executor(unit)
         if executor is None:
             self.ledger.release(runtime.key)
+            self.metrics.rejected("NoExecutor")
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
         await self._launch(runtime, unit, executor, model_path)
@@ -251,6 +265,7 @@ class Agent:
         return None, "no executor accepts this model (" + "; ".join(reasons) + ")"
 
     async def _launch(self, runtime: UnitRuntime, unit: ServingUnit, executor: Executor, model_path: Path) -> None:
+        spawned_at = time.monotonic()
         try:
             taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
             port = free_port(self.config.ports, taken)
@@ -273,6 +288,7 @@ class Agent:
             self.ledger.release(runtime.key)
             await self._failed_run(runtime, f"server {exc}")
             return
+        self.metrics.server_started(executor.name, time.monotonic() - spawned_at)
         runtime.failures = runtime.unhealthy = 0
         runtime.actual = self._actual(child)
         await self._set(runtime, "Ready", "Ready", f"serving on http://127.0.0.1:{port}")
@@ -280,6 +296,7 @@ class Agent:
     async def _failed_run(self, runtime: UnitRuntime, message: str) -> None:
         runtime.failures += 1
         runtime.restarts += 1
+        self.metrics.restarted(runtime.key)
         delay = min(self.config.backoff_cap, self.config.backoff_base * 2 ** (runtime.failures - 1))
         runtime.retry_at = time.monotonic() + delay
         phase = "CrashLoop" if runtime.failures >= self.config.crash_loop_after else "Restarting"
@@ -357,6 +374,9 @@ class Agent:
                 "reserved_bytes": self.ledger.used,
                 "budget_source": "agent" if self.config.memory_fraction else "adaptive",
             },
-            "units": [runtime.status() for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)],
+            "units": [
+                {**runtime.status(), "reserved_bytes": self.ledger.held.get(runtime.key, 0)}
+                for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)
+            ],
             "manifest_errors": dict(self.source_errors),
         }

@@ -5,6 +5,7 @@ Its ``status()`` is the shape reported by the local API, ``metal-agent status`` 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,20 @@ class UnitRuntime:
     retry_at: float | None = None
     actual: dict[str, int] = field(default_factory=dict)
     executor: str | None = None
+    event_at: float | None = None  # monotonic time of the first event not yet reconciled (pipeline latency)
 
     def poke(self) -> None:
         self.wake.set()
+
+    def notify(self) -> None:
+        """An event changed the unit: wake its worker, remembering when the first such event arrived."""
+        if self.event_at is None:
+            self.event_at = time.monotonic()
+        self.poke()
+
+    def log_context(self) -> dict[str, object]:
+        """What every log line of the unit's worker carries besides the unit: the process serving it now."""
+        return {"executor": self.executor, "pid": self.child.pid if self.child else None}
 
     def status(self) -> dict[str, Any]:
         verdict, child = self.verdict, self.child

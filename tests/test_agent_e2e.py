@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.calibrate import free_port
 from agent.tinymodel import TinyShape, write_tiny_gguf
@@ -118,12 +119,22 @@ def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess
         with urllib.request.urlopen(base + path, timeout=5) as response:
             assert response.read().decode().strip() == expected
     with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
-        samples = dict(
-            line.rsplit(" ", 1) for line in response.read().decode().splitlines() if line and not line.startswith("#")
-        )
-    assert int(samples['metal_agent_unit_estimated_bytes{unit="default/a"}']) == unit["estimate"]["total"]
-    assert samples['metal_agent_unit_phase{unit="default/a",phase="Ready"}'] == "1"
-    assert int(samples["metal_agent_reserved_bytes"]) == unit["estimate"]["total"]
+        samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.read().decode())
+            for s in family.samples
+        }
+    ids = {("unit", "default/a"), ("executor", unit["executor"])}
+    assert samples["metal_agent_unit_estimated_bytes", frozenset(ids)] == unit["estimate"]["total"]
+    assert samples["metal_agent_unit_actual_bytes", frozenset({*ids, ("component", "kv")})] == unit["actual"]["kv"]
+    assert samples["metal_agent_unit_phase", frozenset({("unit", "default/a"), ("phase", "Ready")})] == 1
+    assert samples["metal_agent_reserved_bytes", frozenset()] == unit["estimate"]["total"]
+    assert samples["metal_agent_admissions_total", frozenset()] == 1
+    # Its stderr is not a terminal: JSON lines, and those of the unit's worker name the unit, executor and pid.
+    lines = [json.loads(line) for line in (manifests.parent / "agent.log").read_text().splitlines()]
+    ready_line = next(line for line in lines if line.get("phase") == "Ready")
+    assert ready_line["unit"] == "default/a" and ready_line["level"] == "info"
+    assert (ready_line["executor"], ready_line["pid"]) == (unit["executor"], unit["pid"])
 
 
 def test_second_model_waits_for_memory_then_starts_when_the_first_is_deleted(
