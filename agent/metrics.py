@@ -49,17 +49,23 @@ class Metrics:
             registry=reg,
         )
         self.restarts = Counter(
-            "metal_agent_unit_restarts", "Restarts of a unit's server after a crash or failed health checks.",
-            ["unit"], registry=reg,
-        )  # fmt: skip
+            "metal_agent_unit_restarts",
+            "Restarts of a unit's server after a crash or failed health checks.",
+            ["unit"],
+            registry=reg,
+        )
         self.evictions = Counter(
-            "metal_agent_evictions", "Servers stopped by the agent to relieve memory pressure, by reason.",
-            ["reason"], registry=reg,
-        )  # fmt: skip
+            "metal_agent_evictions",
+            "Servers stopped by the agent to relieve memory pressure, by reason.",
+            ["reason"],
+            registry=reg,
+        )
         self.watch_reconnects = Counter(
-            "metal_agent_watch_reconnects", "Reconnects of a watch source to its event stream, by resource.",
-            ["resource"], registry=reg,
-        )  # fmt: skip
+            "metal_agent_watch_reconnects",
+            "Reconnects of a watch source to its event stream, by resource.",
+            ["resource"],
+            registry=reg,
+        )
         self.pipeline_latency = Histogram(
             "metal_agent_pipeline_latency_seconds",
             "From the first event that changed a unit to the end of the reconcile that applied it (a started "
@@ -68,9 +74,12 @@ class Metrics:
             registry=reg,
         )
         self.server_startup = Histogram(
-            "metal_agent_server_startup_seconds", "From spawning a unit's server to its first healthy answer.",
-            ["executor"], buckets=STARTUP_BUCKETS, registry=reg,
-        )  # fmt: skip
+            "metal_agent_server_startup_seconds",
+            "From spawning a unit's server to its first healthy answer.",
+            ["executor"],
+            buckets=STARTUP_BUCKETS,
+            registry=reg,
+        )
         reg.register(StateCollector(status))
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
