@@ -38,8 +38,11 @@ def add_parser(subparsers: Any) -> None:
             "Model manifest in YAML whose hardware fields apply) and check it against the budget. Budget "
             "precedence: --memory-budget > --memory-fraction > the Model's memoryBudget > memoryFraction > "
             f"${AGENT_FRACTION_ENV} > adaptive default (0.67 of RAM up to 36 GiB, 0.75 above). Quantities use "
-            "Kubernetes units: 24Gi, 512Mi, 32G, 1e9. Exit status: 0 fits, 1 does not fit, 2 invalid input."
+            "Kubernetes units: 24Gi, 512Mi, 32G, 1e9."
         ),
+        epilog="exit status:\n  0  fits\n  1  does not fit (InsufficientMemory)\n"
+        "  2  invalid input or a model that cannot be read (MemoryCheckFailed): one `error:` line on stderr\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="GGUF file or Model manifest (YAML)")
     p.add_argument("--ctx-size", "-c", type=int, help="context size in tokens (default: the manifest's, else 4096)")

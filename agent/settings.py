@@ -49,15 +49,15 @@ class Kind:
     choices: tuple[str, ...] = ()
 
     def check(self, value: Any, where: str) -> Any:
-        if isinstance(value, bool) and bool not in self.toml_types:  # bool is an int in Python, not in TOML
-            raise InvalidValue(f"{where}: {shown(value)} is a boolean; expected {self.name}")
-        if not isinstance(value, self.toml_types):
-            raise InvalidValue(f"{where}: {shown(value)} is a {_toml_type(value)}; expected {self.name}")
+        is_bool = isinstance(value, bool)  # a bool is an int in Python, not in TOML
+        if (is_bool and bool not in self.toml_types) or not isinstance(value, self.toml_types):
+            text = str(value).lower() if is_bool else shown(value)  # as TOML writes it
+            raise InvalidValue(f"{where}: expected {self.name}, got {_toml_type(value)} {text}")
         return self.convert(value, where)
 
 
 def _toml_type(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
     return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
 
 
