@@ -8,7 +8,6 @@ from typing import Any
 
 from agent.plugin_manager import load_plugins
 
-
 EPILOG = """\
 Plugins load from the metal_agent.executors entry point group; third-party executors come before the
 built-in ones. A plugin's settings live in its own TOML table ([executors.NAME]) and METAL_AGENT_* variables.
