@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     plugins.settings = settings.values()
     config = config_from(settings)
     if not args.manifests.is_dir():
-        print(f"error: manifests {args.manifests} is not a directory ({settings.entries['manifests'].origin})",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: {settings.where('manifests')}: {args.manifests} is not a directory", file=sys.stderr)
         return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = InstanceLock(config.state_dir)

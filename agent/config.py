@@ -58,6 +58,14 @@ class Config:
     def values(self) -> dict[str, Any]:
         return {name: entry.value for name, entry in self.entries.items()}
 
+    def where(self, name: str) -> str:
+        """Where a setting's value came from, as an error message names it."""
+        entry = self.entries[name]
+        s = entry.setting
+        return {"file": f"{entry.origin}: {s.dotted}", "env": s.env, "flag": s.flag_name}.get(
+            entry.source, f"{s.dotted} (default)"
+        )
+
     def fields(self, names: Iterable[str]) -> dict[str, Any]:
         """Keyword arguments for a dataclass (``AgentConfig``) that has some of these settings as fields."""
         wanted = set(names)
@@ -79,7 +87,8 @@ def all_settings(plugins: Plugins | None = None) -> list[Setting]:
 
 def locate(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path | None:
     """The config file to read, or None when no file was named and the default location has none."""
-    named = explicit or (Path(env[CONFIG_ENV]).expanduser() if env.get(CONFIG_ENV) else None)
+    named = explicit.expanduser() if explicit else None
+    named = named or (Path(env[CONFIG_ENV]).expanduser() if env.get(CONFIG_ENV) else None)
     if named is not None:
         if not named.is_file():
             where = "--config" if explicit else CONFIG_ENV

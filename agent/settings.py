@@ -62,6 +62,8 @@ def _toml_type(value: Any) -> str:
 
 
 def _number_text(text: str, where: str) -> int | float:
+    if not text.isascii():  # int() and float() take other scripts' digits; a setting is written in ASCII
+        raise InvalidValue(f"{where}: {shown(text)} is not a number")
     try:
         return int(text)
     except ValueError:
@@ -73,6 +75,8 @@ def _number_text(text: str, where: str) -> int | float:
 
 
 def _integer_text(text: str, where: str) -> int:
+    if not text.isascii():
+        raise InvalidValue(f"{where}: {shown(text)} is not a whole number")
     try:
         return int(text)
     except ValueError:
@@ -142,7 +146,7 @@ QUANTITY = Kind(
     describe=lambda v: f"{v} ({format_bytes(v)})",
     metavar="Q",
 )
-FRACTION = Kind("fraction (0 < f <= 1)", (int, float, str), parse_fraction, _number_text, metavar="F")
+FRACTION = Kind("fraction (0 < f <= 1)", (int, float), parse_fraction, _number_text, metavar="F")
 BOOLEAN = Kind("boolean", (bool,), lambda value, where: value, _bool_text, describe=lambda v: str(v).lower())
 PATH = Kind("path", (str,), _path, show=str, metavar="PATH", is_path=True)
 HOST = Kind("host name or address", (str,), lambda value, where: _host(value, where), metavar="HOST")

@@ -162,6 +162,8 @@ def test_unknown_keys_name_the_file_and_suggest(tmp_path: Path, toml: str, messa
         ("[agent]\nstate_dir = ''", "agent.state_dir", "is not a path"),
         ("[api]\nport = [1, 2]", "api.port", "got an array [1, 2]"),
         ("[memory]\nfraction = {a = 1}", "memory.fraction", "got a table"),
+        ('[memory]\nfraction = "0.5"', "memory.fraction", 'expected fraction (0 < f <= 1), got a string "0.5"'),
+        ("[servers]\nports = 1.5", "servers.ports", "got a float"),
     ],
 )
 def test_wrong_types_and_bad_values_name_the_file_and_key(tmp_path: Path, toml: str, key: str, message: str) -> None:
@@ -184,6 +186,8 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
         ({"METAL_AGENT_MLOCK": "maybe"}, 'METAL_AGENT_MLOCK: "maybe" is not a boolean'),
         ({"METAL_AGENT_API_PORT": "http"}, 'METAL_AGENT_API_PORT: "http" is not a whole number'),
         ({"METAL_AGENT_HOST_MEMORY": "-8Gi"}, "METAL_AGENT_HOST_MEMORY: "),
+        ({"METAL_AGENT_API_PORT": "٩٠٠٠"}, "METAL_AGENT_API_PORT: "),  # Arabic-Indic digits: int() would take them
+        ({"METAL_AGENT_MEMORY_FRACTION": "٠.٥"}, 'METAL_AGENT_MEMORY_FRACTION: "\\u0660.\\u0665" is not a number'),
         (
             {"METAL_AGENT_MEMORY_FRACTON": "0.5"},
             "METAL_AGENT_MEMORY_FRACTON: not a metal-agent setting (did you mean METAL_AGENT_MEMORY_FRACTION?)",
@@ -230,6 +234,9 @@ def test_run_refuses_bad_configuration_with_one_error_line(
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: {file}: memory.fraction: 1.5 is out of range (expected a number with 0 < f <= 1)"]
     assert not (tmp_path / "state").exists()  # nothing was started or created
+    missing = write(tmp_path, "[agent]\nmanifests = 'nowhere'\n", "missing.toml")
+    assert main(["run", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: agent.manifests: {tmp_path / 'nowhere'} is not a directory\n"
     monkeypatch.setenv("METAL_AGENT_GRACE_PERIOD", "-1")
     assert main(["run", "--manifests", str(tmp_path / "manifests")]) == 2
     assert capsys.readouterr().err.startswith("error: METAL_AGENT_GRACE_PERIOD: -1 is out of range")
