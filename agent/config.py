@@ -119,28 +119,25 @@ def file_values(document: Mapping[str, Any], path: Path, settings: Sequence[Sett
     sections = {s.section for s in settings}
     found: dict[str, Any] = {}
 
+    def unknown(what: str, dotted: str, key: str, likely: Iterable[str]) -> ConfigError:
+        """A close match among ``likely``, else the same key in another table (``[api] fraction``)."""
+        elsewhere = [s.dotted for s in settings if s.key == key]
+        hint = _did_you_mean(dotted, likely) or (f" (did you mean {elsewhere[0]}?)" if elsewhere else "")
+        return ConfigError(f"{path}: unknown {what} {dotted}{hint}")
+
     def walk(table: Mapping[str, Any], prefix: str) -> None:
         for key, value in table.items():
             dotted = f"{prefix}.{key}" if prefix else key
             if prefix in sections:
                 setting = by_place.get((prefix, key))
                 if setting is None:
-                    same_section = [f"{prefix}.{k}" for (section, k) in by_place if section == prefix]
-                    elsewhere = [s.dotted for s in settings if s.key == key]
-                    hint = _did_you_mean(dotted, same_section) or (
-                        f" (did you mean {elsewhere[0]}?)" if elsewhere else ""
-                    )
-                    raise ConfigError(f"{path}: unknown key {dotted}{hint}")
+                    raise unknown("key", dotted, key, [s.dotted for s in settings if s.section == prefix])
                 found[setting.name] = value
             elif isinstance(value, dict) and (dotted in sections or any(s.startswith(dotted + ".") for s in sections)):
-                walk(value, dotted)
+                walk(value, dotted)  # a table that is, or leads to, a known section: [executors] -> [executors.x]
             else:
-                elsewhere = [s.dotted for s in settings if s.key == key]
-                hint = _did_you_mean(dotted, sections | {s.dotted for s in settings})
-                if not hint and elsewhere:
-                    hint = f" (did you mean {elsewhere[0]}?)"
                 what = "table" if isinstance(value, dict) else "key"
-                raise ConfigError(f"{path}: unknown {what} {dotted}{hint}")
+                raise unknown(what, dotted, key, sections | {s.dotted for s in settings})
 
     walk(document, "")
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,17 @@ def test_values_reach_the_agent_config(tmp_path: Path) -> None:
     assert agent.memory_fraction == 0.5 and agent.ports == range(9000, 9001)
 
 
-def test_every_setting_is_used_by_the_agent_or_the_run_command() -> None:
-    """A declared setting that reaches nothing would be a silent no-op: each is an AgentConfig field or known."""
+def test_every_setting_reaches_the_agent() -> None:
+    """A declared setting nothing reads would be a silent no-op: each one is an AgentConfig field, or the code
+    reads it by name (``args.NAME``, ``settings.get("NAME")``, ``config["NAME"]``)."""
     fields = set(AgentConfig.__dataclass_fields__)
-    run_level = {"manifests", "poll_interval", "api_host", "api_port", "llama_server", "mlock"}
-    assert {s.config_field for s in SETTINGS_WITH_PLUGINS} - fields == run_level
+    root = Path(__file__).parent.parent
+    source = "\n".join(p.read_text() for d in ("agent", "plugins") for p in (root / d).glob("*.py"))
+    for s in SETTINGS_WITH_PLUGINS:
+        if s.config_field in fields:
+            continue
+        reads = rf"args\.{s.name}\b|\[\"{s.name}\"\]|\.get\(\"{s.name}\""
+        assert re.search(reads, source), f"setting {s.name} is declared but nothing reads it"
     names = [s.name for s in SETTINGS_WITH_PLUGINS]
     assert len(names) == len(set(names)) and len({s.dotted for s in SETTINGS_WITH_PLUGINS}) == len(names)
 
