@@ -174,11 +174,10 @@ def resolve(
             entry = Entry(s, value, "default", "default")
             if s.name in from_file:
                 assert file is not None
-                where = f"{file}: {s.dotted}"
-                value = s.kind.check(from_file[s.name], where)
-                if s.kind.is_path and not value.is_absolute():
-                    value = file.parent / value
-                entry = Entry(s, value, "file", str(file))
+                raw = from_file[s.name]
+                if s.kind.is_path and isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
+                    raw = str(file.parent / raw)  # relative to the file, before the kind checks the path
+                entry = Entry(s, s.kind.check(raw, f"{file}: {s.dotted}"), "file", str(file))
             if s.name in from_env:
                 entry = Entry(s, s.kind.check(s.kind.from_text(from_env[s.name], s.env), s.env), "env", s.env)
             given = (flags or {}).get(s.name)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.hookspecs import Executor, Launch, hookimpl
+from agent.quantity import InvalidValue
 from agent.settings import BOOLEAN, PATH, Setting
 from agent.shape import ServeSettings
 from agent.units import ServingUnit
@@ -146,8 +147,17 @@ class LlamaCppExecutor:
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
 
 
+def _executable(value: str, where: str) -> Path:
+    path: Path = PATH.convert(value, where)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise InvalidValue(f"{where}: {path} is not an executable file")
+    return path
+
+
+# A configured binary that is not there fails at start, not later when a model is served.
+EXECUTABLE = dataclasses.replace(PATH, name="path of an executable file", convert=_executable)
 SETTINGS = (
-    Setting("llama_server", "executors.llamacpp", "binary", PATH, None,
+    Setting("llama_server", "executors.llamacpp", "binary", EXECUTABLE, None,
             "the llama-server binary (default: PATH, then /opt/homebrew/bin and /usr/local/bin, then xllamacpp)",
             example="/opt/homebrew/bin/llama-server"),
     Setting("mlock", "executors.llamacpp", "mlock", BOOLEAN, False,

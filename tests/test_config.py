@@ -167,6 +167,11 @@ def test_unknown_keys_name_the_file_and_suggest(tmp_path: Path, toml: str, messa
         ("[servers]\nunhealthy_after = 1.5", "servers.unhealthy_after", "expected integer 1-1000, got a float 1.5"),
         ('[servers]\nports = "9000-8000"', "servers.ports", "outside 1-65535 or reversed"),
         ("[agent]\nstate_dir = ''", "agent.state_dir", "is not a path"),
+        (
+            "[executors.llamacpp]\nbinary = 'nowhere/llama-server'",
+            "executors.llamacpp.binary",
+            "nowhere/llama-server is not an executable file",
+        ),
         ("[api]\nport = [1, 2]", "api.port", "got an array [1, 2]"),
         ("[memory]\nfraction = {a = 1}", "memory.fraction", "got a table"),
         ('[memory]\nfraction = "0.5"', "memory.fraction", 'expected fraction (0 < f <= 1), got a string "0.5"'),
@@ -289,6 +294,8 @@ def test_a_plugin_declares_and_validates_its_own_table(tmp_path: Path) -> None:
 
 def test_llamacpp_executors_take_their_settings(tmp_path: Path) -> None:
     binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
     plugins = load_plugins(entry_points=False)
     file = write(tmp_path, f"[executors.llamacpp]\nbinary = '{binary}'\nmlock = true\n")
     plugins.settings = resolve(all_settings(plugins), file, {}).values()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -60,7 +62,9 @@ def _flat(table: dict[str, object], prefix: str = "") -> list[str]:
 
 def test_commented_examples_are_valid_values(tmp_path: Path) -> None:
     uncommented = "\n".join(line[2:] if COMMENTED_KEY.match(line) else line for line in SAMPLE.read_text().splitlines())
-    (tmp_path / "config.toml").write_text(uncommented)
+    example_binary = '"/opt/homebrew/bin/llama-server"'  # must exist to be valid: use one that does here
+    assert example_binary in uncommented
+    (tmp_path / "config.toml").write_text(uncommented.replace(example_binary, json.dumps(sys.executable)))
     config = resolve(SETTINGS, tmp_path / "config.toml", {})
     assert all(entry.source == "file" for entry in config.entries.values())
     assert config["manifests"] == tmp_path / "config" / "samples"  # relative to the file
