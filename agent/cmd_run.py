@@ -32,8 +32,9 @@ from agent.standalone import SYNCED, Event, Synced, watch
 
 HELP = f"""\
 Sizes are Kubernetes quantities: binary Ki Mi Gi Ti (64Gi), decimal k M G T (64G), plain bytes or 1e9.
-Settings: {PRECEDENCE}; every flag below has a METAL_AGENT_* variable and a key in the TOML file
-(`metal-agent config show` prints each value and where it came from).
+Settings: {PRECEDENCE}.
+Every flag above has a METAL_AGENT_* variable and a key in the TOML file, both shown in its help;
+`metal-agent config show` prints each value and where it came from.
 A Model's budget: spec.hardware.memoryBudget > memoryFraction > --memory-fraction of the host > adaptive
 (0.67 of RAM up to 36 GiB, 0.75 above); all servers together stay within the host budget.
 

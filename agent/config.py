@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.plugin_manager import Plugins, load_plugins
-from agent.quantity import InvalidValue, shown
-from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting
+from agent.quantity import InvalidValue
+from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
@@ -218,7 +218,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
     for s in settings:
         if not s.flag:
             continue
-        default = "unset" if s.default is None else shown(s.default)
+        default = "unset" if s.default is None else toml_value(s.default)
         text = f"{s.help} [{s.dotted}, ${s.env}; default {default}]".replace("%", "%%")
         if s.kind is BOOLEAN:
             group.add_argument(s.flag_name, dest=s.name, action=argparse.BooleanOptionalAction, help=text)

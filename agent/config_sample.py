@@ -6,13 +6,11 @@ itself) are commented out, with an example value.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from agent.config import PRECEDENCE
-from agent.settings import SECTION_TITLES, Setting
+from agent.settings import SECTION_TITLES, Setting, toml_value
 
 HEADER = f"""\
 # metal-agent configuration (TOML). Every key is listed with its default.
@@ -28,14 +26,6 @@ HEADER = f"""\
 #
 # Written by `metal-agent config sample`; tests/test_config_sample.py keeps it in step with the settings.
 """
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
-    return repr(value)
 
 
 def commented_out(setting: Setting) -> bool:

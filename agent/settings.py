@@ -9,6 +9,7 @@ values, flags and environment variables hand over text, which ``Kind.from_text``
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,15 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 
 def _same(text: str, _field: str) -> Any:
     return text
+
+
+def toml_value(value: Any) -> str:
+    """A default as TOML writes it (for the sample file and --help)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    return repr(value)
 
 
 def _identity(value: Any) -> Any:
