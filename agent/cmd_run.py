@@ -120,7 +120,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.manifests.is_dir():
         print(f"error: {settings.where('manifests')}: {args.manifests} is not a directory", file=sys.stderr)
         return 2
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"error: {settings.where('state_dir')}: cannot create {config.state_dir}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
     lock = InstanceLock(config.state_dir)
     try:
         lock.acquire()

@@ -249,6 +249,11 @@ def test_run_refuses_bad_configuration_with_one_error_line(
     missing = write(tmp_path, "[agent]\nmanifests = 'nowhere'\n", "missing.toml")
     assert main(["run", "--config", str(missing)]) == 2
     assert capsys.readouterr().err == f"error: {missing}: agent.manifests: {tmp_path / 'nowhere'} is not a directory\n"
+    (tmp_path / "file").write_text("")
+    assert (
+        main(["run", "--manifests", str(tmp_path / "manifests"), "--state-dir", str(tmp_path / "file" / "state")]) == 2
+    )
+    assert capsys.readouterr().err.startswith(f"error: --state-dir: cannot create {tmp_path / 'file' / 'state'}: ")
     monkeypatch.setenv("METAL_AGENT_GRACE_PERIOD", "-1")
     assert main(["run", "--manifests", str(tmp_path / "manifests")]) == 2
     assert capsys.readouterr().err.startswith("error: METAL_AGENT_GRACE_PERIOD: -1 is out of range")
