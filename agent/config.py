@@ -78,6 +78,8 @@ def all_settings(plugins: Plugins | None = None) -> list[Setting]:
     for plugin, declared in plugins.declared_settings() if plugins else ():
         builtin = plugins is not None and plugins.versions.get(plugin) == "builtin"
         setting = declared if builtin else dataclasses.replace(declared, flag=False)  # parsers know built-ins only
+        if setting.env in NOT_SETTINGS:
+            raise ConfigError(f"plugin {plugin}: setting name {setting.name} is reserved")
         for other in found:
             if setting.name == other.name or setting.dotted == other.dotted:
                 raise ConfigError(f"plugin {plugin}: setting {setting.name} ({setting.dotted}) is already declared")

@@ -318,3 +318,11 @@ def test_two_plugins_may_not_declare_the_same_setting() -> None:
 
     with pytest.raises(ConfigError, match=r"setting mlock .* is already declared"):
         all_settings(load_plugins(extra=[Clash()], entry_points=False))
+
+    class Reserved:
+        @hookimpl
+        def agent_settings(self) -> list[Setting]:
+            return [Setting("config", "executors.other", "config", SETTINGS[0].kind, "x", "the config file?")]
+
+    with pytest.raises(ConfigError, match="setting name config is reserved"):
+        all_settings(load_plugins(extra=[Reserved()], entry_points=False))
