@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent import __version__, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
+from agent import __version__, cmd_config, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
+from agent.config import PRECEDENCE
 from agent.quantity import InvalidValue
+
+EPILOG = f"""\
+Sizes are Kubernetes quantities: binary Ki Mi Gi Ti Pi Ei (24Gi), decimal k M G T P E (24G), plain bytes or 1e9;
+24GB is rejected. Fractions are numbers with 0 < f <= 1.
+Settings: {PRECEDENCE} (`metal-agent config show`).
+Budget of a model: memoryBudget > memoryFraction > the agent's fraction > adaptive default (0.67 of RAM up to
+36 GiB, 0.75 above).
+
+exit status: 0 success; 1 the answer is no (estimate: does not fit; status --endpoint: no endpoint) or the
+agent failed while running; 2 invalid input, flags or configuration (one `error:` line on stderr).
+`metal-agent COMMAND --help` shows each command's.
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="metal-agent",
         description="Run local LLM inference servers for Kubernetes Model objects within their memory budget.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"metal-agent {__version__}")
     logs.add_arguments(parser)
@@ -30,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_estimate.add_parser(subparsers)
     cmd_status.add_parser(subparsers)
     cmd_plugins.add_parser(subparsers)
+    cmd_config.add_parser(subparsers)
     for subparser in subparsers.choices.values():  # also after the subcommand: `metal-agent run --log-level debug`
         logs.add_arguments(subparser, default=argparse.SUPPRESS)
     return parser
@@ -49,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except BrokenPipeError:  # `metal-agent config show | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent.budget import Budget, resolve_budget
+from agent.config import ConfigError, add_config_flag, all_settings, load
 from agent.gguf_header import GGUFError
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
+from agent.plugin_manager import load_plugins
 from agent.preflight import Reason, Verdict, preflight
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 from agent.shape import KV_CACHE_TYPES, ServeSettings
@@ -37,9 +38,13 @@ def add_parser(subparsers: Any) -> None:
             "Estimate what llama.cpp will allocate for MODEL (a GGUF file, the first shard of a split model, or a "
             "Model manifest in YAML whose hardware fields apply) and check it against the budget. Budget "
             "precedence: --memory-budget > --memory-fraction > the Model's memoryBudget > memoryFraction > "
-            f"${AGENT_FRACTION_ENV} > adaptive default (0.67 of RAM up to 36 GiB, 0.75 above). Quantities use "
-            "Kubernetes units: 24Gi, 512Mi, 32G, 1e9. Exit status: 0 fits, 1 does not fit, 2 invalid input."
+            f"the agent's memory.fraction (${AGENT_FRACTION_ENV} or the config file) > adaptive default (0.67 of "
+            "RAM up to 36 GiB, 0.75 above). The agent's memory.host_memory applies unless --host-memory is given. "
+            "Quantities use Kubernetes units: 24Gi, 512Mi, 32G, 1e9."
         ),
+        epilog="exit status:\n  0  fits\n  1  does not fit (InsufficientMemory)\n"
+        "  2  invalid input or a model that cannot be read (MemoryCheckFailed): one `error:` line on stderr\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="GGUF file or Model manifest (YAML)")
     p.add_argument("--ctx-size", "-c", type=int, help="context size in tokens (default: the manifest's, else 4096)")
@@ -53,6 +58,7 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--memory-fraction", metavar="F", help="the Model's memoryFraction, 0 < F <= 1")
     p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -85,7 +91,9 @@ def _settings(args: argparse.Namespace, service: ServiceSpec | None) -> ServeSet
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _budget(args: argparse.Namespace, model: ModelSpec | None, host: HostMemory) -> Budget:
+def _budget(
+    args: argparse.Namespace, model: ModelSpec | None, host: HostMemory, agent_fraction: float | None
+) -> Budget:
     if args.memory_budget is not None or args.memory_fraction is not None:
         budget, fraction = args.memory_budget, args.memory_fraction
         if fraction is not None:
@@ -96,24 +104,25 @@ def _budget(args: argparse.Namespace, model: ModelSpec | None, host: HostMemory)
         budget, fraction = model.memory_budget, model.memory_fraction
     else:
         budget = fraction = None
-    env = os.environ.get(AGENT_FRACTION_ENV)
-    agent_fraction = parse_fraction(env, AGENT_FRACTION_ENV) if env else None
     return resolve_budget(host.total_bytes, budget, fraction, agent_fraction)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
     target, model, service = _load_target(Path(args.model))
     settings = _settings(args, service)
-    override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None
+    # The agent's own settings (config file, METAL_AGENT_*): its fraction and host memory apply here too. Only
+    # --config is passed on: this command's --memory-fraction is the Model's, not the agent's.
+    agent = load(argparse.Namespace(config=args.config), all_settings(load_plugins()))
+    override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else agent["host_memory"]
     host = detect_host_memory(override)
-    budget = _budget(args, model, host)
+    budget = _budget(args, model, host, agent["memory_fraction"])
     return preflight(target, settings, budget, host), target, host
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         verdict, target, host = evaluate(args)
-    except (UsageError, ManifestError, InvalidValue, GGUFError) as exc:
+    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError) as exc:
         return _error(str(exc))
     except RuntimeError as exc:  # host memory could not be detected: fail closed
         return _error(f"cannot check memory: {exc}")

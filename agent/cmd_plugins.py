@@ -8,10 +8,25 @@ from typing import Any
 
 from agent.plugin_manager import load_plugins
 
+EPILOG = """\
+Plugins load from the metal_agent.executors entry point group; third-party executors come before the
+built-in ones. A plugin's settings live in its own TOML table ([executors.NAME]) and METAL_AGENT_* variables.
+
+exit status:
+  0  listed (plugins that failed to load are listed too, with the reason)
+"""
+
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("plugins", help="list loaded plugins and executors")
-    p.add_argument("--json", action="store_true")
+    p = subparsers.add_parser(
+        "plugins",
+        help="list loaded plugins, executors and plugin settings",
+        description="List the loaded plugins with their versions, the executors in the order they are asked, the "
+        "settings plugins declare, and plugins that failed to load.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
 
@@ -22,9 +37,14 @@ def describe() -> dict[str, Any]:
         {"name": name, "version": plugins.versions.get(name, "unknown")}
         for name, _ in plugins.manager.list_name_plugin()
     ]
+    settings = [
+        {"plugin": plugin, "key": s.dotted, "env": s.env, "flag": s.flag_name if s.flag else None}
+        for plugin, s in plugins.declared_settings()
+    ]
     return {
         "plugins": listed,
         "executors": [{"name": e.name, "plugin": type(e).__module__} for e in executors],
+        "settings": settings,
         "failed": plugins.failures,
     }
 
@@ -40,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     print("executors (first that accepts a model wins):")
     for executor in info["executors"]:
         print(f"  {executor['name']}  ({executor['plugin']})")
+    tables: dict[tuple[str, str], list[str]] = {}
+    for setting in info["settings"]:
+        section, _, key = setting["key"].rpartition(".")
+        tables.setdefault((section, setting["plugin"]), []).append(key)
+    if tables:
+        print("plugin settings (TOML table, keys):")
+    for (section, plugin), keys in tables.items():
+        print(f"  [{section}] {', '.join(keys)}  ({plugin})")
     for name, error in info["failed"].items():
         print(f"failed to load {name}: {error}")
     return 0

@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
+from agent import logs
 from agent.api import serve
+from agent.config import (
+    PRECEDENCE,
+    Config,
+    ConfigError,
+    add_config_flag,
+    add_setting_flags,
+    all_settings,
+    flag_settings,
+    load,
+)
 from agent.instance_lock import AlreadyRunning, InstanceLock
 from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.preflight import Mode
-from agent.quantity import InvalidValue, parse_fraction, parse_quantity
+from agent.plugin_manager import Plugins, load_plugins
+from agent.settings import port_range as port_range  # re-exported: the --ports parser
 from agent.standalone import SYNCED, Event, Synced, watch
-from plugins.llamacpp import BINARY_ENV, MLOCK_ENV
 
-DEFAULT_STATE_DIR = Path("~/.local/state/metal-agent").expanduser()
-DEFAULT_API_PORT = 9464
+HELP = f"""\
+Sizes are Kubernetes quantities: binary Ki Mi Gi Ti (64Gi), decimal k M G T (64G), plain bytes or 1e9.
+Settings: {PRECEDENCE}.
+Every flag above has a METAL_AGENT_* variable and a key in the TOML file, both shown in its help;
+`metal-agent config show` prints each value and where it came from.
+A Model's budget: spec.hardware.memoryBudget > memoryFraction > --memory-fraction of the host > adaptive
+(0.67 of RAM up to 36 GiB, 0.75 above); all servers together stay within the host budget.
+
+exit status:
+  0  stopped by SIGTERM or SIGINT (every server it started is stopped too)
+  1  the agent failed while running (e.g. the API port is taken)
+  2  invalid flags or configuration, no manifest directory, or another agent holds the state directory
+"""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,55 +54,28 @@ def add_parser(subparsers: Any) -> None:
             "Run the agent on a directory of Model and InferenceService manifests (standalone mode): every "
             "serving unit is checked against its budget and the host budget before its server starts."
         ),
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--manifests", type=Path, default=Path("config/samples"), help="manifest directory")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="logs and state")
-    p.add_argument("--api-host", default="127.0.0.1")
-    p.add_argument(
-        "--api-port", type=int, default=DEFAULT_API_PORT, help=f"local API port (default {DEFAULT_API_PORT})"
-    )
-    p.add_argument("--memory-fraction", metavar="F", help="share of host memory for all models, 0 < F <= 1")
-    p.add_argument("--memory-check-mode", choices=[m.value for m in Mode], default=Mode.ENFORCE.value)
-    p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
-    p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for /health")
-    p.add_argument("--grace-period", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    p.add_argument(
-        "--llama-server", metavar="PATH", help="the llama-server binary (default: PATH, Homebrew, xllamacpp)"
-    )
-    p.add_argument(
-        "--mlock", action="store_true", help="pass --mlock to llama-server: weights wired in RAM (macOS: wired memory)"
-    )
-    p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
-    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    add_config_flag(p)
+    add_setting_flags(p, flag_settings())
     p.set_defaults(handler=run)
 
 
-def port_range(text: str) -> range:
-    first, _, last = text.partition("-")
+class AgentFailed(RuntimeError):
+    """The agent cannot go on (exit status 1); the message says why."""
+
+
+def config_from(config: Config) -> AgentConfig:
+    return AgentConfig(**config.fields(f.name for f in dataclasses.fields(AgentConfig)))
+
+
+async def main_async(args: argparse.Namespace, config: AgentConfig, plugins: Plugins) -> None:
+    agent = Agent(config, plugins)
     try:
-        low, high = int(first), int(last or first)
-    except ValueError:
-        raise InvalidValue(f"--ports: {text!r} is not a port range like 8100-8199") from None
-    if not 1 <= low <= high <= 65535:
-        raise InvalidValue(f"--ports: {text!r} is outside 1-65535 or reversed")
-    return range(low, high + 1)
-
-
-def config_from(args: argparse.Namespace) -> AgentConfig:
-    return AgentConfig(
-        ports=port_range(args.ports) if args.ports else None,
-        state_dir=args.state_dir,
-        memory_fraction=parse_fraction(args.memory_fraction, "--memory-fraction") if args.memory_fraction else None,
-        mode=Mode(args.memory_check_mode),
-        host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
-        startup_timeout=args.startup_timeout,
-        grace_period=args.grace_period,
-    )
-
-
-async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
-    agent = Agent(config, load_plugins())
-    runner = await serve(agent, args.api_host, args.api_port)
+        runner = await serve(agent, args.api_host, args.api_port)
+    except OSError as exc:
+        raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
     log = structlog.get_logger("metal_agent")
     log.info("agent started", manifests=str(args.manifests), api=f"http://{args.api_host}:{args.api_port}/status")
     try:
@@ -117,27 +109,37 @@ async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    plugins = load_plugins()
     try:
-        config = config_from(args)
-    except InvalidValue as exc:
+        settings = load(args, all_settings(plugins))
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    vars(args).update(settings.values())  # args.NAME is the effective value of every setting
+    logs.configure(args.log_level, args.log_format)  # the file may set them too; flags and env still win
+    plugins.settings = settings.values()
+    config = config_from(settings)
     if not args.manifests.is_dir():
-        print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
+        print(f"error: {settings.where('manifests')}: {args.manifests} is not a directory", file=sys.stderr)
         return 2
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"error: {settings.where('state_dir')}: cannot create {config.state_dir}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
     lock = InstanceLock(config.state_dir)
     try:
         lock.acquire()
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.llama_server:
-        os.environ[BINARY_ENV] = args.llama_server
-    if args.mlock:
-        os.environ[MLOCK_ENV] = "1"
     try:
-        anyio.run(main_async, args, config)
+        anyio.run(main_async, args, config, plugins)
+    except AgentFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         lock.release()
     return 0

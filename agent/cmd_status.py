@@ -9,20 +9,67 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from agent.cmd_run import DEFAULT_API_PORT
+from agent.config import Config, ConfigError, add_config_flag, all_settings, load
+from agent.plugin_manager import load_plugins
 from agent.quantity import format_bytes
+
+EPILOG = """\
+The agent's address comes from --api, else from the configuration (api.host and api.port: the config file,
+METAL_AGENT_API_HOST / METAL_AGENT_API_PORT), else http://127.0.0.1:9464.
+Sizes are binary (GiB = 2^30 bytes). BUDGET is the unit's budget and where it came from: model-budget
+(memoryBudget), model-fraction (memoryFraction), agent (--memory-fraction) or adaptive.
+
+exit status:
+  0  printed
+  1  --endpoint: the unit has no endpoint (not Ready, or unknown)
+  2  the agent cannot be reached, or invalid flags or configuration
+"""
+COLUMNS = ("MODEL", "PHASE", "REASON", "BUDGET (SOURCE)", "ESTIMATE", "ACTUAL", "PID", "PORT", "ENDPOINT", "RESTARTS")
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("status", help="show the running agent's units and memory")
-    p.add_argument("--api", default=f"http://127.0.0.1:{DEFAULT_API_PORT}", help="the agent's local API")
+    p = subparsers.add_parser(
+        "status",
+        help="show the running agent's units and memory",
+        description="Show the running agent's host memory, budget and every serving unit, as a table or JSON.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_flag(p)
+    p.add_argument("--api", metavar="URL", help="the agent's local API (default: from the configuration)")
     p.add_argument("--json", action="store_true", help="print the status JSON")
     p.add_argument("--endpoint", metavar="UNIT", help="print only this unit's endpoint URL (namespace/name)")
     p.set_defaults(handler=run)
 
 
+def api_url(config: Config) -> str:
+    """The URL that reaches an agent listening on ``api.host``: a wildcard address is reached on loopback."""
+    host = str(config["api_host"])
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config['api_port']}"
+
+
 def _size(value: int | None) -> str:
     return format_bytes(value) if value else "-"
+
+
+def row(unit: dict[str, Any]) -> tuple[str, ...]:
+    budget = unit["budget"]
+    return (
+        unit["unit"],
+        unit["phase"],
+        unit["reason"] or "-",
+        f"{_size(budget['bytes'])} ({budget['source']})" if budget else "-",
+        _size((unit["estimate"] or {}).get("total")),
+        _size((unit["actual"] or {}).get("rss")),
+        str(unit["pid"] or "-"),
+        str(unit.get("port") or "-"),
+        unit["endpoint"] or "-",
+        str(unit["restarts"]),
+    )
 
 
 def render(status: dict[str, Any]) -> str:
@@ -34,25 +81,11 @@ def render(status: dict[str, Any]) -> str:
         f"({reserved / budget:.0%})",
         "",
     ]
-    header = ("UNIT", "PHASE", "REASON", "BUDGET", "ESTIMATE", "ACTUAL", "PID", "ENDPOINT", "RESTARTS")
-    rows = [header]
-    for unit in status["units"]:
-        budget_text = f"{_size(unit['budget']['bytes'])} ({unit['budget']['source']})" if unit["budget"] else "-"
-        rows.append(
-            (
-                unit["unit"],
-                unit["phase"],
-                unit["reason"],
-                budget_text,
-                _size((unit["estimate"] or {}).get("total")),
-                _size((unit["actual"] or {}).get("rss")),
-                str(unit["pid"] or "-"),
-                unit["endpoint"] or "-",
-                str(unit["restarts"]),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    rows = [COLUMNS, *(row(unit) for unit in status["units"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if not status["units"]:
+        lines.append("(no serving units: add Model and InferenceService manifests)")
     for unit in status["units"]:
         if unit["phase"] != "Ready" and unit["message"]:
             lines.append(f"{unit['unit']}: {unit['message']}")
@@ -63,10 +96,15 @@ def render(status: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with urllib.request.urlopen(args.api.rstrip("/") + "/status", timeout=5) as response:
+        api = args.api or api_url(load(args, all_settings(load_plugins())))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(api.rstrip("/") + "/status", timeout=5) as response:
             status = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"error: cannot reach the agent at {args.api}: {exc}", file=sys.stderr)
+        print(f"error: cannot reach the agent at {api}: {exc}", file=sys.stderr)
         return 2
     if args.endpoint:
         unit = next((u for u in status["units"] if u["unit"] == args.endpoint), None)

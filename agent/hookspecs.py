@@ -12,7 +12,7 @@ logged and the others still run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from agent.budget import Budget
     from agent.hostmem import HostMemory
     from agent.preflight import Verdict
+    from agent.settings import Setting
     from agent.units import ServingUnit
 
 PROJECT = "metal_agent"
@@ -52,8 +53,21 @@ class Executor(Protocol):
 
 
 @hookspec
-def register_executors(register: Callable[[Executor], None]) -> None:
-    """Call ``register(executor)`` for each executor this plugin provides; the first that accepts a unit wins."""
+def agent_settings() -> list[Setting]:
+    """The settings this plugin takes, each in its own TOML table (``[executors.NAME]``).
+
+    They are checked like the agent's own (type, range, unknown keys) and can also come from ``METAL_AGENT_*``
+    variables; their values reach ``register_executors`` as ``settings[name]``.
+    """
+    return []
+
+
+@hookspec
+def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
+    """Call ``register(executor)`` for each executor this plugin provides; the first that accepts a unit wins.
+
+    ``settings`` holds the effective configuration by setting name (empty where none was loaded: use defaults).
+    """
 
 
 @hookspec(firstresult=True)

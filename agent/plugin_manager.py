@@ -11,13 +11,14 @@ import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 import structlog
 
 from agent import hookspecs
 from agent.hookspecs import ENTRY_POINT_GROUP, PROJECT, Executor
+from agent.settings import Setting
 
 log = structlog.get_logger("metal_agent.plugins")
 BUILTIN = ("agent.defaults", "plugins.llamacpp", "plugins.mlx", "plugins.cuda")
@@ -28,12 +29,25 @@ class Plugins:
     manager: pluggy.PluginManager
     failures: dict[str, str] = field(default_factory=dict)  # entry point name -> why it could not load
     versions: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution version
+    settings: dict[str, Any] = field(default_factory=dict)  # effective configuration, for register_executors
+
+    def declared_settings(self) -> list[tuple[str, Setting]]:
+        """(plugin name, setting) for every setting the plugins declare through ``agent_settings``."""
+        found: list[tuple[str, Setting]] = []
+        for impl in self.manager.hook.agent_settings.get_hookimpls():
+            try:
+                declared = cast("list[Setting]", impl.function())
+                found += [(impl.plugin_name, setting) for setting in declared]
+            except Exception as exc:  # a broken plugin must not take the agent down
+                self.failures[impl.plugin_name] = f"agent_settings failed: {exc}"
+        return found
 
     def executors(self) -> list[Executor]:
         found: list[Executor] = []
+        arguments = {"register": found.append, "settings": self.settings}
         for impl in reversed(self.manager.hook.register_executors.get_hookimpls()):
             try:
-                impl.function(register=found.append)
+                impl.function(**{name: arguments[name] for name in impl.argnames})
             except Exception as exc:  # a broken plugin must not take the agent down
                 self.failures[impl.plugin_name] = f"register_executors failed: {exc}"
         return found

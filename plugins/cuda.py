@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.budget import Budget
 from agent.hookspecs import Executor, Launch, hookimpl
@@ -19,7 +20,7 @@ from agent.hostmem import HostMemory
 from agent.preflight import Mode, Reason, Verdict, failed
 from agent.preflight import preflight as check
 from agent.units import ServingUnit
-from plugins.llamacpp import LlamaCppExecutor
+from plugins.llamacpp import LlamaCppExecutor, executor_arguments
 
 MiB = 1 << 20
 
@@ -108,5 +109,5 @@ class CUDAExecutor(LlamaCppExecutor):
 
 
 @hookimpl
-def register_executors(register: Callable[[Executor], None]) -> None:
-    register(CUDAExecutor())
+def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
+    register(CUDAExecutor(**executor_arguments(settings)))  # the same llama-server binary and --mlock

@@ -11,11 +11,14 @@ import dataclasses
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.hookspecs import Executor, Launch, hookimpl
+from agent.quantity import InvalidValue
+from agent.settings import BOOLEAN, PATH, Setting
 from agent.shape import ServeSettings
 from agent.units import ServingUnit
 
@@ -144,11 +147,35 @@ class LlamaCppExecutor:
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
 
 
-BINARY_ENV = "METAL_AGENT_LLAMA_SERVER"  # set by `metal-agent run --llama-server PATH`
-MLOCK_ENV = "METAL_AGENT_MLOCK"  # set by `metal-agent run --mlock`
+def _executable(value: str, where: str) -> Path:
+    path: Path = PATH.convert(value, where)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise InvalidValue(f"{where}: {path} is not an executable file")
+    return path
+
+
+# A configured binary that is not there fails at start, not later when a model is served.
+EXECUTABLE = dataclasses.replace(PATH, name="path of an executable file", convert=_executable)
+SETTINGS = (
+    Setting("llama_server", "executors.llamacpp", "binary", EXECUTABLE, None,
+            "the llama-server binary (default: PATH, then /opt/homebrew/bin and /usr/local/bin, then xllamacpp)",
+            example="/opt/homebrew/bin/llama-server"),
+    Setting("mlock", "executors.llamacpp", "mlock", BOOLEAN, False,
+            "pass --mlock to llama-server: weights wired in RAM (macOS: wired memory)"),
+)  # fmt: skip
 
 
 @hookimpl
-def register_executors(register: Callable[[Executor], None]) -> None:
-    mlock = os.environ.get(MLOCK_ENV, "") in ("1", "true", "yes")
-    register(LlamaCppExecutor(binary=os.environ.get(BINARY_ENV) or None, options=ServerOptions(mlock=mlock)))
+def agent_settings() -> list[Setting]:
+    return list(SETTINGS)
+
+
+def executor_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``LlamaCppExecutor`` arguments from the effective configuration (shared with the CUDA executor)."""
+    binary = settings.get("llama_server")
+    return {"binary": str(binary) if binary else None, "options": ServerOptions(mlock=bool(settings.get("mlock")))}
+
+
+@hookimpl
+def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
+    register(LlamaCppExecutor(**executor_arguments(settings)))

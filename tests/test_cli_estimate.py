@@ -135,6 +135,20 @@ def test_agent_fraction_from_the_environment(
     assert "METAL_AGENT_MEMORY_FRACTION" in capsys.readouterr().err
 
 
+def test_agent_fraction_and_host_memory_from_the_config_file(
+    gguf_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[memory]\nfraction = 0.25\nhost_memory = "32Gi"\n')
+    _, result = run_json(capsys, str(gguf_path), "--config", str(config))
+    assert result["budget"] == {"bytes": 8 * GiB, "source": "agent", "fraction": 0.25, "host_total_bytes": 32 * GiB}
+    _, result = run_json(capsys, str(gguf_path), "--config", str(config), "--host-memory", "64Gi")
+    assert result["budget"]["host_total_bytes"] == 64 * GiB  # the flag wins over the agent's setting
+    config.write_text("[memory]\nfraction = 2\n")
+    assert main(["estimate", str(gguf_path), "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: memory.fraction: 2 is out of range")
+
+
 @pytest.mark.parametrize(
     "content",
     [b"", b"GGUF", b"NOPE" + bytes(100), b"GGUF\x03\x00\x00\x00" + b"\xff" * 16],
