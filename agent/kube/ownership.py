@@ -119,7 +119,7 @@ class Visibility:
     def _refresh(self, affected: Iterable[Key]) -> list[Event]:
         old: dict[Key, Obj] = {}
         new: dict[Key, Obj] = {}
-        for key in sorted(affected, key=lambda k: k[0] != "ModelSpec"):  # Models first
+        for key in sorted(affected, key=lambda k: (k[0] != "ModelSpec", k)):  # Models first, then by name
             if key in self.visible:
                 old[key] = self.visible[key]
             obj = self.raw.get(key)
