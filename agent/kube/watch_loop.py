@@ -13,16 +13,16 @@ The loop knows nothing of Models or the pipeline: it hands a complete listing (`
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import anyio
 import structlog
-from kubernetes_asyncio import watch
 from kubernetes_asyncio.client import ApiException
 
 log = structlog.get_logger("metal_agent.kube")
@@ -89,8 +89,10 @@ async def list_and_watch(
     backoff_base: float,
     backoff_cap: float,
 ) -> None:
+    """Run until cancelled. `failures` (errors since the last watch the server accepted) sets the backoff; a run
+    of 410s without anything in between backs off too, so a server that keeps expiring cannot make a tight loop."""
     selector = {"label_selector": calls.label_selector} if calls.label_selector else {}
-    need_list, failures, after_error = True, 0, False
+    need_list, failures, gone_streak, after_error = True, 0, 0, False
     while True:
         try:
             if need_list:
@@ -104,32 +106,21 @@ async def list_and_watch(
                 state.reconnects += 1
                 after_error = False
             state.watches += 1
-            state.connected = True
-            async with watch.Watch() as stream:
-                async for event in stream.stream(
-                    calls.list_fn, *calls.args, **selector, resource_version=state.resource_version,
-                    allow_watch_bookmarks=True, timeout_seconds=int(watch_timeout),
-                    _request_timeout=_timeout(request_timeout, watch_timeout + request_timeout),
-                ):  # fmt: skip
-                    failures = 0
-                    obj = event["raw_object"]
-                    version = (obj.get("metadata") or {}).get("resourceVersion")
-                    if event["type"] != "BOOKMARK":
-                        await deliver(Changed(calls.kind, event["type"], obj))
-                    state.resource_version = version or state.resource_version
-                    state.last_event_time = time.time()
-            failures = 0
+            async for delivered in _watch(calls, selector, state, deliver, watch_timeout, request_timeout):
+                failures = 0  # the server accepted the watch
+                gone_streak = 0 if delivered else gone_streak
+            gone_streak = 0
             continue  # timeoutSeconds ended the stream: resume from the last resourceVersion at once
         except ApiException as exc:
             state.connected, after_error = False, True
             _note(state, f"HTTP {exc.status}: {exc.reason}")
             if exc.status == 410:
                 log.info("watch history expired, listing again", kind=calls.kind, error=state.last_error)
-                need_list = True
-                if failures == 0:  # a first 410 re-lists at once; repeated ones back off like any failure
-                    failures = 1
-                    continue
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                need_list, gone_streak = True, gone_streak + 1
+                if gone_streak == 1:
+                    continue  # a first 410 re-lists at once
+                failures = max(failures, gone_streak - 1)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
             state.connected, after_error = False, True
             _note(state, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         except Exception as exc:  # a bug or an unexpected answer must not end the agent's only source
@@ -140,6 +131,48 @@ async def list_and_watch(
         delay = backoff_delay(failures, backoff_base, backoff_cap)
         log.warning("watch interrupted, retrying", kind=calls.kind, error=state.last_error, retry_in=round(delay, 2))
         await anyio.sleep(delay)
+
+
+async def _watch(
+    calls: KindCalls,
+    selector: dict[str, str],
+    state: WatchState,
+    deliver: Callable[[Listed | Changed], Awaitable[None]],
+    watch_timeout: float,
+    request_timeout: float,
+) -> AsyncIterator[bool]:
+    """One watch request: yields False when the server accepts it, then True after each event or bookmark."""
+    response = await calls.list_fn(
+        *calls.args, **selector, watch=True, resource_version=state.resource_version, allow_watch_bookmarks=True,
+        timeout_seconds=int(watch_timeout), _preload_content=False,
+        _request_timeout=_timeout(request_timeout, watch_timeout + request_timeout),
+    )  # fmt: skip
+    try:
+        if response.status != 200:
+            raise ApiException(status=response.status, reason=_reason(await response.text()))
+        state.connected = True
+        yield False
+        while line := await response.content.readline():
+            event = json.loads(line)
+            obj = event.get("object") or {}
+            if event.get("type") == "ERROR":
+                raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+            if event.get("type") != "BOOKMARK":
+                await deliver(Changed(calls.kind, event["type"], obj))
+            state.resource_version = (obj.get("metadata") or {}).get("resourceVersion") or state.resource_version
+            state.last_event_time = time.time()
+            yield True
+    finally:
+        response.release()
+
+
+def _reason(body: str) -> str:
+    """The message of a Status body, else the start of the body."""
+    try:
+        status = json.loads(body)
+        return f"{status.get('reason')}: {status.get('message')}"
+    except (ValueError, AttributeError):
+        return body[:200]
 
 
 def _note(state: WatchState, message: str) -> None:
