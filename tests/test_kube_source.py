@@ -52,6 +52,7 @@ def summary(events: list[Event]) -> list[tuple[str, str, str]]:
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert [backoff_delay(n, 0.5, 30, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert backoff_delay(20, 0.5, 30, rand=lambda: 1.0) == 30 and backoff_delay(20, 0.5, 30, rand=lambda: 0.0) == 15
+    assert 15 <= backoff_delay(100_000, 0.5, 30) <= 30  # a long outage never overflows
     delays = {backoff_delay(5, 0.5, 30) for _ in range(50)}
     assert len(delays) > 1 and all(4.0 <= d <= 8.0 for d in delays)
 
