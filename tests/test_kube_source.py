@@ -300,14 +300,25 @@ async def test_server_errors_back_off_and_never_end_the_source(kube_api: KubeAPI
     assert summary(await running.take(1)) == [("ADDED", "ModelSpec", "late")]  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def labelled(kube_api: KubeAPI) -> KubeAPI:
+    for name, node in (("mine", "mac-1"), ("theirs", "mac-2")):
+        kube_api.apply(model(name))  # Models need no label: they follow their services
+        kube_api.apply({**service(name), "metadata": {"name": name, "namespace": "default", "labels": {"node": node}}})
+    return kube_api
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("running", [{"label_selector": "node=mac-1"}], indirect=True)
-async def test_label_selector_is_sent_to_the_server(kube_api: KubeAPI, running: Running) -> None:
-    kube_api.apply(model("mine", meta={"labels": {"node": "mac-1"}}))
-    kube_api.apply(model("theirs", meta={"labels": {"node": "mac-2"}}))
-    events = [e for e in await running.take(2) if isinstance(e, Event)]  # the ADDED and SYNCED, in either order
-    assert [e.obj.name for e in events] == ["mine"]
-    assert {r.query.get("labelSelector") for r in verbs(kube_api, "list") + verbs(kube_api, "watch")} == {"node=mac-1"}
+async def test_label_selector_picks_services_on_the_server(labelled: KubeAPI, running: Running) -> None:
+    events = await running.take(4)
+    assert events[-1] is SYNCED
+    assert summary(events[:3]) == [("ADDED", "ModelSpec", "mine"), ("ADDED", "ModelSpec", "theirs"),  # type: ignore[arg-type]
+                                   ("ADDED", "ServiceSpec", "mine")]  # fmt: skip
+    await running.until(lambda: labelled.open_watches == 2)
+    requests = verbs(labelled, "list") + verbs(labelled, "watch")
+    assert {r.query.get("labelSelector") for r in requests if r.resource == "inferenceservices"} == {"node=mac-1"}
+    assert {r.query.get("labelSelector") for r in requests if r.resource == "models"} == {None}
 
 
 @pytest.mark.anyio
