@@ -342,6 +342,10 @@ async def test_configuration_from_kubeconfig_files_listed_in_the_environment(
     monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")
     configuration, namespace = await load_configuration(KubeSettings(context="lab"))
     assert configuration.host == kube_api.url and namespace == "ml"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="not running in a cluster"):
+        await load_configuration(KubeSettings())
 
 
 def test_service_spec_is_what_the_pipeline_gets() -> None:
@@ -382,3 +386,22 @@ def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
     later.listed("InferenceService", [service("a")])
     after = ServingUnit(later.visible[("ServiceSpec", "default", "a")], later.visible[("ModelSpec", "default", "a")])
     assert after.model.generation == 9 and before.spec_hash() == after.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--namespace", "ml"], "error: --namespace needs --kube"),
+        (["--kube", "--only", "nope"], "error: --only: 'nope' is not namespace/name"),
+        (["--kube", "--accelerators", "tpu"], "error: --accelerators: 'tpu' is not one of"),
+        (["--kube", "--label-selector", "a=("], "error: --label-selector"),
+        (["--kube", "--kubeconfig", "/nonexistent/kubeconfig"], "error: --kubeconfig /nonexistent/kubeconfig"),
+    ],
+)
+def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
+    argv: list[str], message: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["run", "--state-dir", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.startswith(message)
