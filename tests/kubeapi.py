@@ -207,12 +207,12 @@ class KubeAPI:
         """End every open watch stream cleanly, as a server-side timeout does."""
         return self.handler.post_all(CLOSE)
 
-    def gone_next_watch(self, n: int = 1, mode: str = "event") -> None:
-        """The next n watches answer 410 Gone: an ERROR event with a Status of code 410 in a 200 stream, as a real
-        API server sends it (`event`), or an HTTP 410 (`http`)."""
+    def gone_next_watch(self, n: int = 1, mode: str = "event", resource: str | None = None) -> None:
+        """The next n watches (of `resource`, a plural, or of any) answer 410 Gone: an ERROR event with a Status of
+        code 410 in a 200 stream, as a real API server sends it (`event`), or an HTTP 410 (`http`)."""
         assert mode in ("event", "http")
         with self.store.lock:
-            self.handler.gone_next.extend([mode] * n)
+            self.handler.gone_next.extend([(mode, resource)] * n)
 
     def compact(self) -> None:
         """Forget the event history: a watch from any resourceVersion older than the current one gets 410 Gone."""

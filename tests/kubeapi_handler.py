@@ -80,7 +80,7 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         self.recorded: list[RecordedRequest] = []
         self.watches: list[_Watch] = []
         self.failures: list[Failure] = []
-        self.gone_next: list[str] = []
+        self.gone_next: list[tuple[str, str | None]] = []  # (mode, plural or None for any)
         self.loop: asyncio.AbstractEventLoop | None = None
         store.listeners.append(self._on_change)
 
@@ -129,9 +129,16 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
                     failure.remaining -= 1
                     self.failures[:] = [f for f in self.failures if f.remaining > 0]
                     raise ApiError(failure.status, "InternalError", f"injected failure (HTTP {failure.status})")
-            if record.verb == "watch" and self.gone_next and self.gone_next[0] == "http":
-                self.gone_next.pop(0)
+            if record.verb == "watch" and self.take_gone(record.resource, "http"):
                 raise ApiError(410, "Expired", f"too old resource version: {params.get('resourceVersion')}")
+
+    def take_gone(self, plural: str | None, mode: str) -> bool:
+        """Consume the first forced 410 of this mode meant for this resource (or any)."""
+        for index, (wanted_mode, wanted_plural) in enumerate(self.gone_next):
+            if wanted_mode == mode and wanted_plural in (None, plural):
+                del self.gone_next[index]
+                return True
+        return False
 
     def _serve(
         self, request: Request, record: RecordedRequest, resource: Resource, verb: str, params: dict[str, str]
@@ -179,8 +186,7 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         watch = _Watch(resource, request.namespace, accepts, asyncio.Queue(), 0, raw.transport if raw else None)
         with self.store.lock:
             try:
-                if self.gone_next:
-                    self.gone_next.pop(0)
+                if self.take_gone(resource.plural, "event"):
                     raise ApiError(410, "Expired", f"too old resource version: {rv_param} ({self.store.rv})")
                 if rv_param == "0":
                     current, _ = self.store.list(resource, request.namespace, accepts)
