@@ -405,3 +405,25 @@ def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
 
     assert main(["run", "--state-dir", str(tmp_path), *argv]) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_server_is_retried_not_fatal() -> None:
+    from kubernetes_asyncio.client import Configuration
+
+    from agent.calibrate import free_port
+
+    settings = KubeSettings(namespace="default", accelerators=("cpu",), backoff_base=0.01, backoff_cap=0.05)
+    source = KubeSource(settings, Configuration(host=f"http://127.0.0.1:{free_port()}"), "default")
+    send, _receive = anyio.create_memory_object_stream[Event | Synced](100)
+    state = source.states["Model"]
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(source.run, send)
+        with anyio.fail_after(10):
+            while not (state.last_error and "Connect" in state.last_error):
+                await anyio.sleep(0.01)
+            errors = state.last_error_time
+            while state.last_error_time == errors:  # it keeps trying
+                await anyio.sleep(0.01)
+        tasks.cancel_scope.cancel()
+    assert not state.connected and not source.synced and "Connect" in (state.last_error or "")
