@@ -26,8 +26,12 @@ from agent.config import (
     load,
 )
 from agent.instance_lock import AlreadyRunning, InstanceLock
+from agent.kube import flags as kube_flags
+from agent.kube.source import ConfigError as KubeConfigError
+from agent.kube.source import KubeSource, load_configuration
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import Plugins, load_plugins
+from agent.quantity import InvalidValue
 from agent.settings import port_range as port_range  # re-exported: the --ports parser
 from agent.standalone import SYNCED, Event, Synced, watch
 
@@ -51,8 +55,9 @@ def add_parser(subparsers: Any) -> None:
         "run",
         help="run the agent",
         description=(
-            "Run the agent on a directory of Model and InferenceService manifests (standalone mode): every "
-            "serving unit is checked against its budget and the host budget before its server starts."
+            "Run the agent on a directory of Model and InferenceService manifests (standalone mode), or with "
+            "--kube on the objects of a Kubernetes cluster: every serving unit is checked against its budget and "
+            "the host budget before its server starts."
         ),
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,14 +75,17 @@ def config_from(config: Config) -> AgentConfig:
     return AgentConfig(**config.fields(f.name for f in dataclasses.fields(AgentConfig)))
 
 
-async def main_async(args: argparse.Namespace, config: AgentConfig, plugins: Plugins) -> None:
+async def main_async(
+    args: argparse.Namespace, config: AgentConfig, plugins: Plugins, kube: KubeSource | None = None
+) -> None:
     agent = Agent(config, plugins)
     try:
         runner = await serve(agent, args.api_host, args.api_port)
     except OSError as exc:
         raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
     log = structlog.get_logger("metal_agent")
-    log.info("agent started", manifests=str(args.manifests), api=f"http://{args.api_host}:{args.api_port}/status")
+    where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
+    log.info("agent started", **where, api=f"http://{args.api_host}:{args.api_port}/status")
     try:
         async with anyio.create_task_group() as tasks:
 
@@ -96,8 +104,14 @@ async def main_async(args: argparse.Namespace, config: AgentConfig, plugins: Plu
             async def source() -> None:
                 synced = functools.partial(send.send_nowait, SYNCED)
                 async with send:
-                    async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
-                        await send.send(event)
+                    if kube is not None:
+                        agent.source_status = kube.status
+                        for state in kube.states.values():
+                            state.on_reconnect = agent.metrics.watch_reconnected
+                        await kube.run(send, agent.set_source_errors)
+                    else:
+                        async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
+                            await send.send(event)
 
             tasks.start_soon(source)
             tasks.start_soon(agent.run, receive)
@@ -118,8 +132,19 @@ def run(args: argparse.Namespace) -> int:
     vars(args).update(settings.values())  # args.NAME is the effective value of every setting
     logs.configure(args.log_level, args.log_format)  # the file may set them too; flags and env still win
     plugins.settings = settings.values()
-    config = config_from(settings)
-    if not args.manifests.is_dir():
+    try:
+        config = dataclasses.replace(config_from(settings), kube=kube_flags.settings_from(args))
+    except InvalidValue as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kube = None
+    if config.kube is not None:
+        try:
+            kube = KubeSource(config.kube, *anyio.run(load_configuration, config.kube))
+        except KubeConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif not args.manifests.is_dir():
         print(f"error: {settings.where('manifests')}: {args.manifests} is not a directory", file=sys.stderr)
         return 2
     try:
@@ -136,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        anyio.run(main_async, args, config, plugins)
+        anyio.run(main_async, args, config, plugins, kube)
     except AgentFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -222,7 +222,9 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
             continue
         default = "unset" if s.default is None else toml_value(s.default)
         text = f"{s.help} [{s.dotted}, ${s.env}; default {default}]".replace("%", "%%")
-        if s.kind is BOOLEAN:
+        if s.kind.repeatable:
+            group.add_argument(s.flag_name, dest=s.name, metavar=s.kind.metavar, action="append", help=text)
+        elif s.kind is BOOLEAN:
             group.add_argument(s.flag_name, dest=s.name, action=argparse.BooleanOptionalAction, help=text)
         else:
             choices = s.kind.choices or None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import logs
+from agent.kube.settings import check_label_selector, check_namespace, parse_accelerators, parse_only
 from agent.preflight import Mode
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity, shown
 
@@ -58,6 +59,7 @@ class Kind:
     metavar: str = "VALUE"
     is_path: bool = False  # relative paths in a config file are taken relative to that file
     choices: tuple[str, ...] = ()
+    repeatable: bool = False  # a list: the flag may be given more than once, each a comma-separated list
 
     def check(self, value: Any, where: str) -> Any:
         is_bool = isinstance(value, bool)  # a bool is an int in Python, not in TOML
@@ -142,6 +144,24 @@ def text_choice(values: tuple[str, ...]) -> Kind:
         return name
 
     return Kind("one of " + "/".join(values), (str,), convert, choices=values)
+
+
+def text(check: Callable[[str, str], Any], name: str, metavar: str) -> Kind:
+    """A string that ``check(value, where)`` validates (and may convert)."""
+    return Kind(name, (str,), check, metavar=metavar)
+
+
+def string_list(parse: Callable[[list[str], str], Any], name: str, metavar: str) -> Kind:
+    """A TOML array of strings, or (flag, environment) comma-separated text; ``parse`` checks the items."""
+
+    def convert(value: str | list[Any], where: str) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if not all(isinstance(item, str) for item in items):
+            raise InvalidValue(f"{where}: expected {name}, got {shown(value)}")
+        return parse(items, where)
+
+    return Kind(name, (str, list), convert, show=lambda v: sorted(v), describe=lambda v: ",".join(sorted(v)),
+                metavar=metavar, repeatable=True)  # fmt: skip
 
 
 def port_range(text: str, field: str = "--ports") -> range:
@@ -255,6 +275,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backoff_cap", "servers", "backoff_cap", seconds(0), 60.0, "longest delay between restarts"),
     Setting("crash_loop_after", "servers", "crash_loop_after", integer(1, 1000), 5,
             "failures without a healthy start before a unit shows CrashLoop"),
+    Setting("kube", "kubernetes", "enabled", BOOLEAN, False,
+            "take Models and InferenceServices from the Kubernetes API (list, then watch) instead of --manifests",
+            field="kube_enabled"),
+    Setting("kubeconfig", "kubernetes", "kubeconfig", PATH, None,
+            "kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else the in-cluster service account)",
+            example="~/.kube/config"),
+    Setting("context", "kubernetes", "context", text(lambda v, w: v, "context name", "NAME"), None,
+            "kubeconfig context (default: its current context)", example="mac-cluster"),
+    Setting("namespace", "kubernetes", "namespace", text(check_namespace, "namespace name", "NS"), None,
+            "namespace to watch (default: the context's namespace, in a pod its own, else default)",
+            example="llm"),
+    Setting("all_namespaces", "kubernetes", "all_namespaces", BOOLEAN, False,
+            "watch every namespace (needs cluster-wide RBAC); excludes --namespace"),
+    Setting("label_selector", "kubernetes", "label_selector", text(check_label_selector, "label selector", "SEL"),
+            None, "serve only InferenceServices matching it, e.g. node=mac-1", example="node=mac-1"),
+    Setting("accelerators", "kubernetes", "accelerators",
+            string_list(parse_accelerators, "list of accelerators", "LIST"), None,
+            "accelerators this agent serves (default: metal,cpu on macOS; cuda where nvidia-smi sees a GPU; cpu "
+            "otherwise)", example=["metal", "cpu"]),
+    Setting("only", "kubernetes", "only", string_list(parse_only, "list of namespace/name", "NS/NAME"), None,
+            "serve only these InferenceServices (several Macs sharing a cluster)", example=["default/qwen"]),
     # Their flags belong to every command (`metal-agent --log-level debug run`), so the table declares none.
     Setting("log_level", "log", "level", text_choice(logs.LEVELS), logs.DEFAULT_LEVEL,
             "debug, info, warning, error or critical; applies to library logs too", flag=False),
@@ -267,5 +308,6 @@ SECTION_TITLES = {
     "api": "The local HTTP API.",
     "memory": "The host memory budget for all models together.",
     "servers": "Inference servers: ports, start-up, health and restarts.",
+    "kubernetes": "Kubernetes mode: which cluster, which namespace and which objects this agent serves.",
     "log": "Logs, written to stderr (the --log-level and --log-format flags work on every command).",
 }

@@ -1,15 +1,24 @@
-"""Every test runs without the developer's own configuration: no config file, no METAL_AGENT_* variables."""
+"""Shared fixtures: no developer configuration in any test, and `kube_api`, the fake Kubernetes API server."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+from kubeapi import KubeAPI
 
 
 @pytest.fixture(autouse=True)
 def no_user_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test runs without the developer's own configuration: no config file, no METAL_AGENT_* variables."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
     for name in list(os.environ):
         if name.startswith("METAL_AGENT_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def kube_api() -> Iterator[KubeAPI]:
+    with KubeAPI() as api:
+        yield api

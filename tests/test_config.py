@@ -92,7 +92,7 @@ def test_every_setting_reaches_the_agent() -> None:
     reads it by name (``args.NAME``, ``settings.get("NAME")``, ``config["NAME"]``)."""
     fields = set(AgentConfig.__dataclass_fields__)
     root = Path(__file__).parent.parent
-    source = "\n".join(p.read_text() for d in ("agent", "plugins") for p in (root / d).glob("*.py"))
+    source = "\n".join(p.read_text() for d in ("agent", "plugins") for p in (root / d).rglob("*.py"))
     for s in SETTINGS_WITH_PLUGINS:
         if s.config_field in fields:
             continue

@@ -1,0 +1,5 @@
+"""Kubernetes mode: Models and InferenceServices come from the API server through a list-then-watch source.
+
+The watch loop (``watch_loop``) is kept apart from what is done with its events (``ownership``, ``source``), as
+kopf keeps its watcher apart from its handlers: the loop only lists, watches, resumes and backs off.
+"""

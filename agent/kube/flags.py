@@ -1,0 +1,30 @@
+"""The settings of Kubernetes mode, from the effective `metal-agent run` settings (agent/settings.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from agent.kube.settings import KubeSettings
+from agent.quantity import InvalidValue
+
+KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only")
+
+
+def settings_from(args: argparse.Namespace) -> KubeSettings | None:
+    """None in standalone mode; Kubernetes settings without --kube are an error rather than silently ignored."""
+    if not args.kube:
+        given = [name for name in KUBE_ONLY if getattr(args, name, None)]
+        if given:
+            raise InvalidValue(f"--{given[0].replace('_', '-')} needs --kube")
+        return None
+    if args.namespace and args.all_namespaces:
+        raise InvalidValue("--namespace and --all-namespaces exclude each other")
+    return KubeSettings(
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        namespace=args.namespace,
+        all_namespaces=args.all_namespaces,
+        label_selector=args.label_selector,
+        accelerators=tuple(args.accelerators or ()),
+        only=frozenset(args.only or ()),
+    )
