@@ -12,7 +12,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from agent.pipeline import Agent
 
-PHASES = ("Pending", "Starting", "Ready", "Restarting", "CrashLoop", "Failed", "Stopped")
+PHASES = ("Pending", "Downloading", "Starting", "Ready", "Restarting", "CrashLoop", "Failed", "Stopped")
 
 
 def metrics_text(agent: Agent) -> str:

@@ -55,7 +55,23 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    p.add_argument("--model-store", type=Path, default=default_model_store(), help="where downloaded models are kept")
+    p.add_argument(
+        "--model-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory local model paths may lie in (repeatable; the manifest directory and the store always may)",
+    )
+    p.add_argument("--min-free-disk", metavar="Q", default="1Gi", help="disk a download must leave free (default 1Gi)")
     p.set_defaults(handler=run)
+
+
+def default_model_store() -> Path:
+    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
+    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "metal-agent" / "models"
 
 
 def port_range(text: str) -> range:
@@ -78,6 +94,9 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
         startup_timeout=args.startup_timeout,
         grace_period=args.grace_period,
+        model_store=args.model_store.expanduser(),
+        model_roots=(args.manifests, *(root.expanduser() for root in args.model_root)),
+        min_free_disk=parse_quantity(args.min_free_disk, "--min-free-disk", positive=False),
     )
 
 

@@ -21,11 +21,14 @@ import structlog
 from agent import supervisor
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
+from agent.download import DownloadError, Progress
 from agent.hookspecs import Executor
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.ledger import Ledger
 from agent.llama_memlog import parse_memory_log
 from agent.manifest import ModelSpec, ServiceSpec
+from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
+from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
 from agent.quantity import format_bytes
@@ -54,6 +57,9 @@ class AgentConfig:
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
+    model_store: Path | None = None  # downloads; None: STATE_DIR/models
+    model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
+    min_free_disk: int = 1 << 30  # a download must leave this much disk free
 
 
 class Agent:
@@ -71,6 +77,8 @@ class Agent:
         # Children a previous agent started that are still running: adopted if their unit still wants them.
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
+        store = config.model_store or config.state_dir / "models"
+        self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
@@ -162,10 +170,13 @@ class Agent:
 
     async def _start(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         runtime.retry_at = None
-        model_path = unit.model.local_path()
-        if model_path is None:
-            await self._set(runtime, "Failed", "UnsupportedSource", f"source {unit.model.source!r} is not local")
+        try:
+            files = self.fetcher.files(unit.model)
+            await self.fetcher.plan(files)  # a remote model is sized from its header before any download
+        except (SourceError, DownloadError) as exc:
+            await self._download_failed(runtime, exc)
             return
+        model_path = files.path
         host = detect_host_memory(self.config.host_memory)
         try:
             budget = await self.plugins.first(
@@ -193,7 +204,31 @@ class Agent:
             self.ledger.release(runtime.key)
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
+        if files.remote and not await self._download(runtime, unit, files):
+            return
         await self._launch(runtime, unit, executor, model_path)
+
+    async def _download(self, runtime: UnitRuntime, unit: ServingUnit, files: ModelFiles) -> bool:
+        """Fetch a remote model while holding its reservation; False (memory released) when it did not finish."""
+
+        async def report(records: list[Progress]) -> None:
+            runtime.download = download_status(records)
+            await self._set(runtime, "Downloading", "Downloading", "; ".join(p.text() for p in records))
+
+        try:
+            fetch = lambda: self.fetcher.fetch(files, unit.model.sha256, report)  # noqa: E731
+            done = await cancellable(fetch, runtime, unit, lambda: self.current_unit(runtime.key)[0])
+        except DownloadError as exc:
+            done = await self._download_failed(runtime, exc)
+        if not done and self.ledger.release(runtime.key):
+            self._repoke_waiting()
+        runtime.download = None
+        return done
+
+    async def _download_failed(self, runtime: UnitRuntime, exc: SourceError | DownloadError) -> bool:
+        phase, message = failure_status(exc, runtime, self.config.backoff_base, self.config.backoff_cap)
+        await self._set(runtime, phase, exc.reason, message)
+        return False
 
     async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
         """Take over the child a previous agent started for this unit, if it runs this spec and is healthy."""
@@ -346,6 +381,7 @@ class Agent:
             for runtime in list(self.runtimes.values()):
                 if runtime.child is not None:
                     tasks.start_soon(supervisor.stop, runtime.child, self.config.grace_period)
+        await self.fetcher.close()
 
     def status(self) -> dict[str, Any]:
         host = detect_host_memory(self.config.host_memory)

@@ -30,6 +30,7 @@ class UnitRuntime:
     retry_at: float | None = None
     actual: dict[str, int] = field(default_factory=dict)
     executor: str | None = None
+    download: dict[str, Any] | None = None  # bytes done / total while a remote model downloads
 
     def poke(self) -> None:
         self.wake.set()
@@ -51,4 +52,5 @@ class UnitRuntime:
             "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
             "restarts": self.restarts,
             "executor": self.executor,
+            "download": self.download,
         }
