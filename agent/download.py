@@ -65,7 +65,8 @@ class Progress:
         if self.waiting_for_lock:
             return f"{self.name}: waiting for another agent downloading it into the same store"
         total = f" of {format_bytes(self.total)} ({self.done / self.total:.0%})" if self.total else ""
-        return f"{self.name}: {format_bytes(self.done)}{total}, {format_bytes(int(self.rate()))}/s"
+        rate = f", {format_bytes(int(self.rate()))}/s" if self.done > self.resumed_from else ""
+        return f"{self.name}: {format_bytes(self.done)}{total}{rate}"
 
 
 def free_bytes(path: Path) -> int:

@@ -7,10 +7,11 @@ same download. Progress goes to the unit's status, to a bar on a terminal, or to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.download")
 HF_TOKEN_ENV = "HF_TOKEN"
-Report = Callable[[list[Progress]], Awaitable[None]]
+Report = Callable[[list[Progress], bool], Awaitable[None]]  # (progress, publish: log it and call report hooks)
 
 
 @dataclass
@@ -94,11 +95,16 @@ class ModelFetcher:
     async def fetch(self, files: ModelFiles, sha256: str | None, report: Report) -> None:
         """Download every file of a remote model (once, however many units wait for it), reporting progress."""
         records = [self.progress.setdefault(f.path, Progress(f.path.name)) for f in files.remote]
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._report_loop, records, report)
-            for index, remote in enumerate(files.remote):
-                await self._fetch_one(remote, sha256 if index == 0 else None)
-            tasks.cancel_scope.cancel()
+        for remote, progress in zip(files.remote, records, strict=True):
+            known = self.headers.get(remote.url)
+            if progress.total is None and known is not None:
+                progress.total = known.file_bytes
+        with single_errors():
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._report_loop, records, report)
+                for index, remote in enumerate(files.remote):
+                    await self._fetch_one(remote, sha256 if index == 0 else None)
+                tasks.cancel_scope.cancel()
 
     async def _fetch_one(self, remote: RemoteFile, sha256: str | None) -> None:
         lock = self._locks.setdefault(remote.path, anyio.Lock())
@@ -115,8 +121,12 @@ class ModelFetcher:
             self.headers.pop(remote.url)  # the remote file changed since its header was read
 
     async def _report_loop(self, records: list[Progress], report: Report) -> None:
+        published = 0.0
         while True:
-            await report(records)
+            now = time.monotonic()
+            publish = now - published >= self.settings.log_interval
+            await report(records, publish)
+            published = now if publish else published
             for progress in records:
                 self._render(progress)
             await anyio.sleep(self.settings.report_interval)
@@ -141,6 +151,24 @@ class ModelFetcher:
                 total_bytes=progress.total,
                 bytes_per_second=int(progress.rate()),
             )
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """A task group's lone error raised as itself, so callers catch ``DownloadError`` and not a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 def failure_status(exc: SourceError | DownloadError, runtime: UnitRuntime, base: float, cap: float) -> tuple[str, str]:
@@ -175,20 +203,21 @@ async def cancellable(
     """
     cancelled = False
     spec_hash = unit.spec_hash()
-    async with anyio.create_task_group() as tasks:
 
-        async def watch() -> None:
-            nonlocal cancelled
-            while True:
-                await runtime.wake.wait()
-                now = current()
-                if now is None or not now.wanted or now.spec_hash() != spec_hash:
-                    cancelled = True
-                    tasks.cancel_scope.cancel()
-                    return
-                runtime.wake = anyio.Event()  # a poke that changes nothing (status only)
+    async def watch(tasks: anyio.abc.TaskGroup) -> None:
+        nonlocal cancelled
+        while True:
+            await runtime.wake.wait()
+            now = current()
+            if now is None or not now.wanted or now.spec_hash() != spec_hash:
+                cancelled = True
+                tasks.cancel_scope.cancel()
+                return
+            runtime.wake = anyio.Event()  # a poke that changes nothing (status only)
 
-        tasks.start_soon(watch)
-        await work()
-        tasks.cancel_scope.cancel()
+    with single_errors():
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch, tasks)
+            await work()
+            tasks.cancel_scope.cancel()
     return not cancelled

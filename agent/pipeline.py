@@ -211,9 +211,10 @@ class Agent:
     async def _download(self, runtime: UnitRuntime, unit: ServingUnit, files: ModelFiles) -> bool:
         """Fetch a remote model while holding its reservation; False (memory released) when it did not finish."""
 
-        async def report(records: list[Progress]) -> None:
-            runtime.download = download_status(records)
-            await self._set(runtime, "Downloading", "Downloading", "; ".join(p.text() for p in records))
+        async def report(records: list[Progress], publish: bool) -> None:
+            runtime.download, runtime.message = download_status(records), "; ".join(p.text() for p in records)
+            if publish:  # the first time and every log interval: logs and report hooks; the API sees every update
+                await self._set(runtime, "Downloading", "Downloading", runtime.message)
 
         try:
             fetch = lambda: self.fetcher.fetch(files, unit.model.sha256, report)  # noqa: E731

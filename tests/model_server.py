@@ -35,7 +35,7 @@ class ModelServer:
     cut_after: int | None = None  # close the connection after this many body bytes (the next request is whole)
     ignore_range: bool = False
     bytes_per_second: int | None = None  # slow: pace the body
-    hold: threading.Event | None = None  # while set: stop sending after the first chunk (a stalled download)
+    hold: threading.Event | None = None  # while set: whole-file bodies stall after each chunk (header ranges flow)
     log: list[Request] = field(default_factory=list)
     port: int = 0
 
@@ -92,7 +92,7 @@ class ModelServer:
             entry.sent += len(piece)
             if self.bytes_per_second:
                 await asyncio.sleep(len(piece) / self.bytes_per_second)
-            while self.hold is not None and self.hold.is_set():
+            while self.hold is not None and self.hold.is_set() and (entry.range or "-").endswith("-"):
                 await asyncio.sleep(0.02)
         await response.write_eof()
         return response
