@@ -33,6 +33,7 @@ from agent.quantity import format_bytes
 
 CHUNK = 1 << 20
 WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
+FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
 LOCK_POLL = 0.5
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 DiskFree = Callable[[Path], int]
@@ -311,7 +312,7 @@ async def _write_body(
         file.truncate()
         partial.save_meta()
         batch: list[bytes] = []
-        pending = 0
+        pending, flushed = 0, time.monotonic()
 
         def flush(blocks: list[bytes]) -> None:
             for block in blocks:
@@ -325,9 +326,9 @@ async def _write_body(
                     batch.append(chunk)
                     pending += len(chunk)
                     progress.done += len(chunk)
-                    if pending >= WRITE_BATCH:
+                    if pending >= WRITE_BATCH or time.monotonic() - flushed >= FLUSH_SECONDS:
                         await anyio.to_thread.run_sync(flush, batch)
-                        batch, pending = [], 0
+                        batch, pending, flushed = [], 0, time.monotonic()
             finally:  # whatever arrived is kept for the resume, also when cancelled
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(flush, batch)
