@@ -327,8 +327,9 @@ async def _write_body(
                     pending += len(chunk)
                     progress.done += len(chunk)
                     if pending >= WRITE_BATCH or time.monotonic() - flushed >= FLUSH_SECONDS:
-                        await anyio.to_thread.run_sync(flush, batch)
-                        batch, pending, flushed = [], 0, time.monotonic()
+                        blocks, batch, pending = batch, [], 0  # handed over first: a cancel never writes them twice
+                        await anyio.to_thread.run_sync(flush, blocks)
+                        flushed = time.monotonic()
             finally:  # whatever arrived is kept for the resume, also when cancelled
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(flush, batch)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import anyio
 import gguf
 import numpy as np
 import pytest
@@ -234,3 +236,23 @@ async def test_remote_split_model_counts_every_shard(server: ModelServer, tmp_pa
         for remote in files.remote:
             await download(session, remote, Progress(remote.path.name))
     assert load_shape(files.path).weights_bytes == shape.weights_bytes == 2 * 300 * 64 * 4
+
+
+async def test_a_download_waits_for_another_agent_holding_the_file_lock(
+    server: ModelServer, tiny: bytes, tmp_path: Path
+) -> None:
+    url = server.add("tiny.gguf", tiny)
+    files = remote_files(url, tmp_path / "store")
+    files.path.parent.mkdir(parents=True)
+    other = os.open(files.path.with_name("tiny.gguf.lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another agent sharing the store is writing this file
+    progress = Progress("tiny.gguf")
+    async with aiohttp.ClientSession() as session, anyio.create_task_group() as tasks:
+        tasks.start_soon(download, session, files.remote[0], progress)
+        with anyio.fail_after(10):
+            while not progress.waiting_for_lock:
+                await anyio.sleep(0.01)
+        assert "waiting for another agent" in progress.text()
+        files.path.write_bytes(tiny)  # ... which finishes and lets go
+        os.close(other)
+    assert not server.gets() and progress.done == len(tiny) and not progress.waiting_for_lock
