@@ -28,7 +28,7 @@ import aiohttp
 import anyio
 import anyio.to_thread
 
-from agent.model_store import RemoteFile
+from agent.model_store import RemoteFile, redact
 from agent.quantity import format_bytes
 
 CHUNK = 1 << 20
@@ -191,7 +191,7 @@ def http_error(response: aiohttp.ClientResponse, name: str) -> DownloadError:
     status = response.status
     transient = status >= 500 or status in (408, 429)
     reason = "SourceNotFound" if status in (404, 410) else "DownloadFailed"
-    message = f"{name}: {response.url} answered HTTP {status} {response.reason or ''}".rstrip()
+    message = f"{name}: {redact(str(response.url))} answered HTTP {status} {response.reason or ''}".rstrip()
     return DownloadError(reason, message, transient=transient)
 
 
@@ -287,7 +287,7 @@ async def _fetch(
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise DownloadError(
             "DownloadInterrupted",
-            f"{name}: connection to {partial.url} failed after {format_bytes(progress.done)}: "
+            f"{name}: connection to {redact(partial.url)} failed after {format_bytes(progress.done)}: "
             f"{type(exc).__name__}: {exc}",
             transient=True,
         ) from exc

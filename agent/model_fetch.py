@@ -116,9 +116,13 @@ class ModelFetcher:
                 )
             finally:
                 self._render(progress, final=True)
-        known = self.headers.get(remote.url)
+        known = self.headers.pop(remote.url, None)
         if known is not None and progress.total is not None and known.file_bytes != progress.total:
-            self.headers.pop(remote.url)  # the remote file changed since its header was read
+            raise DownloadError(  # the estimate came from another file: check the one downloaded before it starts
+                "RemoteChanged",
+                f"{remote.path.name} changed on the server after its pre-flight; checking it again",
+                transient=True,
+            )
 
     async def _report_loop(self, records: list[Progress], report: Report) -> None:
         published = 0.0

@@ -91,11 +91,23 @@ def shard_urls(url: str) -> list[str]:
     return [f"{base}/{quote(match['prefix'])}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def store_dir(store: Path, url: str) -> Path:
-    """A directory per remote folder: readable (the host) and unique (a hash of the URL without its file name)."""
+def redact(url: str) -> str:
+    """A URL fit for messages and logs: no user, password or query (signed URLs carry tokens there)."""
     parsed = urlparse(url)
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", parsed.netloc) or "host"
-    folder = url.rsplit("/", 1)[0]
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}{parsed.path}" + ("?…" if parsed.query else "")
+
+
+def store_dir(store: Path, url: str) -> Path:
+    """A directory per remote folder: readable (the host) and unique (a hash of the URL without its file name).
+
+    The query is left out, so a signed URL whose signature changed still finds its partial file.
+    """
+    parsed = urlparse(url)
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", parsed.hostname or "") or "host"
+    host += f"_{parsed.port}" if parsed.port else ""
+    folder = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}{parsed.path.rsplit('/', 1)[0]}"
     return store / f"{host}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
 
 

@@ -17,7 +17,7 @@ import aiohttp
 from agent.download import DownloadError, http_error
 from agent.gguf_header import GGUFError, GGUFHeader, IncompleteHeader, read_header_prefix, read_model
 from agent.gguf_shape import shape_from_model
-from agent.model_store import ModelFiles, RemoteFile
+from agent.model_store import ModelFiles, RemoteFile, redact
 from agent.shape import ModelShape
 
 FIRST_RANGE = 256 << 10
@@ -44,11 +44,11 @@ async def _range(session: aiohttp.ClientSession, url: str, start: int, end: int)
         if response.status == 206:
             match = _TOTAL.search(response.headers.get("Content-Range", ""))
             if match is None:
-                raise DownloadError("MemoryCheckFailed", f"{url}: no file size in Content-Range")
+                raise DownloadError("MemoryCheckFailed", f"{redact(url)}: no file size in Content-Range")
             return await _read(response, end - start + 1), int(match[1]), validator
         if response.content_length is None:  # 200 without a length: the size cannot be checked before download
             raise DownloadError(
-                "MemoryCheckFailed", f"{url}: the server gives neither Content-Range nor Content-Length"
+                "MemoryCheckFailed", f"{redact(url)}: the server gives neither Content-Range nor Content-Length"
             )
         data = await _read(response, end + 1)  # the server ignores Range: read the prefix, drop the connection
         return data[start:], response.content_length, validator
@@ -85,7 +85,7 @@ async def fetch_header(session: aiohttp.ClientSession, remote: RemoteFile) -> Re
                 prefix += more
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise DownloadError(
-            "DownloadInterrupted", f"fetching the GGUF header of {remote.url} failed: {exc}", transient=True
+            "DownloadInterrupted", f"fetching the GGUF header of {redact(remote.url)} failed: {exc}", transient=True
         ) from exc
 
 
@@ -95,7 +95,7 @@ def remote_shape(files: ModelFiles, headers: Mapping[str, RemoteHeader]) -> Mode
     def read(shard_path: str) -> GGUFHeader:
         found = headers.get(shard_path)
         if found is None:
-            raise GGUFError(f"{shard_path}: not among the files of {files.remote[0].url}")
+            raise GGUFError(f"{shard_path}: not among the files of {redact(files.remote[0].url)}")
         return found.header
 
     return shape_from_model(read_model(str(files.path), read=read))

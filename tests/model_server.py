@@ -32,7 +32,7 @@ class Request:
 class ModelServer:
     files: dict[str, bytes] = field(default_factory=dict)  # URL path -> content
     etag_version: int = 1
-    cut_after: int | None = None  # close the connection after this many body bytes (the next request is whole)
+    cut_after: int | None = None  # drop the next download after this many body bytes (header ranges flow)
     ignore_range: bool = False
     bytes_per_second: int | None = None  # slow: pace the body
     hold: threading.Event | None = None  # while set: whole-file bodies stall after each chunk (header ranges flow)
@@ -77,7 +77,8 @@ class ModelServer:
         if request.method == "HEAD":
             return response
         body = data[start : end + 1]
-        cut = self.cut_after
+        whole = (entry.range or "-").endswith("-")  # a download, not a header range
+        cut = self.cut_after if whole else None
         chunk = 64 << 10
         for offset in range(0, len(body), chunk):
             piece = body[offset : offset + chunk]
@@ -92,7 +93,7 @@ class ModelServer:
             entry.sent += len(piece)
             if self.bytes_per_second:
                 await asyncio.sleep(len(piece) / self.bytes_per_second)
-            while self.hold is not None and self.hold.is_set() and (entry.range or "-").endswith("-"):
+            while self.hold is not None and self.hold.is_set() and whole:
                 await asyncio.sleep(0.02)
         await response.write_eof()
         return response

@@ -18,7 +18,7 @@ from agent.download import DownloadError, Progress, download
 from agent.gguf_header import IncompleteHeader, read_header, read_header_prefix
 from agent.gguf_shape import load_shape
 from agent.manifest import ModelSpec
-from agent.model_store import SourceError, confine, hf_url, model_files, remote_files, shard_urls
+from agent.model_store import SourceError, confine, hf_url, model_files, redact, remote_files, shard_urls
 from agent.remote_header import FIRST_RANGE, fetch_header, remote_shape
 from agent.tinymodel import TinyShape, write_tiny_gguf
 from tests.model_server import ModelServer, serve
@@ -256,3 +256,11 @@ async def test_a_download_waits_for_another_agent_holding_the_file_lock(
         files.path.write_bytes(tiny)  # ... which finishes and lets go
         os.close(other)
     assert not server.gets() and progress.done == len(tiny) and not progress.waiting_for_lock
+
+
+def test_urls_in_messages_and_store_paths_carry_no_secrets(tmp_path: Path) -> None:
+    signed = "https://user:pw@cdn.example:8443/m/x.gguf?X-Signature=secret"
+    assert redact(signed) == "https://cdn.example:8443/m/x.gguf?…"
+    again = remote_files(signed.replace("secret", "renewed"), tmp_path)
+    assert remote_files(signed, tmp_path).path == again.path  # a renewed signature finds the same partial
+    assert again.path.parent.name.startswith("cdn.example_8443-") and "secret" not in str(again.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import threading
@@ -231,3 +232,31 @@ async def test_a_spec_change_mid_download_cancels_it_and_a_delete_leaves_the_par
         assert len(executor.started) == 1 and executor.started[0].read_bytes() == tiny
         await agent.shutdown()
         tasks.cancel_scope.cancel()
+
+
+async def test_a_remote_file_changed_after_its_pre_flight_is_checked_again(
+    server: ModelServer, tiny: bytes, tmp_path: Path
+) -> None:
+    executor = Recording()
+    agent = make_agent(tmp_path, executor)
+    agent.config = dataclasses.replace(
+        agent.config, backoff_base=0.5, backoff_cap=1
+    )  # time to change the file before the retry
+    url = server.add("tiny.gguf", tiny)
+    server.cut_after = 1000
+    bigger = write_tiny_gguf(tmp_path / "src" / "bigger.gguf", TinyShape(n_vocab_extra=400)).read_bytes()
+    reasons: list[str] = []
+
+    def ready() -> bool:
+        reason = phase(agent)[1]
+        if reason and (not reasons or reasons[-1] != reason):
+            reasons.append(reason)
+        if reason == "DownloadInterrupted" and server.files["/tiny.gguf"] == tiny:
+            server.files["/tiny.gguf"] = bigger
+            server.etag_version += 1
+        return phase(agent) == ("Ready", "Ready")
+
+    await drive(agent, unit(url), ready)
+    assert "RemoteChanged" in reasons and executor.started[0].read_bytes() == bigger
+    verdict = agent.runtimes["d/s"].verdict
+    assert verdict is not None and verdict.shape is not None and verdict.shape.file_bytes == len(bigger)
