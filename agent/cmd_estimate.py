@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.budget import Budget, resolve_budget
+from agent.cmd_run import default_model_store
+from agent.download import DownloadError
 from agent.gguf_header import GGUFError
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
+from agent.model_fetch import plan_remote
+from agent.model_store import SourceError, remote_url
 from agent.preflight import Reason, Verdict, preflight
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 from agent.shape import KV_CACHE_TYPES, ServeSettings
@@ -41,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
             "Kubernetes units: 24Gi, 512Mi, 32G, 1e9. Exit status: 0 fits, 1 does not fit, 2 invalid input."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="GGUF file or Model manifest (YAML)")
+    p.add_argument("model", metavar="MODEL", help="GGUF file, https:// or hf:// URL, or Model manifest (YAML)")
     p.add_argument("--ctx-size", "-c", type=int, help="context size in tokens (default: the manifest's, else 4096)")
     p.add_argument("--parallel", "-np", type=int, help="parallel slots (default 1)")
     p.add_argument("--cache-type-k", "-ctk", choices=KV_CACHE_TYPES, help="KV cache type for K (default f16)")
@@ -56,8 +60,14 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def _load_target(path: Path) -> tuple[Path, ModelSpec | None, ServiceSpec | None]:
-    """The GGUF path and, for a manifest, its Model and the first InferenceService that uses it."""
+def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | None]:
+    """The GGUF path and, for a manifest, its Model and the first InferenceService that uses it.
+
+    A remote model (a URL, or a manifest naming one) is sized from its header, fetched by HTTP Range.
+    """
+    if remote_url(source) is not None:
+        return plan_remote(source, default_model_store()), None, None
+    path = Path(source)
     if path.suffix.lower() not in (".yaml", ".yml"):
         return path, None, None
     objects = load_file(path)
@@ -68,7 +78,7 @@ def _load_target(path: Path) -> tuple[Path, ModelSpec | None, ServiceSpec | None
     service = next((o for o in objects if isinstance(o, ServiceSpec) and o.model_ref == model.name), None)
     local = model.local_path()
     if local is None:
-        raise UsageError(f"{path}: spec.source {model.source!r} is remote; download it first or use a local path")
+        return plan_remote(model.source, default_model_store()), model, service
     return local, model, service
 
 
@@ -102,7 +112,7 @@ def _budget(args: argparse.Namespace, model: ModelSpec | None, host: HostMemory)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
-    target, model, service = _load_target(Path(args.model))
+    target, model, service = _load_target(args.model)
     settings = _settings(args, service)
     override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None
     host = detect_host_memory(override)
@@ -113,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
 def run(args: argparse.Namespace) -> int:
     try:
         verdict, target, host = evaluate(args)
-    except (UsageError, ManifestError, InvalidValue, GGUFError) as exc:
+    except (UsageError, ManifestError, InvalidValue, GGUFError, SourceError, DownloadError) as exc:
         return _error(str(exc))
     except RuntimeError as exc:  # host memory could not be detected: fail closed
         return _error(f"cannot check memory: {exc}")

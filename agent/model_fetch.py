@@ -175,6 +175,24 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+def plan_remote(source: str, store: Path) -> Path:
+    """Size a remote model from its headers without downloading it (``metal-agent estimate URL``).
+
+    Returns the path to pre-flight: the file in the store when it is there, else its planned shape's path.
+    """
+    files = model_files(ModelSpec(name="estimate", namespace="", source=source), store, ())
+
+    async def plan() -> None:
+        fetcher = ModelFetcher(FetchSettings(store, terminal=False))
+        try:
+            await fetcher.plan(files)
+        finally:
+            await fetcher.close()
+
+    anyio.run(plan)
+    return files.path
+
+
 def failure_status(exc: SourceError | DownloadError, runtime: UnitRuntime, base: float, cap: float) -> tuple[str, str]:
     """Phase and message: network trouble retries with backoff (the partial stays); the rest needs a spec change."""
     if isinstance(exc, DownloadError) and exc.transient:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from agent.cli import main
 from agent.download import DownloadError, Progress, download
 from agent.gguf_header import IncompleteHeader, read_header, read_header_prefix
 from agent.gguf_shape import load_shape
@@ -264,3 +266,19 @@ def test_urls_in_messages_and_store_paths_carry_no_secrets(tmp_path: Path) -> No
     again = remote_files(signed.replace("secret", "renewed"), tmp_path)
     assert remote_files(signed, tmp_path).path == again.path  # a renewed signature finds the same partial
     assert again.path.parent.name.startswith("cdn.example_8443-") and "secret" not in str(again.path)
+
+
+def test_estimate_sizes_a_remote_model_from_its_header_alone(
+    server: ModelServer,
+    tiny: bytes,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    url = server.add("tiny.gguf", tiny)
+    assert main(["estimate", url, "--json", "--memory-budget", "1Gi"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"]["file_bytes"] == len(tiny) and result["fits"]
+    assert all(r.range and r.range.startswith("bytes=0-") for r in server.gets())
+    assert sum(r.sent for r in server.gets()) < len(tiny) and not (tmp_path / "data").exists()
