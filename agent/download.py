@@ -27,10 +27,12 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.to_thread
+import structlog
 
 from agent.model_store import RemoteFile, redact
 from agent.quantity import format_bytes
 
+log = structlog.get_logger("metal_agent.download")
 CHUNK = 1 << 20
 WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
 FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
@@ -273,9 +275,12 @@ async def _fetch(
             if response.status == 206:
                 match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
                 if match is None or int(match[1]) != offset:
+                    partial.remove()  # not the range asked for: start over rather than stitch unknown bytes
                     raise DownloadError("DownloadFailed", f"{name}: unexpected Content-Range", transient=True)
                 total = None if match[3] == "*" else int(match[3])
             else:  # 200: a fresh start, or a changed remote file / a server that ignores Range
+                if offset:
+                    log.info("the remote file changed or the server ignores Range: restarting", file=name, kept=offset)
                 offset, partial.hasher = 0, hashlib.sha256()
                 partial.validator = _validator(response.headers)
                 total = (offset + response.content_length) if response.content_length is not None else None
