@@ -59,6 +59,7 @@ class Progress:
     resumed_from: int = 0
     started: float = field(default_factory=time.monotonic)
     waiting_for_lock: bool = False
+    logged_at: float = float("-inf")  # when its last progress log line was written
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started

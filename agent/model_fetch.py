@@ -53,7 +53,6 @@ class ModelFetcher:
         self.progress: dict[Path, Progress] = {}
         self._locks: dict[Path, anyio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._last_log = 0.0
 
     def files(self, model: ModelSpec) -> ModelFiles:
         """The Model's files; raises ``SourceError`` for a source that is refused."""
@@ -125,7 +124,7 @@ class ModelFetcher:
             )
 
     async def _report_loop(self, records: list[Progress], report: Report) -> None:
-        published = 0.0
+        published = float("-inf")  # the first update is always published: the phase changes
         while True:
             now = time.monotonic()
             publish = now - published >= self.settings.log_interval
@@ -146,8 +145,8 @@ class ModelFetcher:
             sys.stderr.flush()
             return
         now = time.monotonic()
-        if final or now - self._last_log >= self.settings.log_interval:
-            self._last_log = now
+        if final or now - progress.logged_at >= self.settings.log_interval:
+            progress.logged_at = now
             log.info(
                 "download progress",
                 file=progress.name,

@@ -14,12 +14,14 @@ import anyio
 import gguf
 import numpy as np
 import pytest
+import structlog.testing
 
 from agent.cli import main
 from agent.download import DownloadError, Progress, download
 from agent.gguf_header import IncompleteHeader, read_header, read_header_prefix
 from agent.gguf_shape import load_shape
 from agent.manifest import ModelSpec
+from agent.model_fetch import FetchSettings, ModelFetcher
 from agent.model_store import SourceError, confine, hf_url, model_files, redact, remote_files, shard_urls
 from agent.remote_header import FIRST_RANGE, fetch_header, remote_shape
 from agent.tinymodel import TinyShape, write_tiny_gguf
@@ -282,3 +284,21 @@ def test_estimate_sizes_a_remote_model_from_its_header_alone(
     assert result["model"]["file_bytes"] == len(tiny) and result["fits"]
     assert all(r.range and r.range.startswith("bytes=0-") for r in server.gets())
     assert sum(r.sent for r in server.gets()) < len(tiny) and not (tmp_path / "data").exists()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    progress = Progress("m.gguf", done=3 << 20, total=12 << 20)
+    ModelFetcher(FetchSettings(tmp_path, terminal=True))._render(progress)
+    bar = capsys.readouterr().err
+    assert bar.startswith("\r\x1b[2K[" + "#" * 7 + "-" * 23 + "] m.gguf: 3.0 MiB of 12.0 MiB (25%)")
+    quiet = ModelFetcher(FetchSettings(tmp_path, terminal=False, log_interval=3600))
+    with structlog.testing.capture_logs() as logs:
+        quiet._render(progress)
+        quiet._render(progress)  # within the log interval: no second line
+        quiet._render(progress, final=True)
+    assert [(e["event"], e["done_bytes"], e["total_bytes"]) for e in logs] == [
+        ("download progress", 3 << 20, 12 << 20)
+    ] * 2
+    assert capsys.readouterr().err == ""
