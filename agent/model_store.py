@@ -155,6 +155,12 @@ def confine(path: Path, roots: Sequence[Path], source: str) -> Path:
 def model_files(model: ModelSpec, store: Path, roots: Sequence[Path]) -> ModelFiles:
     """The files of a Model: remote sources in the store, local ones confined to the store and ``roots``."""
     url = remote_url(model.source)
+    if url is not None and model.format != "gguf":
+        raise SourceError(
+            "UnsupportedSource",
+            f"source {model.source!r}: only GGUF files are downloaded; fetch this {model.format} model yourself "
+            "and give its local path",
+        )
     if url is not None:
         return remote_files(url, store)
     local = model.local_path()

@@ -76,6 +76,9 @@ def test_split_sources_name_every_shard_and_share_one_store_directory(tmp_path: 
     with pytest.raises(SourceError, match="s3:// is not supported") as info:
         model_files(model, tmp_path, ())
     assert info.value.reason == "UnsupportedSource"
+    mlx = ModelSpec(name="m", namespace="d", source="hf://mlx-community/Qwen-4bit/config.json", format="mlx")
+    with pytest.raises(SourceError, match="only GGUF files are downloaded"):
+        model_files(mlx, tmp_path, ())
 
 
 def test_local_paths_are_confined_to_the_store_and_roots(tmp_path: Path) -> None:
