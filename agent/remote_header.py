@@ -78,7 +78,7 @@ async def fetch_header(session: aiohttp.ClientSession, remote: RemoteFile) -> Re
             except IncompleteHeader as exc:
                 if len(prefix) >= total or exc.needed > MAX_HEADER:
                     raise GGUFError(f"{path}: the GGUF header is larger than {MAX_HEADER >> 20} MiB") from None
-                want = min(total, MAX_HEADER, max(exc.needed + FIRST_RANGE, 2 * len(prefix)))
+                want = min(total, MAX_HEADER, max(exc.needed + FIRST_RANGE, 4 * len(prefix)))  # few round trips
                 more, _, _ = await _range(session, remote.url, len(prefix), want - 1)
                 if not more:
                     raise GGUFError(f"{path}: the server sent no bytes from offset {len(prefix)}") from None
