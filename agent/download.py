@@ -35,6 +35,7 @@ from agent.quantity import format_bytes
 log = structlog.get_logger("metal_agent.download")
 CHUNK = 1 << 20
 WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
+READ_BUFFER = 16 << 20  # the session's socket buffer: the network keeps flowing while a batch is written
 FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
 LOCK_POLL = 0.5
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")

@@ -19,7 +19,7 @@ import aiohttp
 import anyio
 import structlog
 
-from agent.download import DiskFree, DownloadError, Progress, download, free_bytes
+from agent.download import READ_BUFFER, DiskFree, DownloadError, Progress, download, free_bytes
 from agent.gguf_header import GGUFError
 from agent.gguf_shape import plan_shape
 from agent.manifest import ModelSpec
@@ -63,7 +63,9 @@ class ModelFetcher:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
             )
-            self._session = aiohttp.ClientSession(timeout=timeout, headers=self._auth_headers())
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, headers=self._auth_headers(), read_bufsize=READ_BUFFER
+            )
         return self._session
 
     @staticmethod

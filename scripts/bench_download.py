@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_header_scan import write_big_header
 
 from agent.calibrate import free_port
-from agent.download import Progress, download
+from agent.download import READ_BUFFER, Progress, download
 from agent.model_store import remote_files
 from agent.remote_header import fetch_header, remote_shape
 
@@ -53,7 +53,7 @@ async def bench(folder: Path, mib: int) -> None:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(read_bufsize=READ_BUFFER) as session:
             start = time.perf_counter()
             async with session.get(f"{base}/random.gguf") as response:
                 async for _ in response.content.iter_chunked(1 << 20):
