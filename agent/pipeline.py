@@ -3,7 +3,7 @@
 Events update a store of objects; each event pokes the serving units it affects. Every unit has one worker
 task, so its events are handled in order, and a poke only marks the unit dirty: however many events arrive
 while the worker is busy, it then reconciles once against the latest spec. Different units run concurrently.
-Per unit: resolve_budget → preflight → ledger admission → executor command → start → ready → report.
+Per unit: source → resolve_budget → preflight → ledger admission → download → executor command → start → report.
 """
 
 from __future__ import annotations
