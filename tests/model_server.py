@@ -35,6 +35,7 @@ class ModelServer:
     cut_after: int | None = None  # drop the next download after this many body bytes (header ranges flow)
     ignore_range: bool = False
     bytes_per_second: int | None = None  # slow: pace the body
+    errors: list[int] = field(default_factory=list)  # statuses to answer the next requests with (e.g. 503)
     hold: threading.Event | None = None  # while set: whole-file bodies stall after each chunk (header ranges flow)
     log: list[Request] = field(default_factory=list)
     port: int = 0
@@ -55,6 +56,9 @@ class ModelServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         entry = Request(request.method, request.path, request.headers.get("Range"), request.headers.get("If-Range"))
         self.log.append(entry)
+        if self.errors:
+            entry.status = self.errors.pop(0)
+            return web.Response(status=entry.status)
         data = self.files.get(request.path)
         if data is None:
             entry.status = 404

@@ -260,3 +260,24 @@ async def test_a_remote_file_changed_after_its_pre_flight_is_checked_again(
     assert "RemoteChanged" in reasons and executor.started[0].read_bytes() == bigger
     verdict = agent.runtimes["d/s"].verdict
     assert verdict is not None and verdict.shape is not None and verdict.shape.file_bytes == len(bigger)
+
+
+async def test_server_errors_retry_and_a_missing_file_fails(server: ModelServer, tiny: bytes, tmp_path: Path) -> None:
+    executor = Recording()
+    agent = make_agent(tmp_path, executor)
+    url = server.add("tiny.gguf", tiny)
+    server.errors = [503, 503]  # two server errors in a row: retried with backoff, not a failure
+    reasons: list[str] = []
+
+    def ready() -> bool:
+        if (reason := phase(agent)[1]) and reason not in reasons:
+            reasons.append(reason)
+        return phase(agent) == ("Ready", "Ready")
+
+    await drive(agent, unit(url), ready)
+    assert reasons[0] == "DownloadFailed" and "HTTP 503" not in agent.runtimes["d/s"].message
+    assert [r.status for r in server.log].count(503) == 2 and len(executor.started) == 1
+
+    missing = make_agent(tmp_path / "other", Recording())
+    await drive(missing, unit(server.url("gone.gguf")), lambda: phase(missing)[0] == "Failed")
+    assert phase(missing) == ("Failed", "SourceNotFound") and "HTTP 404" in missing.runtimes["d/s"].message
