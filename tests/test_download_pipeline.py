@@ -267,15 +267,16 @@ async def test_server_errors_retry_and_a_missing_file_fails(server: ModelServer,
     agent = make_agent(tmp_path, executor)
     url = server.add("tiny.gguf", tiny)
     server.errors = [503, 503]  # two server errors in a row: retried with backoff, not a failure
-    reasons: list[str] = []
+    reasons: dict[str, str] = {}
 
     def ready() -> bool:
-        if (reason := phase(agent)[1]) and reason not in reasons:
-            reasons.append(reason)
+        if (runtime := agent.runtimes.get("d/s")) and runtime.reason:
+            reasons.setdefault(runtime.reason, runtime.message)
         return phase(agent) == ("Ready", "Ready")
 
     await drive(agent, unit(url), ready)
-    assert reasons[0] == "DownloadFailed" and "HTTP 503" not in agent.runtimes["d/s"].message
+    assert list(reasons)[0] == "DownloadFailed" and "HTTP 503" in reasons["DownloadFailed"]
+    assert "retry in" in reasons["DownloadFailed"]
     assert [r.status for r in server.log].count(503) == 2 and len(executor.started) == 1
 
     missing = make_agent(tmp_path / "other", Recording())
