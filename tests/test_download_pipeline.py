@@ -275,7 +275,7 @@ async def test_server_errors_retry_and_a_missing_file_fails(server: ModelServer,
         return phase(agent) == ("Ready", "Ready")
 
     await drive(agent, unit(url), ready)
-    assert list(reasons)[0] == "DownloadFailed" and "HTTP 503" in reasons["DownloadFailed"]
+    assert next(iter(reasons)) == "DownloadFailed" and "HTTP 503" in reasons["DownloadFailed"]
     assert "retry in" in reasons["DownloadFailed"]
     assert [r.status for r in server.log].count(503) == 2 and len(executor.started) == 1
 
