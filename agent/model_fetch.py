@@ -24,7 +24,7 @@ from agent.gguf_header import GGUFError
 from agent.gguf_shape import plan_shape
 from agent.manifest import ModelSpec
 from agent.model_store import ModelFiles, RemoteFile, SourceError, model_files
-from agent.remote_header import RemoteHeader, fetch_header, remote_shape
+from agent.remote_header import RemoteHeader, fetch_header, forget_header, load_header, remote_shape, save_header
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
@@ -84,7 +84,8 @@ class ModelFetcher:
         for remote in files.remote:
             if remote.url not in self.headers:
                 try:
-                    self.headers[remote.url] = await fetch_header(self.session(), remote)
+                    saved = load_header(remote)
+                    self.headers[remote.url] = saved or await fetch_header(self.session(), remote)
                 except GGUFError as exc:
                     raise DownloadError("MemoryCheckFailed", f"cannot read the model's remote header: {exc}") from exc
         try:
@@ -98,8 +99,9 @@ class ModelFetcher:
         records = [self.progress.setdefault(f.path, Progress(f.path.name)) for f in files.remote]
         for remote, progress in zip(files.remote, records, strict=True):
             known = self.headers.get(remote.url)
-            if progress.total is None and known is not None:
-                progress.total = known.file_bytes
+            if known is not None:
+                progress.total = progress.total or known.file_bytes
+                save_header(remote, known)
         with single_errors():
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._report_loop, records, report)
@@ -118,6 +120,7 @@ class ModelFetcher:
             finally:
                 self._render(progress, final=True)
         known = self.headers.pop(remote.url, None)
+        forget_header(remote)  # the file itself is there now
         if known is not None and progress.total is not None and known.file_bytes != progress.total:
             raise DownloadError(  # the estimate came from another file: check the one downloaded before it starts
                 "RemoteChanged",

@@ -3,14 +3,18 @@
 Admission must be decided before gigabytes move, so only the header is fetched: a first range, grown until the
 lean header scan parses (it says how many bytes it needs), then the shape is built exactly as for a local file.
 The file size comes from ``Content-Range`` (or ``Content-Length`` from a server that ignores ranges, whose body
-is cut off after the bytes needed). What was learned is cached per URL and validator, so a retry costs nothing.
+is cut off after the bytes needed). What was learned is kept in memory per URL, so a retry costs nothing, and beside
+a download once it starts, so an agent restarted mid-download does not fetch it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -31,7 +35,46 @@ class RemoteHeader:
     file_bytes: int
     validator: str | None
     header: GGUFHeader
-    fetched_bytes: int
+    prefix: bytes  # the bytes fetched: saved beside a download, so a restarted agent does not fetch them again
+
+    @property
+    def fetched_bytes(self) -> int:
+        return len(self.prefix)
+
+
+def _cache(remote: RemoteFile) -> tuple[Path, Path]:
+    return remote.path.with_name(remote.path.name + ".header"), remote.path.with_name(remote.path.name + ".header.json")
+
+
+def save_header(remote: RemoteFile, found: RemoteHeader) -> None:
+    """Keep the header beside a download that starts; a store that cannot be written is reported by the download."""
+    data, meta = _cache(remote)
+    with contextlib.suppress(OSError):
+        if not meta.exists():
+            data.parent.mkdir(parents=True, exist_ok=True)
+            data.write_bytes(found.prefix)
+            meta.write_text(
+                json.dumps({"url": found.url, "file_bytes": found.file_bytes, "validator": found.validator})
+            )
+
+
+def load_header(remote: RemoteFile) -> RemoteHeader | None:
+    """The header saved by an earlier download of the same URL, if any and readable."""
+    data, meta = _cache(remote)
+    try:
+        saved = json.loads(meta.read_text())
+        prefix = data.read_bytes()
+        if saved["url"] != remote.url:
+            return None
+        header = read_header_prefix(prefix, saved["file_bytes"], str(remote.path))
+        return RemoteHeader(remote.url, saved["file_bytes"], saved["validator"], header, prefix)
+    except (OSError, ValueError, KeyError, TypeError):  # GGUFError is a ValueError
+        return None
+
+
+def forget_header(remote: RemoteFile) -> None:
+    for path in _cache(remote):
+        path.unlink(missing_ok=True)
 
 
 async def _range(session: aiohttp.ClientSession, url: str, start: int, end: int) -> tuple[bytes, int, str | None]:
@@ -74,7 +117,7 @@ async def fetch_header(session: aiohttp.ClientSession, remote: RemoteFile) -> Re
         while True:
             try:
                 header = read_header_prefix(prefix, total, path)
-                return RemoteHeader(remote.url, total, validator, header, len(prefix))
+                return RemoteHeader(remote.url, total, validator, header, prefix)
             except IncompleteHeader as exc:
                 if len(prefix) >= total or exc.needed > MAX_HEADER:
                     raise GGUFError(f"{path}: the GGUF header is larger than {MAX_HEADER >> 20} MiB") from None

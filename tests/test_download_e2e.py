@@ -62,14 +62,18 @@ def test_agent_killed_mid_download_resumes_and_serves_once(server: ModelServer, 
     assert 0 < kept < len(data) and not [p for p in llama_children() if str(store) in " ".join(p.cmdline())]
 
     server.bytes_per_second = None
+    requests_before = len(server.gets())
     second = AgentProcess(manifests, state)
     try:
         second.wait(lambda: (second.unit("r") or {}).get("phase") == "Ready", timeout=60)
-        resumed = [r for r in server.gets() if (r.range or "").endswith("-")]
+        after_restart = server.gets()[requests_before:]
+        resumed = [r for r in after_restart if (r.range or "").endswith("-")]
         assert len(resumed) == 1 and resumed[0].status == 206
+        assert after_restart == resumed  # the header was saved beside the partial: not fetched again
         assert resumed[0].range == f"bytes={kept}-" and resumed[0].if_range == server.etag()
         stored = next(store.rglob("tiny.gguf"))
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest and not partial[0].exists()
+        assert sorted(p.name for p in stored.parent.iterdir()) == ["tiny.gguf", "tiny.gguf.lock", "tiny.gguf.sha256"]
         servers = [p for p in llama_children() if str(stored) in " ".join(p.cmdline())]
         unit = second.unit("r")
         assert unit is not None and [p.pid for p in servers] == [unit["pid"]]  # started once
