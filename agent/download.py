@@ -216,17 +216,20 @@ async def download(
     sha256: str | None = None,
     disk_free: DiskFree = free_bytes,
     margin: int = 1 << 30,
-) -> None:
-    """Fetch ``remote`` to its store path unless it is there already (and matches ``sha256`` when given)."""
+) -> bool:
+    """Fetch ``remote`` to its store path unless it is there already (and matches ``sha256`` when given).
+
+    Returns whether anything was fetched.
+    """
     path = remote.path
     if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
         progress.done = progress.total = path.stat().st_size
-        return
+        return False
     prepare_store(path.parent)
     async with store_lock(path, progress):
         if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
             progress.done = progress.total = path.stat().st_size  # another agent finished it meanwhile
-            return
+            return False
         partial = _Partial(sidecar(path, ".partial"), remote.url)
         offset = await anyio.to_thread.run_sync(partial.load)
         await _fetch(session, partial, offset, progress, disk_free, margin)
@@ -243,6 +246,7 @@ async def download(
             partial.meta.unlink()
         _fsync_dir(path.parent)
         _record_digest(path, digest)
+        return True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -114,11 +114,14 @@ class ModelFetcher:
         progress = self.progress[remote.path]
         async with lock:
             try:
-                await download(
+                fetched = await download(
                     self.session(), remote, progress, sha256, self.settings.disk_free, self.settings.min_free_disk
                 )
-            finally:
+            except BaseException:
                 self._render(progress, final=True)
+                raise
+        if fetched:
+            self._render(progress, final=True)
         known = self.headers.pop(remote.url, None)
         forget_header(remote)  # the file itself is there now
         if known is not None and progress.total is not None and known.file_bytes != progress.total:
