@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.manifests.is_dir():
         print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
         return 2
+    for root in args.model_root:
+        if not root.expanduser().is_dir():
+            print(f"error: --model-root {root} is not a directory", file=sys.stderr)
+            return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = InstanceLock(config.state_dir)
     try:

@@ -305,3 +305,19 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(
         ("download progress", 3 << 20, 12 << 20)
     ] * 2
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--min-free-disk", "24GB"], 'error: --min-free-disk: "24GB" is not a Kubernetes quantity'),
+        (["--model-root", "nowhere"], "error: --model-root nowhere is not a directory"),
+    ],
+)
+def test_bad_download_settings_exit_2_and_start_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flags: list[str], error: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--manifests", str(tmp_path), "--state-dir", str(tmp_path / "state"), *flags]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(error) and not (tmp_path / "state").exists()
