@@ -29,7 +29,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.model_store import RemoteFile, redact
+from agent.model_store import RemoteFile, auth_headers, redact
 from agent.quantity import format_bytes
 
 log = structlog.get_logger("metal_agent.download")
@@ -265,7 +265,7 @@ async def _fetch(
     disk_free: DiskFree,
     margin: int,
 ) -> None:
-    headers = {"Accept-Encoding": "identity"}
+    headers = {"Accept-Encoding": "identity", **auth_headers(partial.url)}
     if offset and partial.validator:
         headers |= {"Range": f"bytes={offset}-", "If-Range": partial.validator}
     name = partial.path.name.removesuffix(".partial")

@@ -8,7 +8,6 @@ same download. Progress goes to the unit's status, to a bar on a terminal, or to
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,7 +28,6 @@ from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.download")
-HF_TOKEN_ENV = "HF_TOKEN"
 Report = Callable[[list[Progress], bool], Awaitable[None]]  # (progress, publish: log it and call report hooks)
 
 
@@ -63,15 +61,8 @@ class ModelFetcher:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
             )
-            self._session = aiohttp.ClientSession(
-                timeout=timeout, headers=self._auth_headers(), read_bufsize=READ_BUFFER
-            )
+            self._session = aiohttp.ClientSession(timeout=timeout, read_bufsize=READ_BUFFER)
         return self._session
-
-    @staticmethod
-    def _auth_headers() -> dict[str, str]:
-        token = os.environ.get(HF_TOKEN_ENV)  # private Hugging Face repositories; dropped on cross-host redirects
-        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def close(self) -> None:
         if self._session is not None:

@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlparse
 from agent.manifest import ModelSpec
 
 HF_ENDPOINT = "https://huggingface.co"
+HF_TOKEN_ENV = "HF_TOKEN"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_SHARDS = 1000
 
@@ -89,6 +90,15 @@ def shard_urls(url: str) -> list[str]:
     if not 1 <= count <= MAX_SHARDS:
         raise SourceError("InvalidSource", f"source {url!r} claims {count} shards")
     return [f"{base}/{quote(match['prefix'])}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """``HF_TOKEN`` for Hugging Face URLs only: a manifest naming another host never receives it."""
+    token = os.environ.get(HF_TOKEN_ENV)
+    host = urlparse(url).hostname
+    if not token or host != urlparse(HF_ENDPOINT).hostname:
+        return {}
+    return {"Authorization": f"Bearer {token}"}  # aiohttp drops it when a redirect leaves the host (the CDN)
 
 
 def redact(url: str) -> str:

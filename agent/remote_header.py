@@ -21,7 +21,7 @@ import aiohttp
 from agent.download import DownloadError, http_error
 from agent.gguf_header import GGUFError, GGUFHeader, IncompleteHeader, read_header_prefix, read_model
 from agent.gguf_shape import shape_from_model
-from agent.model_store import ModelFiles, RemoteFile, redact
+from agent.model_store import ModelFiles, RemoteFile, auth_headers, redact
 from agent.shape import ModelShape
 
 FIRST_RANGE = 256 << 10
@@ -79,7 +79,7 @@ def forget_header(remote: RemoteFile) -> None:
 
 async def _range(session: aiohttp.ClientSession, url: str, start: int, end: int) -> tuple[bytes, int, str | None]:
     """Bytes ``start..end`` (inclusive), the file size and its validator; reads no more than needed."""
-    headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+    headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity", **auth_headers(url)}
     async with session.get(url, headers=headers) as response:
         if response.status >= 400:
             raise http_error(response, url.rsplit("/", 1)[-1])

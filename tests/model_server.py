@@ -26,6 +26,7 @@ class Request:
     if_range: str | None
     status: int = 0
     sent: int = 0
+    authorization: str | None = None
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ModelServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         entry = Request(request.method, request.path, request.headers.get("Range"), request.headers.get("If-Range"))
+        entry.authorization = request.headers.get("Authorization")
         self.log.append(entry)
         if self.errors:
             entry.status = self.errors.pop(0)

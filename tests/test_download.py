@@ -22,7 +22,16 @@ from agent.gguf_header import IncompleteHeader, read_header, read_header_prefix
 from agent.gguf_shape import load_shape
 from agent.manifest import ModelSpec
 from agent.model_fetch import FetchSettings, ModelFetcher
-from agent.model_store import SourceError, confine, hf_url, model_files, redact, remote_files, shard_urls
+from agent.model_store import (
+    SourceError,
+    auth_headers,
+    confine,
+    hf_url,
+    model_files,
+    redact,
+    remote_files,
+    shard_urls,
+)
 from agent.remote_header import FIRST_RANGE, fetch_header, remote_shape
 from agent.tinymodel import TinyShape, write_tiny_gguf
 from tests.model_server import ModelServer, serve
@@ -321,3 +330,14 @@ def test_bad_download_settings_exit_2_and_start_nothing(
     argv = ["run", "--manifests", str(tmp_path), "--state-dir", str(tmp_path / "state"), *flags]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(error) and not (tmp_path / "state").exists()
+
+
+async def test_the_hugging_face_token_goes_to_hugging_face_only(
+    server: ModelServer, tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert auth_headers(hf_url("hf://org/repo/m.gguf")) == {"Authorization": "Bearer hf_secret"}
+    assert auth_headers("https://huggingface.co.evil.example/m.gguf") == {}
+    url = server.add("tiny.gguf", tiny)
+    await fetch(url, tmp_path / "store")
+    assert server.gets() and all(r.authorization is None for r in server.log)
