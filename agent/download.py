@@ -29,7 +29,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.model_store import RemoteFile, auth_headers, redact
+from agent.model_store import RemoteFile, auth_headers, canonical, redact
 from agent.quantity import format_bytes
 
 log = structlog.get_logger("metal_agent.download")
@@ -175,14 +175,15 @@ class _Partial:
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0
-        if meta.get("url") != self.url or not meta.get("validator") or size == 0:
+        if meta.get("url") != canonical(self.url) or not meta.get("validator") or size == 0:
             return 0
         self.validator, self.total = meta["validator"], meta.get("total")
         self.hasher = _hash_file(self.path, size)
         return size
 
     def save_meta(self) -> None:
-        self.meta.write_text(json.dumps({"url": self.url, "validator": self.validator, "total": self.total}))
+        meta = {"url": canonical(self.url), "validator": self.validator, "total": self.total}
+        self.meta.write_text(json.dumps(meta))
 
     def remove(self) -> None:
         for path in (self.path, self.meta):

@@ -101,12 +101,16 @@ def auth_headers(url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}  # aiohttp drops it when a redirect leaves the host (the CDN)
 
 
+def canonical(url: str) -> str:
+    """The URL without user, password, query or fragment: what identifies the file (signed URLs change)."""
+    parsed = urlparse(url)
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{parsed.hostname or ''}{port}{parsed.path}"
+
+
 def redact(url: str) -> str:
     """A URL fit for messages and logs: no user, password or query (signed URLs carry tokens there)."""
-    parsed = urlparse(url)
-    host = parsed.hostname or ""
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{host}{port}{parsed.path}" + ("?…" if parsed.query else "")
+    return canonical(url) + ("?…" if urlparse(url).query else "")
 
 
 def store_dir(store: Path, url: str) -> Path:
@@ -117,7 +121,7 @@ def store_dir(store: Path, url: str) -> Path:
     parsed = urlparse(url)
     host = re.sub(r"[^A-Za-z0-9._-]", "_", parsed.hostname or "") or "host"
     host += f"_{parsed.port}" if parsed.port else ""
-    folder = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}{parsed.path.rsplit('/', 1)[0]}"
+    folder = canonical(url).rsplit("/", 1)[0]
     return store / f"{host}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
 
 

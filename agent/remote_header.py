@@ -21,7 +21,7 @@ import aiohttp
 from agent.download import DownloadError, http_error
 from agent.gguf_header import GGUFError, GGUFHeader, IncompleteHeader, read_header_prefix, read_model
 from agent.gguf_shape import shape_from_model
-from agent.model_store import ModelFiles, RemoteFile, auth_headers, redact
+from agent.model_store import ModelFiles, RemoteFile, auth_headers, canonical, redact
 from agent.shape import ModelShape
 
 FIRST_RANGE = 256 << 10
@@ -53,9 +53,8 @@ def save_header(remote: RemoteFile, found: RemoteHeader) -> None:
         if not meta.exists():
             data.parent.mkdir(parents=True, exist_ok=True)
             data.write_bytes(found.prefix)
-            meta.write_text(
-                json.dumps({"url": found.url, "file_bytes": found.file_bytes, "validator": found.validator})
-            )
+            saved = {"url": canonical(found.url), "file_bytes": found.file_bytes, "validator": found.validator}
+            meta.write_text(json.dumps(saved))
 
 
 def load_header(remote: RemoteFile) -> RemoteHeader | None:
@@ -64,7 +63,7 @@ def load_header(remote: RemoteFile) -> RemoteHeader | None:
     try:
         saved = json.loads(meta.read_text())
         prefix = data.read_bytes()
-        if saved["url"] != remote.url:
+        if saved["url"] != canonical(remote.url):
             return None
         header = read_header_prefix(prefix, saved["file_bytes"], str(remote.path))
         return RemoteHeader(remote.url, saved["file_bytes"], saved["validator"], header, prefix)

@@ -341,3 +341,14 @@ async def test_the_hugging_face_token_goes_to_hugging_face_only(
     url = server.add("tiny.gguf", tiny)
     await fetch(url, tmp_path / "store")
     assert server.gets() and all(r.authorization is None for r in server.log)
+
+
+async def test_a_renewed_signed_url_resumes_the_same_partial(server: ModelServer, tiny: bytes, tmp_path: Path) -> None:
+    url = server.add("tiny.gguf", tiny)
+    server.cut_after = len(tiny) // 2
+    with pytest.raises(DownloadError):
+        await fetch(url + "?signature=old", tmp_path / "store")
+    partial = next((tmp_path / "store").rglob("*.partial"))
+    assert "signature" not in partial.with_name(partial.name + ".json").read_text()  # no token on disk
+    await fetch(url + "?signature=new", tmp_path / "store", sha(tiny))
+    assert server.gets()[-1].range == f"bytes={len(tiny) // 2}-"
