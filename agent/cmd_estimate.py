@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.budget import Budget, resolve_budget
+from agent.cmd_run import default_model_store
 from agent.config import ConfigError, add_config_flag, all_settings, load
+from agent.download import DownloadError
 from agent.gguf_header import GGUFError
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
+from agent.model_fetch import plan_remote
+from agent.model_store import SourceError, remote_url
 from agent.plugin_manager import load_plugins
 from agent.preflight import Reason, Verdict, preflight
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
@@ -46,7 +50,7 @@ def add_parser(subparsers: Any) -> None:
         "  2  invalid input or a model that cannot be read (MemoryCheckFailed): one `error:` line on stderr\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="GGUF file or Model manifest (YAML)")
+    p.add_argument("model", metavar="MODEL", help="GGUF file, https:// or hf:// URL, or Model manifest (YAML)")
     p.add_argument("--ctx-size", "-c", type=int, help="context size in tokens (default: the manifest's, else 4096)")
     p.add_argument("--parallel", "-np", type=int, help="parallel slots (default 1)")
     p.add_argument("--cache-type-k", "-ctk", choices=KV_CACHE_TYPES, help="KV cache type for K (default f16)")
@@ -62,8 +66,14 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def _load_target(path: Path) -> tuple[Path, ModelSpec | None, ServiceSpec | None]:
-    """The GGUF path and, for a manifest, its Model and the first InferenceService that uses it."""
+def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | None]:
+    """The GGUF path and, for a manifest, its Model and the first InferenceService that uses it.
+
+    A remote model (a URL, or a manifest naming one) is sized from its header, fetched by HTTP Range.
+    """
+    if remote_url(source) is not None:
+        return plan_remote(source, default_model_store()), None, None
+    path = Path(source)
     if path.suffix.lower() not in (".yaml", ".yml"):
         return path, None, None
     objects = load_file(path)
@@ -74,7 +84,7 @@ def _load_target(path: Path) -> tuple[Path, ModelSpec | None, ServiceSpec | None
     service = next((o for o in objects if isinstance(o, ServiceSpec) and o.model_ref == model.name), None)
     local = model.local_path()
     if local is None:
-        raise UsageError(f"{path}: spec.source {model.source!r} is remote; download it first or use a local path")
+        return plan_remote(model.source, default_model_store()), model, service
     return local, model, service
 
 
@@ -108,7 +118,7 @@ def _budget(
 
 
 def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
-    target, model, service = _load_target(Path(args.model))
+    target, model, service = _load_target(args.model)
     settings = _settings(args, service)
     # The agent's own settings (config file, METAL_AGENT_*): its fraction and host memory apply here too. Only
     # --config is passed on: this command's --memory-fraction is the Model's, not the agent's.
@@ -122,7 +132,7 @@ def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
 def run(args: argparse.Namespace) -> int:
     try:
         verdict, target, host = evaluate(args)
-    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError) as exc:
+    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError, SourceError, DownloadError) as exc:
         return _error(str(exc))
     except RuntimeError as exc:  # host memory could not be detected: fail closed
         return _error(f"cannot check memory: {exc}")

@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -69,6 +71,12 @@ def add_parser(subparsers: Any) -> None:
 
 class AgentFailed(RuntimeError):
     """The agent cannot go on (exit status 1); the message says why."""
+
+
+def default_model_store() -> Path:
+    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
+    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "metal-agent" / "models"
 
 
 def config_from(config: Config) -> AgentConfig:
@@ -133,7 +141,15 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)  # the file may set them too; flags and env still win
     plugins.settings = settings.values()
     try:
-        config = dataclasses.replace(config_from(settings), kube=kube_flags.settings_from(args))
+        kube_settings = kube_flags.settings_from(args)
+        # Local models may lie in the store, the --model-root directories and (standalone) the manifest directory.
+        roots = (*(() if kube_settings else (args.manifests,)), *(args.model_root or ()))
+        config = dataclasses.replace(
+            config_from(settings),
+            kube=kube_settings,
+            model_store=args.model_store or default_model_store(),
+            model_roots=roots,
+        )
     except InvalidValue as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
             f"error: {settings.where('state_dir')}: cannot create {config.state_dir}: {exc.strerror}", file=sys.stderr
         )
         return 2
+    for root in args.model_root or ():
+        if not root.is_dir():
+            print(f"error: {settings.where('model_root')}: {root} is not a directory", file=sys.stderr)
+            return 2
     lock = InstanceLock(config.state_dir)
     try:
         lock.acquire()

@@ -10,6 +10,7 @@ memory and fails with one clear ``GGUFError``.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -58,6 +59,14 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be budgeted: malformed, unsupported or inconsistent."""
 
 
+class IncompleteHeader(GGUFError):
+    """The header runs past the bytes fetched so far (a remote prefix): fetch at least ``needed`` bytes."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -100,9 +109,10 @@ class GGUFModel:
 class _Cursor:
     """A bounds-checked, chunk-buffered reader: every read first proves the bytes exist in the file."""
 
-    def __init__(self, file: BinaryIO, size: int, fail: Callable[[str], GGUFError]) -> None:
+    def __init__(self, file: BinaryIO, size: int, fail: Callable[[str], GGUFError], available: int = -1) -> None:
         self._file = file
         self.size = size
+        self.available = size if available < 0 else available  # bytes readable: less than size for a prefix
         self.fail = fail
         self.pos = 0
         self._buf = b""
@@ -114,6 +124,8 @@ class _Cursor:
             raise self.fail(f"truncated: needs {n} bytes at offset {self.pos}, file has {self.size}")
         off = self.pos - self._buf_start
         if off < 0 or off + n > len(self._buf):
+            if self.pos + n > self.available:
+                raise IncompleteHeader(f"header continues past the first {self.available} bytes", self.pos + n)
             self._file.seek(self.pos)
             self._buf = self._file.read(max(n, _CHUNK))
             self._buf_start = self.pos
@@ -260,6 +272,15 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         raise fail(f"cannot read: {exc.strerror or exc}") from exc
 
 
+def read_header_prefix(prefix: bytes, file_bytes: int, path: str) -> GGUFHeader:
+    """The header of a ``file_bytes`` file from its first bytes (HTTP Range); ``IncompleteHeader`` if too few."""
+
+    def fail(message: str) -> GGUFError:
+        return GGUFError(f"{path}: {message}")
+
+    return _parse(_Cursor(io.BytesIO(prefix), file_bytes, fail, len(prefix)), path, fail)
+
+
 def _parse(cur: _Cursor, path: str, fail: Callable[[str], GGUFError]) -> GGUFHeader:
     version = _read_version(cur, fail)
     tensor_count = cur.unpack(_U64)
@@ -335,8 +356,8 @@ def _shard_paths(first: GGUFHeader) -> list[str]:
     ]
 
 
-def read_model(path: str | os.PathLike[str]) -> GGUFModel:
-    """Read a model; for a split model ``path`` must be the first shard and every shard must be present."""
+def read_model(path: str | os.PathLike[str], read: Callable[[str], GGUFHeader] | None = None) -> GGUFModel:
+    """Read a model (a split model from its first shard); ``read`` reads a shard's header (default: from disk)."""
     path_str = os.fspath(path)
     match = _SHARD_NAME.match(Path(path_str).name)
     if match and int(match["no"]) != 1:
@@ -344,16 +365,16 @@ def read_model(path: str | os.PathLike[str]) -> GGUFModel:
             f"{path_str}: this is shard {int(match['no'])} of {int(match['count'])}; "
             f"pass the first shard (…-00001-of-{match['count']}.gguf)"
         )
-    first = read_header(path_str)
+    first = (read or read_header)(path_str)
     split_no = _split_int(first, gguf.Keys.Split.LLM_KV_SPLIT_NO)
     if split_no not in (None, 0):
         raise GGUFError(f"{path_str}: split.no is {split_no}; pass the first shard of the split model")
     paths = _shard_paths(first)
     headers = [first]
     for index, shard_path in enumerate(paths[1:], start=1):
-        if not os.path.exists(shard_path):
+        if read is None and not os.path.exists(shard_path):
             raise GGUFError(f"{path_str}: shard {index + 1} of {len(paths)} is missing: {shard_path}")
-        shard = read_header(shard_path)
+        shard = (read or read_header)(shard_path)
         for key, expected in (
             (gguf.Keys.Split.LLM_KV_SPLIT_NO, index),
             (gguf.Keys.Split.LLM_KV_SPLIT_COUNT, len(paths)),

@@ -269,8 +269,22 @@ def load_shape(path: str | os.PathLike[str]) -> ModelShape:
     Many units often share one model file, and a reconcile re-reads it: shapes are cached by the first
     file's path, size and modification time, so a changed file is read again.
     """
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        planned = _PLANNED.get(os.path.abspath(path))
+        if planned is None:
+            raise
+        return planned
     return _cached_shape(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+_PLANNED: dict[str, ModelShape] = {}
+
+
+def plan_shape(path: str | os.PathLike[str], shape: ModelShape) -> None:
+    """The shape of a model not downloaded yet (read from its remote header), used until its file exists."""
+    _PLANNED[os.path.abspath(path)] = shape
 
 
 @functools.lru_cache(maxsize=256)

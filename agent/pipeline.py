@@ -3,7 +3,7 @@
 Events update a store of objects; each event pokes the serving units it affects. Every unit has one worker
 task, so its events are handled in order, and a poke only marks the unit dirty: however many events arrive
 while the worker is busy, it then reconciles once against the latest spec. Different units run concurrently.
-Per unit: resolve_budget → preflight → ledger admission → executor command → start → ready → report.
+Per unit: source → resolve_budget → preflight → ledger admission → download → executor command → start → report.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import structlog
 from agent import logs, supervisor
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
+from agent.download import DownloadError, Progress
 from agent.hookspecs import Executor
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.kube.settings import KubeSettings
@@ -28,6 +29,8 @@ from agent.ledger import Ledger
 from agent.llama_memlog import parse_memory_log
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.metrics import Metrics
+from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
+from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
 from agent.quantity import format_bytes
@@ -57,6 +60,9 @@ class AgentConfig:
     crash_loop_after: int = 5  # failures without a healthy start in between
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
     kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
+    model_store: Path | None = None  # downloads; None: STATE_DIR/models
+    model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
+    min_free_disk: int = 1 << 30  # a download must leave this much disk free
 
 
 class Agent:
@@ -76,6 +82,8 @@ class Agent:
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
+        store = config.model_store or config.state_dir / "models"
+        self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
@@ -172,11 +180,14 @@ class Agent:
 
     async def _start(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         runtime.retry_at = None
-        model_path = unit.model.local_path()
-        if model_path is None:
-            self.metrics.rejected("UnsupportedSource")
-            await self._set(runtime, "Failed", "UnsupportedSource", f"source {unit.model.source!r} is not local")
+        try:
+            files = self.fetcher.files(unit.model)
+            await self.fetcher.plan(files)  # a remote model is sized from its header before any download
+        except (SourceError, DownloadError) as exc:
+            self.metrics.rejected(exc.reason)
+            await self._download_failed(runtime, exc)
             return
+        model_path = files.path
         host = detect_host_memory(self.config.host_memory)
         try:
             budget = await self.plugins.first(
@@ -210,7 +221,32 @@ class Agent:
             self.metrics.rejected("NoExecutor")
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
+        if files.remote and not await self._download(runtime, unit, files):
+            return
         await self._launch(runtime, unit, executor, model_path)
+
+    async def _download(self, runtime: UnitRuntime, unit: ServingUnit, files: ModelFiles) -> bool:
+        """Fetch a remote model while holding its reservation; False (memory released) when it did not finish."""
+
+        async def report(records: list[Progress], publish: bool) -> None:
+            runtime.download, runtime.message = download_status(records), "; ".join(p.text() for p in records)
+            if publish:  # the first time and every log interval: logs and report hooks; the API sees every update
+                await self._set(runtime, "Downloading", "Downloading", runtime.message)
+
+        try:
+            fetch = lambda: self.fetcher.fetch(files, unit.model.sha256, report)  # noqa: E731
+            done = await cancellable(fetch, runtime, unit, lambda: self.current_unit(runtime.key)[0])
+        except DownloadError as exc:
+            done = await self._download_failed(runtime, exc)
+        if not done and self.ledger.release(runtime.key):
+            self._repoke_waiting()
+        runtime.download = None
+        return done
+
+    async def _download_failed(self, runtime: UnitRuntime, exc: SourceError | DownloadError) -> bool:
+        phase, message = failure_status(exc, runtime, self.config.backoff_base, self.config.backoff_cap)
+        await self._set(runtime, phase, exc.reason, message)
+        return False
 
     async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
         """Take over the child a previous agent started for this unit, if it runs this spec and is healthy."""
@@ -366,6 +402,7 @@ class Agent:
             for runtime in list(self.runtimes.values()):
                 if runtime.child is not None:
                     tasks.start_soon(supervisor.stop, runtime.child, self.config.grace_period)
+        await self.fetcher.close()
 
     def status(self) -> dict[str, Any]:
         host = detect_host_memory(self.config.host_memory)

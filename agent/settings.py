@@ -160,8 +160,11 @@ def string_list(parse: Callable[[list[str], str], Any], name: str, metavar: str)
             raise InvalidValue(f"{where}: expected {name}, got {shown(value)}")
         return parse(items, where)
 
-    return Kind(name, (str, list), convert, show=lambda v: sorted(v), describe=lambda v: ",".join(sorted(v)),
-                metavar=metavar, repeatable=True)  # fmt: skip
+    def show(value: Any) -> list[str]:
+        return sorted(map(str, value))
+
+    return Kind(name, (str, list), convert, show=show, describe=lambda v: ",".join(show(v)), metavar=metavar,
+                repeatable=True)  # fmt: skip
 
 
 def port_range(text: str, field: str = "--ports") -> range:
@@ -189,6 +192,14 @@ QUANTITY = Kind(
     describe=lambda v: f"{v} ({format_bytes(v)})",
     metavar="Q",
 )
+DISK_QUANTITY = Kind(
+    "quantity (e.g. 1Gi, 0 for none)",
+    (str, int),
+    lambda value, where: parse_quantity(value, where, positive=False),
+    describe=lambda v: f"{v} ({format_bytes(v)})",
+    metavar="Q",
+)
+PATHS = string_list(lambda items, where: tuple(_path(item, where) for item in items), "list of paths", "DIR")
 FRACTION = Kind("fraction (0 < f <= 1)", (int, float), parse_fraction, _number_text, metavar="F")
 BOOLEAN = Kind("boolean", (bool,), lambda value, where: value, _bool_text, describe=lambda v: str(v).lower())
 PATH = Kind("path", (str,), _path, show=str, metavar="PATH", is_path=True)
@@ -275,6 +286,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backoff_cap", "servers", "backoff_cap", seconds(0), 60.0, "longest delay between restarts"),
     Setting("crash_loop_after", "servers", "crash_loop_after", integer(1, 1000), 5,
             "failures without a healthy start before a unit shows CrashLoop"),
+    Setting("model_store", "models", "store", PATH, None,
+            "where downloaded models are kept (default: $XDG_DATA_HOME/metal-agent/models, else "
+            "~/.local/share/metal-agent/models)", example="~/models/store"),
+    Setting("model_root", "models", "roots", PATHS, None,
+            "directories local model files may lie in, besides the store and (standalone) the manifest directory; "
+            "the flag may be repeated", example=["~/models"]),
+    Setting("min_free_disk", "models", "min_free_disk", DISK_QUANTITY, "1Gi", "disk space a download must leave free"),
     Setting("kube", "kubernetes", "enabled", BOOLEAN, False,
             "take Models and InferenceServices from the Kubernetes API (list, then watch) instead of --manifests",
             field="kube_enabled"),
@@ -308,6 +326,7 @@ SECTION_TITLES = {
     "api": "The local HTTP API.",
     "memory": "The host memory budget for all models together.",
     "servers": "Inference servers: ports, start-up, health and restarts.",
+    "models": "Model files: the download store and the directories local models may come from.",
     "kubernetes": "Kubernetes mode: which cluster, which namespace and which objects this agent serves.",
     "log": "Logs, written to stderr (the --log-level and --log-format flags work on every command).",
 }

@@ -32,6 +32,7 @@ class UnitRuntime:
     actual: dict[str, int] = field(default_factory=dict)
     executor: str | None = None
     event_at: float | None = None  # monotonic time of the first event not yet reconciled (pipeline latency)
+    download: dict[str, Any] | None = None  # bytes done / total while a remote model downloads
 
     def poke(self) -> None:
         self.wake.set()
@@ -63,4 +64,5 @@ class UnitRuntime:
             "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
             "restarts": self.restarts,
             "executor": self.executor,
+            "download": self.download,
         }

@@ -33,7 +33,13 @@ async def bench(count: int, folder: Path) -> tuple[float, int]:
         model = ModelSpec(name=f"m{i}", namespace="bench", source=str(model_path), memory_budget="512Mi")
         service = ServiceSpec(name=f"s{i}", namespace="bench", model_ref=f"m{i}", context_size=1024)
         events += [Event(EventType.ADDED, model), Event(EventType.ADDED, service)]
-    config = AgentConfig(state_dir=folder / "state", memory_fraction=0.0001, host_memory=64 * GiB, probe_interval=3600)
+    config = AgentConfig(
+        state_dir=folder / "state",
+        memory_fraction=0.0001,
+        host_memory=64 * GiB,
+        probe_interval=3600,
+        model_roots=(folder,),
+    )
     agent = Agent(config, load_plugins(entry_points=False))
 
     async def stream() -> AsyncIterator[Event]:

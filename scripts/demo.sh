@@ -9,5 +9,5 @@ echo
 echo "== metal-agent estimate config/samples/tiny-model.yaml   (would it fit? nothing is started)"
 metal-agent estimate config/samples/tiny-model.yaml
 echo
-echo "== metal-agent run --manifests config/samples   (Ctrl-C stops the agent and its servers)"
-exec metal-agent run --manifests config/samples --state-dir .state "$@"
+echo "== metal-agent run --manifests config/samples --model-root demo   (Ctrl-C stops the agent and its servers)"
+exec metal-agent run --manifests config/samples --model-root demo --state-dir .state "$@"

@@ -41,7 +41,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),
              "--api-port", str(self.port), "--poll-interval", "0.2", "--startup-timeout", "30",
-             "--grace-period", "3", *extra],
+             "--grace-period", "3", "--model-root", str(state.parent), "--model-store", str(state.parent / "store"),
+             *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
 

@@ -107,7 +107,7 @@ def objects(tmp_path: Path, runtime: str, budget: str = "512Mi") -> list[Event]:
 
 def make_agent(tmp_path: Path) -> Agent:
     config = AgentConfig(state_dir=tmp_path / "state", backoff_base=0.01, backoff_cap=0.05, crash_loop_after=3,
-                         startup_timeout=10, grace_period=1, probe_interval=0.05)  # fmt: skip
+                         startup_timeout=10, grace_period=1, probe_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
     return Agent(config, load_plugins(extra=[Executors()], entry_points=False))
 
 
