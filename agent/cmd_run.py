@@ -163,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     elif not args.manifests.is_dir():
         print(f"error: {settings.where('manifests')}: {args.manifests} is not a directory", file=sys.stderr)
         return 2
+    for root in args.model_root or ():
+        if not root.is_dir():
+            print(f"error: {settings.where('model_root')}: {root} is not a directory", file=sys.stderr)
+            return 2
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -170,10 +174,6 @@ def run(args: argparse.Namespace) -> int:
             f"error: {settings.where('state_dir')}: cannot create {config.state_dir}: {exc.strerror}", file=sys.stderr
         )
         return 2
-    for root in args.model_root or ():
-        if not root.is_dir():
-            print(f"error: {settings.where('model_root')}: {root} is not a directory", file=sys.stderr)
-            return 2
     lock = InstanceLock(config.state_dir)
     try:
         lock.acquire()

@@ -145,6 +145,13 @@ def file_values(document: Mapping[str, Any], path: Path, settings: Sequence[Sett
     return found
 
 
+def _beside(file: Path, raw: Any) -> Any:
+    """A relative path in a config file is taken relative to the file; anything else is left to the kind."""
+    if isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
+        return str(file.parent / raw)
+    return raw
+
+
 def env_values(env: Mapping[str, str], settings: Sequence[Setting]) -> dict[str, str]:
     """``METAL_AGENT_*`` variables by setting name; an empty variable counts as unset, an unknown one is an error."""
     by_env = {s.env: s for s in settings}
@@ -177,8 +184,8 @@ def resolve(
             if s.name in from_file:
                 assert file is not None
                 raw = from_file[s.name]
-                if s.kind.is_path and isinstance(raw, str) and raw and not Path(raw).expanduser().is_absolute():
-                    raw = str(file.parent / raw)  # relative to the file, before the kind checks the path
+                if s.kind.is_path:  # relative to the file, before the kind checks the path
+                    raw = [_beside(file, r) for r in raw] if isinstance(raw, list) else _beside(file, raw)
                 entry = Entry(s, s.kind.check(raw, f"{file}: {s.dotted}"), "file", str(file))
             if s.name in from_env:
                 entry = Entry(s, s.kind.check(s.kind.from_text(from_env[s.name], s.env), s.env), "env", s.env)

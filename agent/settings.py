@@ -151,7 +151,7 @@ def text(check: Callable[[str, str], Any], name: str, metavar: str) -> Kind:
     return Kind(name, (str,), check, metavar=metavar)
 
 
-def string_list(parse: Callable[[list[str], str], Any], name: str, metavar: str) -> Kind:
+def string_list(parse: Callable[[list[str], str], Any], name: str, metavar: str, is_path: bool = False) -> Kind:
     """A TOML array of strings, or (flag, environment) comma-separated text; ``parse`` checks the items."""
 
     def convert(value: str | list[Any], where: str) -> Any:
@@ -164,7 +164,7 @@ def string_list(parse: Callable[[list[str], str], Any], name: str, metavar: str)
         return sorted(map(str, value))
 
     return Kind(name, (str, list), convert, show=show, describe=lambda v: ",".join(show(v)), metavar=metavar,
-                repeatable=True)  # fmt: skip
+                repeatable=True, is_path=is_path)  # fmt: skip
 
 
 def port_range(text: str, field: str = "--ports") -> range:
@@ -199,7 +199,9 @@ DISK_QUANTITY = Kind(
     describe=lambda v: f"{v} ({format_bytes(v)})",
     metavar="Q",
 )
-PATHS = string_list(lambda items, where: tuple(_path(item, where) for item in items), "list of paths", "DIR")
+PATHS = string_list(
+    lambda items, where: tuple(_path(item, where) for item in items), "list of paths", "DIR", is_path=True
+)
 FRACTION = Kind("fraction (0 < f <= 1)", (int, float), parse_fraction, _number_text, metavar="F")
 BOOLEAN = Kind("boolean", (bool,), lambda value, where: value, _bool_text, describe=lambda v: str(v).lower())
 PATH = Kind("path", (str,), _path, show=str, metavar="PATH", is_path=True)

@@ -11,8 +11,10 @@ from kubeapi import KubeAPI
 
 @pytest.fixture(autouse=True)
 def no_user_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every test runs without the developer's own configuration: no config file, no METAL_AGENT_* variables."""
+    """Every test runs without the developer's own configuration (no config file, no METAL_AGENT_* variables) and
+    never writes to the developer's model store."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     for name in list(os.environ):
         if name.startswith("METAL_AGENT_"):
             monkeypatch.delenv(name)

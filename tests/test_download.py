@@ -320,7 +320,7 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(
     ("flags", "error"),
     [
         (["--min-free-disk", "24GB"], 'error: --min-free-disk: "24GB" is not a Kubernetes quantity'),
-        (["--model-root", "nowhere"], "error: --model-root nowhere is not a directory"),
+        (["--model-root", "nowhere"], "error: --model-root: nowhere is not a directory"),
     ],
 )
 def test_bad_download_settings_exit_2_and_start_nothing(

@@ -192,7 +192,9 @@ async def test_lines_of_a_units_worker_carry_its_unit_executor_and_pid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     logs.configure("info", "json")
-    config = AgentConfig(state_dir=tmp_path / "state", backoff_base=60, startup_timeout=10, grace_period=1)
+    config = AgentConfig(
+        state_dir=tmp_path / "state", backoff_base=60, startup_timeout=10, grace_period=1, model_roots=(tmp_path,)
+    )
     agent = Agent(config, load_plugins(extra=[ChattyPlugin()], entry_points=False))
     model = ModelSpec(name="m", namespace="d", source=str(write_tiny_gguf(tmp_path / "m.gguf", TinyShape())))
     events = [

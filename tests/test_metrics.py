@@ -111,7 +111,7 @@ class Scraper:
 def make_agent(tmp_path: Path, plugin: Plugin, **overrides: Any) -> Agent:
     config = AgentConfig(
         state_dir=tmp_path / "state", startup_timeout=10, grace_period=1, probe_interval=0.05,
-        host_memory=16 << 30, memory_fraction=0.005, **overrides,
+        host_memory=16 << 30, memory_fraction=0.005, model_roots=(tmp_path,), **overrides,
     )  # fmt: skip
     return Agent(config, load_plugins(extra=[plugin], entry_points=False))
 

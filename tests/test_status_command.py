@@ -104,6 +104,7 @@ def configured_agent(tmp_path: Path) -> Iterator[tuple[ConfiguredAgent, Path]]:
     config.write_text(
         f'[agent]\nmanifests = "manifests"\nstate_dir = "state"\npoll_interval = 0.2\n[api]\nport = {port}\n'
         '[memory]\nhost_memory = "16Gi"\nfraction = 0.005\n[servers]\nstartup_timeout = 30\ngrace_period = 3\n'
+        '[models]\nroots = ["."]\nstore = "store"\n'
     )
     process = ConfiguredAgent(config, port)
     yield process, config
