@@ -143,6 +143,7 @@ class Agent:
         if unit is None or not unit.wanted:
             await self._teardown(runtime)
             if unit is None and not missing_reason:  # the InferenceService itself is gone
+                await self._set(runtime, "Deleted", "Deleted", "the InferenceService was deleted")  # reporters clean up
                 return True
             phase, reason = ("Stopped", "Suspended") if unit else ("Pending", "ModelNotFound")
             await self._set(runtime, phase, reason, missing_reason or "replicas is 0 or suspend is true")
