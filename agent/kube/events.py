@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -64,7 +64,7 @@ class EventRecorder:
         self,
         api_client: Any,
         instance: str,
-        uid_of: Callable[[str, str], str | None] = lambda namespace, name: None,
+        uid_of: Callable[[str, str], Awaitable[str | None]] | None = None,
         queue_size: int = 256,
         series_window: float = 600.0,
         retry: Retry = DEFAULT_RETRY,
@@ -124,7 +124,7 @@ class EventRecorder:
         name = f"{event.name[:200]}.{time.time_ns():x}"
         regarding = {"apiVersion": API_VERSION, "kind": "InferenceService", "namespace": event.namespace}
         regarding["name"] = event.name
-        if uid := self.uid_of(event.namespace, event.name):
+        if self.uid_of is not None and (uid := await self.uid_of(event.namespace, event.name)):
             regarding["uid"] = uid
         body = {
             "apiVersion": "events.k8s.io/v1",

@@ -72,7 +72,9 @@ class KubeReporter:
         self.host_ip = settings.host_ip
         self._api_url: str = getattr(getattr(api_client, "configuration", None), "host", "") or ""
         self.endpoints = Endpoints(api_client, self.host, settings.service_port, settings.retry)
-        self.events = EventRecorder(api_client, f"metal-agent-{self.host}", self._uid, settings.event_queue)
+        self.events = EventRecorder(
+            api_client, f"metal-agent-{self.host}", self._uid, settings.event_queue, retry=settings.retry
+        )
         self.desired: dict[str, _Desired] = {}
         self.written: dict[str, dict[str, Any]] = {}  # the status on the server, as far as this agent knows
         self.uids: dict[str, str] = {}
@@ -109,8 +111,21 @@ class KubeReporter:
         namespace, name = key.split("/", 1)
         self.events.emit(Event(namespace, name, "Warning" if warning else "Normal", why, action, message))
 
-    def _uid(self, namespace: str, name: str) -> str | None:
-        return self.uids.get(f"{namespace}/{name}")
+    async def _uid(self, namespace: str, name: str) -> str | None:
+        """The InferenceService's uid (for Events' ``regarding``), read once if the status writer has not yet."""
+        key = f"{namespace}/{name}"
+        if key not in self.uids:
+            try:
+                obj = await call(
+                    f"get {key}",
+                    lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+                    self.settings.retry,
+                )
+            except NotFound:
+                return None
+            if isinstance(obj, dict) and (uid := (obj.get("metadata") or {}).get("uid")):
+                self.uids[key] = uid
+        return self.uids.get(key)
 
     # -- the background writer ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -172,7 +187,7 @@ class KubeReporter:
             return True
         if key not in self.written and not await self._read(key, namespace, name):
             return key not in self.desired  # gone (True: nothing left to do) or unreadable (False: try again)
-        endpoint = await self._endpoints(key, desired)
+        endpoint, registered = await self._endpoints(key, desired)
         unit = desired.unit
         port = desired.status.get("port")
         new = strip_nulls(
@@ -188,7 +203,7 @@ class KubeReporter:
         )
         patch = merge_patch(self.written[key], new)
         if not patch:
-            return True
+            return registered
         try:
             result = await call(
                 f"patch {key}/status",
@@ -204,7 +219,7 @@ class KubeReporter:
             return False
         self.written[key] = new
         self.status_writes += 1
-        return True
+        return registered
 
     async def _read(self, key: str, namespace: str, name: str) -> bool:
         """The object's current status (to diff against) and uid (for owner references and Events)."""
@@ -227,27 +242,32 @@ class KubeReporter:
         ip = self.host_ip or "127.0.0.1"
         return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
-    async def _endpoints(self, key: str, desired: _Desired) -> str | None:
-        """Register (or unregister) the unit's endpoint; the in-cluster URL once it is registered."""
+    async def _endpoints(self, key: str, desired: _Desired) -> tuple[str | None, bool]:
+        """Register (or unregister) the unit's endpoint: the URL to report, and False to try again later.
+
+        A name taken by someone else's object is not retried (the next status change tries again).
+        """
         namespace, name = key.split("/", 1)
         phase, port = desired.status.get("phase"), desired.status.get("port")
         if not self.settings.endpoints:
-            return self._host_url(port) if port else None
+            return (self._host_url(port) if port else None), True
         if phase == "Stopped":
             await self.endpoints.remove(namespace, name)
-            return None
+            return None, True
         applied = self.endpoints.applied.get((namespace, name))
         port = port or (applied.port if applied else None)  # between restarts: keep the Service, not ready
         if not port:
-            return None
+            return None, True
         target = Target(namespace, name, self.host_ip or "127.0.0.1", int(port), phase == "Ready", self.uids.get(key))
         conflicted = (namespace, name) in self.endpoints.conflicts
         if await self.endpoints.ensure(target):
-            return self.endpoints.url(namespace, name)
-        if (namespace, name) in self.endpoints.conflicts and not conflicted and self.settings.events:
+            return self.endpoints.url(namespace, name), True
+        if (namespace, name) not in self.endpoints.conflicts:
+            return None, False  # the API failed (logged): try again
+        if not conflicted and self.settings.events:
             note = f"a Service or EndpointSlice named for {name} exists and is not metal-agent's on {self.host}"
             self.events.emit(Event(namespace, name, "Warning", "EndpointConflict", "Register", note))
-        return None
+        return None, True
 
     # -- stop ------------------------------------------------------------------------------------------------
     async def shutdown(self, timeout: float = 10.0) -> None:
