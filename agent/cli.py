@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent import __version__, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
+from agent import __version__, cmd_deploy, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_estimate.add_parser(subparsers)
     cmd_status.add_parser(subparsers)
     cmd_plugins.add_parser(subparsers)
+    cmd_deploy.add_parser(subparsers)
     return parser
 
 
