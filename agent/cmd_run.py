@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import math
 import os
 import signal
@@ -55,6 +56,11 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    kube = p.add_argument_group("Kubernetes mode: endpoints and identity")
+    kube.add_argument("--agent-name", metavar="NAME", help="this agent in labels and Events (default: host name)")
+    kube.add_argument("--advertise-address", metavar="IP", help="IP for EndpointSlices (default: route to the API)")
+    kube.add_argument("--no-endpoints", action="store_true", help="register no Service/EndpointSlice per unit")
+    kube.add_argument("--service-port", type=int, default=8080, metavar="N", help="port of each unit's Service")
     p.set_defaults(handler=run)
 
 
@@ -69,6 +75,19 @@ def port_range(text: str) -> range:
     return range(low, high + 1)
 
 
+def ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise InvalidValue(f"--advertise-address: {text!r} is not an IP address") from None
+
+
+def port_number(value: int, field: str) -> int:
+    if not 1 <= value <= 65535:
+        raise InvalidValue(f"{field}: {value} is outside 1-65535")
+    return value
+
+
 def config_from(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         ports=port_range(args.ports) if args.ports else None,
@@ -78,6 +97,10 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
         startup_timeout=args.startup_timeout,
         grace_period=args.grace_period,
+        agent_name=args.agent_name,
+        advertise_address=ip_address(args.advertise_address) if args.advertise_address else None,
+        register_endpoints=not args.no_endpoints,
+        service_port=port_number(args.service_port, "--service-port"),
     )
 
 

@@ -54,6 +54,11 @@ class AgentConfig:
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
+    # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
+    agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
+    advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
+    register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
+    service_port: int = 8080
 
 
 class Agent:

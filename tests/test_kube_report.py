@@ -408,3 +408,31 @@ async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_
                 tasks.cancel_scope.cancel()
     reasons = [e["reason"] for e in sorted(events_in(kube_api), key=lambda e: e["eventTime"])]
     assert reasons[:2] == ["Admitted", "Ready"] and "InsufficientMemory" in reasons
+
+
+def test_run_flags_reach_the_reporter_settings() -> None:
+    from agent.cli import build_parser
+    from agent.cmd_run import config_from
+    from agent.kube.report import reporter_settings
+
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--agent-name",
+            "studio",
+            "--advertise-address",
+            "192.168.1.20",
+            "--no-endpoints",
+            "--service-port",
+            "80",
+        ]
+    )
+    chosen = reporter_settings(config_from(args))
+    assert (chosen.host_name, chosen.host_ip, chosen.endpoints, chosen.service_port) == (
+        "studio",
+        "192.168.1.20",
+        False,
+        80,
+    )
+    default = reporter_settings(config_from(build_parser().parse_args(["run"])))
+    assert default.host_ip is None and default.endpoints and default.service_port == 8080 and default.host_name

@@ -28,6 +28,7 @@ from agent.kube.endpoints import Endpoints, Target, detect_host_ip, label_value
 from agent.kube.events import Event, EventRecorder
 from agent.kube.status import SCHEDULING_REASONS, build_status, merge_patch, strip_nulls
 from agent.manifest import GROUP, VERSION
+from agent.pipeline import AgentConfig
 from agent.plugin_manager import Plugins
 from agent.units import ServingUnit
 
@@ -53,6 +54,16 @@ class ReporterSettings:
     concurrency: int = 8  # objects written at once
     retry: Retry = DEFAULT_RETRY
     retry_after: float = 5.0  # seconds before a failed write is tried again
+
+
+def reporter_settings(config: AgentConfig) -> ReporterSettings:
+    """The reporter's settings from the agent's configuration (``metal-agent run`` flags)."""
+    return ReporterSettings(
+        host_name=config.agent_name or default_host_name(),
+        host_ip=config.advertise_address,
+        endpoints=config.register_endpoints,
+        service_port=config.service_port,
+    )
 
 
 @dataclass
