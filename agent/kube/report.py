@@ -281,25 +281,31 @@ class KubeReporter:
         return None, True
 
     # -- stop ------------------------------------------------------------------------------------------------
+    async def _stopped(self, key: str, limiter: anyio.CapacityLimiter) -> None:
+        desired = self.desired.get(key)
+        status: dict[str, Any] = dict(desired.status) if desired else {"unit": key}
+        status.update(
+            phase="Pending",
+            reason="AgentStopped",
+            message=f"metal-agent on {self.host} stopped; the service resumes when it starts again",
+            port=None,
+            endpoint=None,
+            actual=None,
+        )
+        self.desired[key] = _Desired(desired.unit if desired else None, status)
+        async with limiter:
+            if self.settings.endpoints:
+                namespace, name = key.split("/", 1)
+                await self.endpoints.remove(namespace, name)
+            await self._sync(key)
+
     async def shutdown(self, timeout: float = 10.0) -> None:
         """The agent is stopping (its servers with it): endpoints removed, statuses say so, within ``timeout``."""
+        limiter = anyio.CapacityLimiter(self.settings.concurrency)
         with anyio.move_on_after(timeout, shield=True):
-            for key in list(self.written):
-                desired = self.desired.get(key)
-                status: dict[str, Any] = dict(desired.status) if desired else {"unit": key}
-                status.update(
-                    phase="Pending",
-                    reason="AgentStopped",
-                    message=f"metal-agent on {self.host} stopped; the service resumes when it starts again",
-                    port=None,
-                    endpoint=None,
-                    actual=None,
-                )
-                self.desired[key] = _Desired(desired.unit if desired else None, status)
-                if self.settings.endpoints:
-                    namespace, name = key.split("/", 1)
-                    await self.endpoints.remove(namespace, name)
-                await self._sync(key)
+            async with anyio.create_task_group() as tasks:
+                for key in list(self.written):
+                    tasks.start_soon(self._stopped, key, limiter)
         self.events.close()
 
 
