@@ -17,6 +17,8 @@ import structlog
 
 from agent.api import serve
 from agent.instance_lock import AlreadyRunning, InstanceLock
+from agent.kube import flags as kube_flags
+from agent.kube.source import ConfigError, KubeSource, load_configuration
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
@@ -33,8 +35,9 @@ def add_parser(subparsers: Any) -> None:
         "run",
         help="run the agent",
         description=(
-            "Run the agent on a directory of Model and InferenceService manifests (standalone mode): every "
-            "serving unit is checked against its budget and the host budget before its server starts."
+            "Run the agent on a directory of Model and InferenceService manifests (standalone mode), or with "
+            "--kube on the objects of a Kubernetes cluster: every serving unit is checked against its budget and "
+            "the host budget before its server starts."
         ),
     )
     p.add_argument("--manifests", type=Path, default=Path("config/samples"), help="manifest directory")
@@ -56,6 +59,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    kube_flags.add_arguments(p)
     kube = p.add_argument_group("Kubernetes mode: endpoints and identity")
     kube.add_argument("--agent-name", metavar="NAME", help="this agent in labels and Events (default: host name)")
     kube.add_argument("--advertise-address", metavar="IP", help="IP for EndpointSlices (default: route to the API)")
@@ -97,6 +101,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
         startup_timeout=args.startup_timeout,
         grace_period=args.grace_period,
+        kube=kube_flags.settings_from(args),
         agent_name=args.agent_name,
         advertise_address=ip_address(args.advertise_address) if args.advertise_address else None,
         register_endpoints=not args.no_endpoints,
@@ -104,11 +109,12 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
+async def main_async(args: argparse.Namespace, config: AgentConfig, kube: KubeSource | None = None) -> None:
     agent = Agent(config, load_plugins())
     runner = await serve(agent, args.api_host, args.api_port)
     log = structlog.get_logger("metal_agent")
-    log.info("agent started", manifests=str(args.manifests), api=f"http://{args.api_host}:{args.api_port}/status")
+    where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
+    log.info("agent started", **where, api=f"http://{args.api_host}:{args.api_port}/status")
     try:
         async with anyio.create_task_group() as tasks:
 
@@ -127,8 +133,12 @@ async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:
             async def source() -> None:
                 synced = functools.partial(send.send_nowait, SYNCED)
                 async with send:
-                    async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
-                        await send.send(event)
+                    if kube is not None:
+                        agent.source_status = kube.status
+                        await kube.run(send, agent.set_source_errors)
+                    else:
+                        async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
+                            await send.send(event)
 
             tasks.start_soon(source)
             tasks.start_soon(agent.run, receive)
@@ -145,7 +155,14 @@ def run(args: argparse.Namespace) -> int:
     except InvalidValue as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.manifests.is_dir():
+    kube = None
+    if config.kube is not None:
+        try:
+            kube = KubeSource(config.kube, *anyio.run(load_configuration, config.kube))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif not args.manifests.is_dir():
         print(f"error: --manifests {args.manifests} is not a directory", file=sys.stderr)
         return 2
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mlock:
         os.environ[MLOCK_ENV] = "1"
     try:
-        anyio.run(main_async, args, config)
+        anyio.run(main_async, args, config, kube)
     finally:
         lock.release()
     return 0

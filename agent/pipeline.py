@@ -9,7 +9,7 @@ Per unit: resolve_budget → preflight → ledger admission → executor command
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.hookspecs import Executor
 from agent.hostmem import HostMemory, detect_host_memory
+from agent.kube.settings import KubeSettings
 from agent.ledger import Ledger
 from agent.llama_memlog import parse_memory_log
 from agent.manifest import ModelSpec, ServiceSpec
@@ -54,6 +55,7 @@ class AgentConfig:
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
+    kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
     # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
     agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
     advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
@@ -72,6 +74,7 @@ class Agent:
         self.ledger = Ledger(resolve_budget(self.host.total_bytes, None, None, config.memory_fraction).bytes)
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
+        self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
         self.state_path = config.state_dir / "children.json"
         # Children a previous agent started that are still running: adopted if their unit still wants them.
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
@@ -365,4 +368,5 @@ class Agent:
             },
             "units": [runtime.status() for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)],
             "manifest_errors": dict(self.source_errors),
+            **({"watch": self.source_status()} if self.source_status else {}),
         }

@@ -147,14 +147,7 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         self.recorded.append(record)
         resource = _resource(request)
         try:
-            for failure in self.failures:
-                if failure.when(record):
-                    failure.remaining -= 1
-                    self.failures[:] = [f for f in self.failures if f.remaining > 0]
-                    raise ApiError(failure.status, "InternalError", f"injected failure (HTTP {failure.status})")
-            if verb == "watch" and self.gone_next and self.gone_next[0] == "http":
-                self.gone_next.pop(0)
-                raise ApiError(410, "Expired", f"too old resource version: {params.get('resourceVersion')}")
+            self._inject_faults(record, params)
             if resource is None or verb is None:
                 response = await super()._handle(request)
                 record.status = response.status
@@ -171,6 +164,17 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         record.status = status
         result: aiohttp.web.StreamResponse = await Response(status=status, payload=payload)(request)
         return result
+
+    def _inject_faults(self, record: RecordedRequest, params: dict[str, str]) -> None:
+        with self.store.lock:  # the test thread arms faults while the server thread consumes them
+            for failure in self.failures:
+                if failure.when(record):
+                    failure.remaining -= 1
+                    self.failures[:] = [f for f in self.failures if f.remaining > 0]
+                    raise ApiError(failure.status, "InternalError", f"injected failure (HTTP {failure.status})")
+            if record.verb == "watch" and self.gone_next and self.gone_next[0] == "http":
+                self.gone_next.pop(0)
+                raise ApiError(410, "Expired", f"too old resource version: {params.get('resourceVersion')}")
 
     def _serve(
         self, request: Request, record: RecordedRequest, resource: Resource, verb: str, params: dict[str, str]
@@ -474,7 +478,14 @@ class KubeAPI:
 
     def fail_next(self, n: int = 1, status: int = 500, when: Callable[[RecordedRequest], bool] | None = None) -> None:
         """The next n requests (matching `when`, default: every resource request) answer `status`."""
-        self.handler.failures.append(_Failure(n, status, when or (lambda r: r.verb is not None)))
+        with self.store.lock:
+            self.handler.failures.append(_Failure(n, status, when or (lambda r: r.verb is not None)))
+
+    def clear_faults(self) -> None:
+        """Forget pending injected failures and forced 410s."""
+        with self.store.lock:
+            self.handler.failures.clear()
+            self.handler.gone_next.clear()
 
     def disconnect_watches(self) -> int:
         """Abort every open watch connection mid-stream; returns how many there were."""
@@ -488,7 +499,8 @@ class KubeAPI:
         """The next n watches answer 410 Gone: an ERROR event with a Status of code 410 in a 200 stream, as a real
         API server sends it (`event`), or an HTTP 410 (`http`)."""
         assert mode in ("event", "http")
-        self.handler.gone_next.extend([mode] * n)
+        with self.store.lock:
+            self.handler.gone_next.extend([mode] * n)
 
     def compact(self) -> None:
         """Forget the event history: a watch from any resourceVersion older than the current one gets 410 Gone."""

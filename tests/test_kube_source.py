@@ -1,0 +1,327 @@
+"""The Kubernetes source: backoff, settings, the ownership filter and resync diff, and the real client against the
+fake API (list, watch, resume, bookmarks, 410 re-list, failures)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ObjectReceiveStream
+from kubeapi import KubeAPI, RecordedRequest
+
+from agent.kube import flags
+from agent.kube.ownership import Ownership, Visibility, api_path
+from agent.kube.settings import (
+    KubeSettings,
+    check_label_selector,
+    default_accelerators,
+    parse_accelerators,
+    parse_only,
+)
+from agent.kube.source import ConfigError, KubeSource, load_configuration
+from agent.kube.watch_loop import backoff_delay
+from agent.manifest import ModelSpec, ServiceSpec
+from agent.quantity import InvalidValue
+from agent.standalone import SYNCED, Event, EventType, Synced
+
+API = "inference.llmkube.dev/v1alpha1"
+
+
+def model(name: str, accelerator: str = "cpu", namespace: str = "default", **extra: Any) -> dict[str, Any]:
+    meta = {"name": name, "namespace": namespace, **extra.pop("meta", {})}
+    return {"apiVersion": API, "kind": "Model", "metadata": meta,
+            "spec": {"source": f"/m/{name}.gguf", "hardware": {"accelerator": accelerator, **extra}}}  # fmt: skip
+
+
+def service(name: str, model_ref: str | None = None, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "InferenceService", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"modelRef": model_ref or name, **spec}}  # fmt: skip
+
+
+def summary(events: list[Event]) -> list[tuple[str, str, str]]:
+    return [(e.type.value, type(e.obj).__name__, e.obj.name) for e in events]
+
+
+# ---------------------------------------------------------------- backoff and settings
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    assert [backoff_delay(n, 0.5, 30, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff_delay(20, 0.5, 30, rand=lambda: 1.0) == 30 and backoff_delay(20, 0.5, 30, rand=lambda: 0.0) == 15
+    delays = {backoff_delay(5, 0.5, 30) for _ in range(50)}
+    assert len(delays) > 1 and all(4.0 <= d <= 8.0 for d in delays)
+
+
+def test_settings_validate_every_flag_with_its_name() -> None:
+    assert parse_accelerators(["metal,cpu", "metal"]) == ("metal", "cpu")
+    with pytest.raises(InvalidValue, match="--accelerators: 'gpu' is not one of"):
+        parse_accelerators(["gpu"])
+    assert parse_only(["default/a,ml/b", "default/a"]) == {"default/a", "ml/b"}
+    for bad in ("a", "Default/a", "default/", "/a", "default/a_b"):
+        with pytest.raises(InvalidValue, match="--only"):
+            parse_only([bad])
+    for good in ("app=llm", "app==llm,tier!=web", "tier in (gpu, cpu)", "x notin (a),!y,z", "example.com/node=mac-1"):
+        assert check_label_selector(good) == good
+    for bad in ("app=(", "in (a)", "app=a b", "=x"):
+        with pytest.raises(InvalidValue, match="--label-selector"):
+            check_label_selector(bad)
+
+
+def test_default_accelerators_follow_the_platform() -> None:
+    assert default_accelerators("Darwin") == ("metal", "cpu")
+    assert default_accelerators("Linux", has_nvidia_gpu=True) == ("cuda",)
+    assert default_accelerators("Linux", has_nvidia_gpu=False) == ("cpu",)
+
+
+def parse_run(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    flags.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_make_settings_and_refuse_kube_flags_without_kube() -> None:
+    settings = flags.settings_from(parse_run("--kube", "--namespace", "ml", "--only", "ml/a,ml/b", "--only", "ml/c",
+                                             "--accelerators", "metal", "--label-selector", "node=mac-1"))  # fmt: skip
+    assert settings == KubeSettings(namespace="ml", only=frozenset({"ml/a", "ml/b", "ml/c"}),
+                                    accelerators=("metal",), label_selector="node=mac-1")  # fmt: skip
+    assert flags.settings_from(parse_run()) is None
+    with pytest.raises(InvalidValue, match="--namespace needs --kube"):
+        flags.settings_from(parse_run("--namespace", "ml"))
+    with pytest.raises(SystemExit):
+        parse_run("--kube", "--namespace", "ml", "--all-namespaces")
+
+
+# ---------------------------------------------------------------- ownership and the resync diff
+
+
+def test_first_listing_adds_owned_objects_models_first() -> None:
+    view = Visibility(Ownership(frozenset({"metal", "cpu"})))
+    assert view.listed("InferenceService", [service("a"), service("gpu")]) == []  # their Models are not known yet
+    events = view.listed("Model", [model("a"), model("gpu", accelerator="cuda")])
+    assert summary(events) == [("ADDED", "ModelSpec", "a"), ("ADDED", "ServiceSpec", "a")]
+    assert events[0].obj.origin == api_path("Model", "default", "a")
+
+
+def test_status_and_metadata_only_changes_yield_nothing_and_spec_changes_modify() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("a")])
+    view.listed("InferenceService", [service("a")])
+    touched = model("a", meta={"generation": 7, "resourceVersion": "99", "labels": {"x": "y"}})
+    assert view.changed("Model", "MODIFIED", {**touched, "status": {"phase": "Ready"}}) == []
+    events = view.changed("Model", "MODIFIED", model("a", memoryBudget="1Gi"))
+    assert summary(events) == [("MODIFIED", "ModelSpec", "a")]
+    assert isinstance(events[0].obj, ModelSpec) and events[0].obj.memory_budget == "1Gi"
+
+
+def test_relist_reconciles_deleted_changed_and_new_objects() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("keep"), model("gone"), model("changed")])
+    events = view.listed("Model", [model("keep"), model("changed", memoryBudget="2Gi"), model("new")])
+    assert sorted(summary(events)) == [("ADDED", "ModelSpec", "new"), ("DELETED", "ModelSpec", "gone"),
+                                       ("MODIFIED", "ModelSpec", "changed")]  # fmt: skip
+
+
+def test_a_model_moved_to_another_accelerator_takes_its_services_away() -> None:
+    view = Visibility(Ownership(frozenset({"metal"})))
+    view.listed("Model", [model("a", accelerator="metal")])
+    view.listed("InferenceService", [service("a")])
+    events = view.changed("Model", "MODIFIED", model("a", accelerator="cuda"))
+    assert summary(events) == [("DELETED", "ModelSpec", "a"), ("DELETED", "ServiceSpec", "a")]
+    events = view.changed("Model", "MODIFIED", model("a", accelerator="metal"))
+    assert summary(events) == [("ADDED", "ModelSpec", "a"), ("ADDED", "ServiceSpec", "a")]
+
+
+def test_allowlist_limits_services_and_shows_a_named_one_without_its_model() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"}), only=frozenset({"default/mine", "default/orphan"})))
+    view.listed("Model", [model("mine"), model("theirs")])
+    events = view.listed("InferenceService", [service("mine"), service("theirs"), service("orphan")])
+    assert summary(events) == [("ADDED", "ServiceSpec", "mine"), ("ADDED", "ServiceSpec", "orphan")]
+    unlisted = Visibility(Ownership(frozenset({"cpu"})))
+    assert unlisted.listed("InferenceService", [service("orphan")]) == []  # maybe another agent's: not reported
+
+
+def test_invalid_objects_are_reported_skipped_and_keep_their_last_good_version() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("a")])
+    where = api_path("Model", "default", "a")
+    assert view.changed("Model", "MODIFIED", model("a", memoryBudget="-1Gi")) == []
+    assert "memoryBudget" in view.errors[where] and ("ModelSpec", "default", "a") in view.visible
+    fixed = view.changed("Model", "MODIFIED", model("a", memoryBudget="1Gi"))
+    assert summary(fixed) == [("MODIFIED", "ModelSpec", "a")]
+    assert where not in view.errors
+    view.changed("Model", "ADDED", model("b", memoryFraction=2))
+    assert api_path("Model", "default", "b") in view.errors and ("ModelSpec", "default", "b") not in view.raw
+    view.changed("Model", "DELETED", model("b", memoryFraction=2))
+    assert not view.errors
+
+
+def test_an_object_being_deleted_stops_being_served_at_once() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("a")])
+    events = view.changed("Model", "MODIFIED", model("a", meta={"deletionTimestamp": "2026-01-01T00:00:00Z"}))
+    assert summary(events) == [("DELETED", "ModelSpec", "a")]
+
+
+# ---------------------------------------------------------------- the source with the real client
+
+
+class Running:
+    def __init__(self, source: KubeSource, receive: ObjectReceiveStream[Event | Synced]) -> None:
+        self.source, self.receive = source, receive
+
+    async def take(self, count: int, timeout: float = 10) -> list[Event | Synced]:
+        with anyio.fail_after(timeout):
+            return [await self.receive.receive() for _ in range(count)]
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.01)
+
+
+@pytest.fixture
+async def running(kube_api: KubeAPI, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
+    overrides = getattr(request, "param", {})
+    settings = KubeSettings(namespace="default", accelerators=("cpu",), backoff_base=0.02, backoff_cap=0.1,
+                            **overrides)  # fmt: skip
+    source = KubeSource(settings, kube_api.configuration(), "default")
+    send, receive = anyio.create_memory_object_stream[Event | Synced](1000)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(source.run, send)
+        yield Running(source, receive)
+        tasks.cancel_scope.cancel()
+
+
+def verbs(kube_api: KubeAPI, verb: str) -> list[RecordedRequest]:
+    return [r for r in kube_api.requests if r.verb == verb and r.resource in ("models", "inferenceservices")]
+
+
+@pytest.fixture
+def populated(kube_api: KubeAPI) -> KubeAPI:
+    for name in ("a", "b"):
+        kube_api.apply(model(name))
+        kube_api.apply(service(name))
+    kube_api.apply(model("other", namespace="elsewhere"))
+    return kube_api
+
+
+@pytest.mark.anyio
+async def test_lists_then_synced_then_watches_from_the_listing(populated: KubeAPI, running: Running) -> None:
+    events = await running.take(5)
+    assert events[-1] is SYNCED
+    assert sorted(summary(events[:4])) == [("ADDED", "ModelSpec", "a"), ("ADDED", "ModelSpec", "b"),  # type: ignore[arg-type]
+                                           ("ADDED", "ServiceSpec", "a"), ("ADDED", "ServiceSpec", "b")]  # fmt: skip
+    await running.until(lambda: populated.open_watches == 2)
+    lists, watches = verbs(populated, "list"), verbs(populated, "watch")
+    assert [r.namespace for r in lists + watches] == ["default"] * 4
+    for watch in watches:
+        assert watch.query["allowWatchBookmarks"] == "True" and int(watch.query["timeoutSeconds"]) == 300
+        assert watch.query["resourceVersion"] == next(r for r in lists if r.resource == watch.resource).query.get(
+            "resourceVersion", str(populated.resource_version))  # fmt: skip
+    status = running.source.status()
+    assert status["synced"] and status["kinds"]["models"]["connected"] and status["objects"] == {"seen": 4, "served": 4}
+
+
+@pytest.mark.anyio
+async def test_changes_flow_and_status_writes_yield_nothing(populated: KubeAPI, running: Running) -> None:
+    first = await running.take(5)
+    assert first[-1] is SYNCED and sorted(summary(first[:4]))[0] == ("ADDED", "ModelSpec", "a")  # type: ignore[arg-type]
+    await running.until(lambda: populated.open_watches == 2)
+    populated.apply({**model("a"), "status": {"phase": "Ready"}})  # the agent's own kind of write: status only
+    populated.apply(model("b", memoryBudget="1Gi"))
+    populated.delete("InferenceService", "a")
+    events = await running.take(2)
+    assert summary(events) == [("MODIFIED", "ModelSpec", "b"), ("DELETED", "ServiceSpec", "a")]  # type: ignore[arg-type]
+    assert len(verbs(populated, "list")) == 2  # one per kind: everything after came through the watch
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("running", [{"watch_timeout": 1}], indirect=True)
+async def test_a_timed_out_watch_resumes_from_the_last_resource_version(populated: KubeAPI, running: Running) -> None:
+    await running.take(5)
+    populated.apply(model("b", memoryBudget="1Gi"))
+    assert summary(await running.take(1)) == [("MODIFIED", "ModelSpec", "b")]  # type: ignore[arg-type]
+    await running.until(lambda: len(verbs(populated, "watch")) >= 4)  # each kind watched again after timeoutSeconds
+    models = [w for w in verbs(populated, "watch") if w.resource == "models"]
+    assert models[1].query["resourceVersion"] == str(populated.resource_version)
+    assert len(verbs(populated, "list")) == 2 and running.source.states["Model"].reconnects == 0
+
+
+@pytest.mark.anyio
+async def test_bookmarks_advance_the_resource_version(populated: KubeAPI, running: Running) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    populated.apply(model("unseen", namespace="elsewhere"))  # not in the watched namespace: no event, a new version
+    populated.send_bookmarks()
+    state = running.source.states["Model"]
+    await running.until(lambda: state.resource_version == str(populated.resource_version))
+
+
+@pytest.mark.anyio
+async def test_gone_relists_and_reconciles_what_changed_while_disconnected(
+    populated: KubeAPI, running: Running
+) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    populated.fail_next(10_000, when=lambda r: r.verb == "watch")  # keep the source away
+    populated.disconnect_watches()
+    await running.until(lambda: populated.open_watches == 0 and not running.source.states["Model"].connected)
+    populated.delete("InferenceService", "a")
+    populated.delete("Model", "a")
+    populated.apply(model("b", memoryBudget="2Gi"))
+    populated.apply(model("c"))
+    populated.apply(service("c"))
+    populated.compact()  # those events are no longer in the server's history
+    populated.clear_faults()
+    events = await running.take(5)
+    assert sorted(summary(events)) == [  # type: ignore[arg-type]
+        ("ADDED", "ModelSpec", "c"), ("ADDED", "ServiceSpec", "c"), ("DELETED", "ModelSpec", "a"),
+        ("DELETED", "ServiceSpec", "a"), ("MODIFIED", "ModelSpec", "b"),
+    ]  # fmt: skip
+    assert len(verbs(populated, "list")) == 4  # the re-list of each kind
+    assert running.source.states["Model"].reconnects >= 1 and "410" in (running.source.states["Model"].last_error or "")
+    await running.until(lambda: populated.open_watches == 2)
+
+
+@pytest.mark.anyio
+async def test_server_errors_back_off_and_never_end_the_source(kube_api: KubeAPI, running: Running) -> None:
+    kube_api.fail_next(6, status=503)
+    await running.until(lambda: running.source.synced)
+    assert [r.status for r in verbs(kube_api, "list")].count(503) >= 1
+    state = running.source.states["Model"]
+    assert state.last_error and "503" in state.last_error
+    assert await running.take(1) == [SYNCED]
+    kube_api.apply(model("late"))
+    assert summary(await running.take(1)) == [("ADDED", "ModelSpec", "late")]  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("running", [{"label_selector": "node=mac-1"}], indirect=True)
+async def test_label_selector_is_sent_to_the_server(kube_api: KubeAPI, running: Running) -> None:
+    kube_api.apply(model("mine", meta={"labels": {"node": "mac-1"}}))
+    kube_api.apply(model("theirs", meta={"labels": {"node": "mac-2"}}))
+    events = [e for e in await running.take(2) if isinstance(e, Event)]  # the ADDED and SYNCED, in either order
+    assert [e.obj.name for e in events] == ["mine"]
+    assert {r.query.get("labelSelector") for r in verbs(kube_api, "list") + verbs(kube_api, "watch")} == {"node=mac-1"}
+
+
+@pytest.mark.anyio
+async def test_configuration_from_a_kubeconfig_context(kube_api: KubeAPI, tmp_path: Any) -> None:
+    path = kube_api.write_kubeconfig(tmp_path / "config", context="lab", namespace="ml")
+    configuration, namespace = await load_configuration(KubeSettings(kubeconfig=path, context="lab"))
+    assert configuration.host == kube_api.url and namespace == "ml"
+    with pytest.raises(ConfigError, match="--context nope"):
+        await load_configuration(KubeSettings(kubeconfig=path, context="nope"))
+    with pytest.raises(ConfigError, match="--kubeconfig"):
+        await load_configuration(KubeSettings(kubeconfig=tmp_path / "missing"))
+
+
+def test_service_spec_is_what_the_pipeline_gets() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("a")])
+    events = view.listed("InferenceService", [service("a", contextSize=2048)])
+    assert events == [Event(EventType.ADDED, view.visible[("ServiceSpec", "default", "a")])]
+    assert isinstance(events[0].obj, ServiceSpec) and events[0].obj.context_size == 2048
