@@ -18,6 +18,7 @@ import structlog
 from agent.api import serve
 from agent.instance_lock import AlreadyRunning, InstanceLock
 from agent.kube import flags as kube_flags
+from agent.kube.report import start_reporter
 from agent.kube.source import ConfigError, KubeSource, load_configuration
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
@@ -93,6 +94,8 @@ def port_number(value: int, field: str) -> int:
 
 
 def config_from(args: argparse.Namespace) -> AgentConfig:
+    if not args.kube and (args.agent_name or args.advertise_address or args.no_endpoints or args.service_port != 8080):
+        raise InvalidValue("--agent-name, --advertise-address, --no-endpoints and --service-port need --kube")
     return AgentConfig(
         ports=port_range(args.ports) if args.ports else None,
         state_dir=args.state_dir,
@@ -111,6 +114,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 
 async def main_async(args: argparse.Namespace, config: AgentConfig, kube: KubeSource | None = None) -> None:
     agent = Agent(config, load_plugins())
+    reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
     runner = await serve(agent, args.api_host, args.api_port)
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
@@ -142,9 +146,13 @@ async def main_async(args: argparse.Namespace, config: AgentConfig, kube: KubeSo
 
             tasks.start_soon(source)
             tasks.start_soon(agent.run, receive)
+            if reporter is not None:
+                tasks.start_soon(reporter.run)
     finally:
         with anyio.CancelScope(shield=True):
             await agent.shutdown()
+            if reporter is not None:
+                await reporter.close()  # endpoints removed, statuses say the agent stopped
             await runner.cleanup()
             log.info("agent stopped")
 

@@ -414,10 +414,12 @@ def test_run_flags_reach_the_reporter_settings() -> None:
     from agent.cli import build_parser
     from agent.cmd_run import config_from
     from agent.kube.report import reporter_settings
+    from agent.quantity import InvalidValue
 
     args = build_parser().parse_args(
         [
             "run",
+            "--kube",
             "--agent-name",
             "studio",
             "--advertise-address",
@@ -436,3 +438,5 @@ def test_run_flags_reach_the_reporter_settings() -> None:
     )
     default = reporter_settings(config_from(build_parser().parse_args(["run"])))
     assert default.host_ip is None and default.endpoints and default.service_port == 8080 and default.host_name
+    with pytest.raises(InvalidValue, match="need --kube"):
+        config_from(build_parser().parse_args(["run", "--advertise-address", "10.0.0.2"]))

@@ -76,7 +76,7 @@ class KubeReporter:
     """Register with ``register_reporter``; run ``run()`` in a task group; ``shutdown()`` before exit."""
 
     def __init__(self, api_client: Any, settings: ReporterSettings) -> None:
-        self.settings = settings
+        self.settings, self.api_client = settings, api_client
         self.host = label_value(settings.host_name)
         # Any: the bundled stubs omit the generated methods' keyword arguments (_content_type).
         self.custom: Any = CustomObjectsApi(api_client)
@@ -308,9 +308,22 @@ class KubeReporter:
                     tasks.start_soon(self._stopped, key, limiter)
         self.events.close()
 
+    async def close(self, timeout: float = 10.0) -> None:
+        """``shutdown()``, then release the API client."""
+        await self.shutdown(timeout)
+        with anyio.CancelScope(shield=True):
+            await self.api_client.close()
+
 
 def register_reporter(plugins: Plugins, api_client: Any, settings: ReporterSettings | None = None) -> KubeReporter:
     """Build the reporter and register its ``report`` hook; the caller runs ``reporter.run()`` beside the agent."""
     reporter = KubeReporter(api_client, settings or ReporterSettings())
     plugins.manager.register(reporter, name="kube-reporter")
     return reporter
+
+
+def start_reporter(plugins: Plugins, configuration: Any, config: AgentConfig) -> KubeReporter:
+    """``run --kube``: a reporter with its own API client (``close()`` releases it after ``shutdown()``)."""
+    from kubernetes_asyncio.client import ApiClient
+
+    return register_reporter(plugins, ApiClient(configuration), reporter_settings(config))
