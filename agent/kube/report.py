@@ -50,7 +50,7 @@ class ReporterSettings:
     endpoints: bool = True  # register a Service and an EndpointSlice per served unit
     service_port: int = 8080  # the Service's port (the EndpointSlice points at the server's own port)
     events: bool = True
-    event_queue: int = 256
+    event_queue: int = 1024  # a burst (every unit at start) fits; beyond it Events are dropped and counted
     concurrency: int = 8  # objects written at once
     retry: Retry = DEFAULT_RETRY
     retry_after: float = 5.0  # seconds before a failed write is tried again
