@@ -26,6 +26,7 @@ from agent.kube.watch_loop import backoff_delay
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.quantity import InvalidValue
 from agent.standalone import SYNCED, Event, EventType, Synced
+from agent.units import ServingUnit
 
 API = "inference.llmkube.dev/v1alpha1"
 
@@ -319,9 +320,53 @@ async def test_configuration_from_a_kubeconfig_context(kube_api: KubeAPI, tmp_pa
         await load_configuration(KubeSettings(kubeconfig=tmp_path / "missing"))
 
 
+@pytest.mark.anyio
+async def test_configuration_from_kubeconfig_files_listed_in_the_environment(
+    kube_api: KubeAPI, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = tmp_path / "first"
+    first.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    second = kube_api.write_kubeconfig(tmp_path / "second", context="lab", namespace="ml")
+    monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")
+    configuration, namespace = await load_configuration(KubeSettings(context="lab"))
+    assert configuration.host == kube_api.url and namespace == "ml"
+
+
 def test_service_spec_is_what_the_pipeline_gets() -> None:
     view = Visibility(Ownership(frozenset({"cpu"})))
     view.listed("Model", [model("a")])
     events = view.listed("InferenceService", [service("a", contextSize=2048)])
     assert events == [Event(EventType.ADDED, view.visible[("ServiceSpec", "default", "a")])]
     assert isinstance(events[0].obj, ServiceSpec) and events[0].obj.context_size == 2048
+
+
+@pytest.mark.anyio
+async def test_the_first_view_is_one_snapshot_models_first(kube_api: KubeAPI) -> None:
+    kube_api.apply(model("a"))
+    kube_api.apply(service("a"))
+    kube_api.fail_next(1, when=lambda r: r.verb == "list" and r.resource == "models")  # services are listed first
+    settings = KubeSettings(namespace="default", accelerators=("cpu",), only=frozenset({"default/a"}),
+                            backoff_base=0.05, backoff_cap=0.1)  # fmt: skip
+    source = KubeSource(settings, kube_api.configuration(), "default")
+    send, receive = anyio.create_memory_object_stream[Event | Synced](100)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(source.run, send)
+        with anyio.fail_after(10):
+            first = [await receive.receive() for _ in range(3)]
+        tasks.cancel_scope.cancel()
+    lists = [(r.resource, r.status) for r in kube_api.requests if r.verb == "list"]
+    assert lists.index(("inferenceservices", 200)) < lists.index(("models", 200))
+    assert summary(first[:2]) == [("ADDED", "ModelSpec", "a"), ("ADDED", "ServiceSpec", "a")]  # type: ignore[arg-type]
+    assert first[2] is SYNCED
+
+
+def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
+    view = Visibility(Ownership(frozenset({"cpu"})))
+    view.listed("Model", [model("a")])
+    view.listed("InferenceService", [service("a")])
+    before = ServingUnit(view.visible[("ServiceSpec", "default", "a")], view.visible[("ModelSpec", "default", "a")])
+    later = Visibility(Ownership(frozenset({"cpu"})))
+    later.listed("Model", [{**model("a", meta={"generation": 9, "resourceVersion": "5"}), "status": {"x": 1}}])
+    later.listed("InferenceService", [service("a")])
+    after = ServingUnit(later.visible[("ServiceSpec", "default", "a")], later.visible[("ModelSpec", "default", "a")])
+    assert after.model.generation == 9 and before.spec_hash() == after.spec_hash()

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from agent.manifest import API_VERSION, GROUP, VERSION, ManifestError, ModelSpec, ServiceSpec, parse_object
-from agent.standalone import Event, Obj, diff
+from agent.standalone import Event, EventType, Obj, diff
 
 log = structlog.get_logger("metal_agent.kube")
 Key = tuple[str, str, str]
@@ -116,6 +116,11 @@ class Visibility:
         return key
 
     # -- output ---------------------------------------------------------------------------------------------
+    def snapshot(self) -> list[Event]:
+        """Everything served, as ADDED events, Models first: the pipeline's first view."""
+        keys = sorted(self.visible, key=lambda k: (k[0] != "ModelSpec", k))
+        return [Event(EventType.ADDED, self.visible[key]) for key in keys]
+
     def _refresh(self, affected: Iterable[Key]) -> list[Event]:
         old: dict[Key, Obj] = {}
         new: dict[Key, Obj] = {}

@@ -34,13 +34,14 @@ class ConfigError(Exception):
 async def load_configuration(settings: KubeSettings) -> tuple[client.Configuration, str]:
     """The client configuration and the namespace to watch by default (the context's, the pod's or default)."""
     configuration = client.Configuration()
-    path = settings.kubeconfig or Path(os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0])
-    path = path.expanduser()
-    if settings.kubeconfig is not None or path.exists() or settings.context:
+    # $KUBECONFIG may list several files (merged, as kubectl does); --kubeconfig names one.
+    path = str(settings.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
+    files = [Path(p).expanduser() for p in path.split(os.pathsep) if p] if not settings.kubeconfig else [Path(path)]
+    if settings.kubeconfig is not None or settings.context or any(f.exists() for f in files):
         try:
             loader = await config.load_kube_config(
-                config_file=str(path), context=settings.context, client_configuration=configuration,
-                persist_config=False,
+                config_file=os.pathsep.join(str(f) for f in files), context=settings.context,
+                client_configuration=configuration, persist_config=False,
             )  # fmt: skip
         except (config.ConfigException, OSError, KeyError, ValueError) as exc:
             where = f"--kubeconfig {path}" + (f" --context {settings.context}" if settings.context else "")
@@ -100,11 +101,17 @@ class KubeSource:
                     events = self.visibility.changed(item.kind, item.type, item.obj)
                 if on_errors is not None:
                     on_errors(dict(self.visibility.errors))
-                for event in events:
-                    await send.send(event)
+                if self.synced:
+                    for event in events:
+                        await send.send(event)
+                    return
                 others = [s for k, s in self.states.items() if k != item.kind]
-                if isinstance(item, Listed) and not self.synced and all(s.listed for s in others):
-                    self.synced = True  # both kinds listed completely: what is not in them does not exist
+                if isinstance(item, Listed) and all(s.listed for s in others):
+                    # Both kinds listed completely: the pipeline gets one consistent snapshot (Models first), so no
+                    # InferenceService flashes ModelNotFound because its kind happened to be listed first.
+                    self.synced = True
+                    for event in self.visibility.snapshot():
+                        await send.send(event)
                     await send.send(SYNCED)
 
             for kind, state in self.states.items():
