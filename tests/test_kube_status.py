@@ -130,3 +130,72 @@ def test_spec_hash_ignores_status_and_metadata_so_status_writes_cause_no_reconci
     changed["spec"]["contextSize"] = 8192
     changed["metadata"]["generation"] = 2
     assert unit(changed).spec_hash() != unit(service).spec_hash()
+
+
+def undeclared(value: Any, schema: dict[str, Any], path: str = "status") -> list[str]:
+    """Paths in ``value`` that the schema does not declare (a real API server would prune them silently)."""
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
+            if not isinstance(sub, dict):
+                found.append(f"{path}.{key}")
+            else:
+                found += undeclared(item, sub, f"{path}.{key}")
+        return found
+    if isinstance(value, list):
+        return [p for item in value for p in undeclared(item, schema.get("items", {}), f"{path}[]")]
+    return []
+
+
+def test_everything_the_reporter_writes_is_declared_in_the_crd_and_valid() -> None:
+    from crdschema import errors, schema_of
+
+    full = {
+        "unit": "d/s",
+        "phase": "Ready",
+        "reason": "Ready",
+        "message": "serving",
+        "pid": 1,
+        "port": 8081,
+        "budget": {"bytes": 1 << 30, "source": "model-budget"},
+        "estimate": {"weights": 1, "kv_cache": 2, "compute": 3, "overhead": 4, "total": 10},
+        "actual": {"rss": 9, "model": 1, "kv": 2, "output": 0, "compute": 3, "total": 6},
+        "endpoint": "http://127.0.0.1:8081",
+        "restarts": 2,
+        "executor": "llamacpp",
+    }
+    written = strip_nulls(
+        build_status(
+            full,
+            None,
+            generation=4,
+            suspended=False,
+            host="mac",
+            endpoint="http://s.d.svc:8080",
+            host_endpoint="http://10.0.0.2:8081",
+        )
+    )
+    blocked = strip_nulls(
+        build_status(
+            {"phase": "Pending", "reason": "InsufficientMemory", "message": "wait"},
+            written,
+            generation=4,
+            suspended=False,
+            host="mac",
+            endpoint=None,
+            host_endpoint=None,
+        )
+    )
+    schema = schema_of("InferenceService")["properties"]["status"]
+    for status in (written, blocked):
+        assert undeclared(status, schema) == []
+        obj = {
+            "apiVersion": "inference.llmkube.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "s"},
+            "spec": {"modelRef": "m"},
+            "status": status,
+        }
+        assert errors(obj) == []
+    assert written["memory"]["actualBytes"] == 6 and blocked["schedulingStatus"] == "InsufficientMemory"
