@@ -384,6 +384,10 @@ async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_
                 slice_ = kube_api.get("EndpointSlice", "chat-metal-agent", api_version="discovery.k8s.io/v1")
                 assert slice_["ports"][0]["port"] == port and slice_["endpoints"][0]["conditions"]["ready"]
                 assert status_of(kube_api)["memory"]["actual"]["rss"] > 0
+                await until(lambda: "gguf" in (kube_api.get("Model", "llama").get("status") or {}), what="facts")
+                facts = kube_api.get("Model", "llama")["status"]
+                assert facts["gguf"]["layerCount"] == TinyShape().n_layer and facts["gguf"]["architecture"] == "llama"
+                assert facts["sizeBytes"] == model_file.stat().st_size and "phase" not in facts
 
                 lowered = {**model_obj(), "spec": {"source": str(model_file), "hardware": {"memoryBudget": "1Mi"}}}
                 kube_api.apply(lowered)

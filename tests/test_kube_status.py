@@ -199,3 +199,22 @@ def test_everything_the_reporter_writes_is_declared_in_the_crd_and_valid() -> No
         }
         assert errors(obj) == []
     assert written["memory"]["actualBytes"] == 6 and blocked["schedulingStatus"] == "InsufficientMemory"
+
+
+def test_model_facts_are_declared_in_the_model_crd(tmp_path: Any) -> None:
+    from crdschema import errors, schema_of
+
+    from agent.gguf_shape import load_shape
+    from agent.kube.status import model_facts
+    from agent.tinymodel import TinyShape, write_tiny_gguf
+
+    facts = model_facts(load_shape(write_tiny_gguf(tmp_path / "m.gguf", TinyShape())))
+    assert undeclared(facts, schema_of("Model")["properties"]["status"]) == []
+    obj = {
+        "apiVersion": "inference.llmkube.dev/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "m"},
+        "spec": {"source": "/m.gguf"},
+        "status": facts,
+    }
+    assert errors(obj) == [] and facts["gguf"]["layerCount"] == TinyShape().n_layer

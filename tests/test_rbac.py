@@ -16,7 +16,9 @@ import anyio
 import pytest
 import yaml
 from kubeapi import KubeAPI
-from reportkit import applied, running, service_obj, settle, status, unit_of, until
+from reportkit import applied, model_obj, running, service_obj, settle, status, unit_of, until
+
+from agent.tinymodel import TinyShape, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 RBAC = ROOT / "config" / "rbac"
@@ -29,7 +31,9 @@ WATCH = {(GROUP, r, v) for r in ("models", "inferenceservices") for v in ("list"
 # static check below: add it with its permission, and grant that in config/rbac (or do not call it).
 METHODS: dict[str, set[Permission]] = {
     "get_namespaced_custom_object": {(GROUP, "inferenceservices", "get")},
-    "patch_namespaced_custom_object_status": {(GROUP, "inferenceservices/status", "patch")},
+    "patch_namespaced_custom_object_status": {
+        (GROUP, r, "patch") for r in ("inferenceservices/status", "models/status")
+    },
     "list_namespaced_custom_object": WATCH,
     "list_cluster_custom_object": WATCH,
     "create_namespaced_event": {("events.k8s.io", "events", "create")},
@@ -117,8 +121,10 @@ def permission(request: Any) -> Permission:
 
 
 @pytest.mark.anyio
-async def test_what_the_reporter_does_is_granted_and_every_grant_is_used(kube_api: KubeAPI) -> None:
+async def test_what_the_reporter_does_is_granted_and_every_grant_is_used(kube_api: KubeAPI, tmp_path: Path) -> None:
     applied(kube_api, service_obj())
+    model_file = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())  # a real file: its facts go to Model status
+    kube_api.apply({**model_obj(), "spec": {"source": str(model_file)}})
     async with running(kube_api) as reporter:
         steps = (("Starting", "Admitted"), ("Ready", "Ready"), ("Restarting", "Failed"), ("Ready", "Ready"))
         for phase, reason in steps:

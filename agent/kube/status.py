@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.quantity import format_bytes
+from agent.shape import ModelShape
 
 JSON = dict[str, Any]
 
@@ -163,3 +164,21 @@ def strip_nulls(value: Any) -> Any:
     if isinstance(value, list):
         return [strip_nulls(v) for v in value]
     return value
+
+
+def model_facts(shape: ModelShape) -> JSON:
+    """The Model status LLMKube keeps about the file (``size``, ``gguf``): the same on every host that reads it."""
+    return {
+        "size": format_bytes(shape.file_bytes),
+        "sizeBytes": shape.file_bytes,
+        "gguf": {
+            "architecture": shape.architecture,
+            "contextLength": shape.context_length,
+            "embeddingSize": shape.n_embd,
+            "layerCount": shape.n_layer,
+            "headCount": shape.n_head,
+            "headCountKV": max(shape.n_head_kv, default=0),
+            "tensorCount": shape.tensor_count,
+            "vocabSize": shape.n_vocab,
+        },
+    }
