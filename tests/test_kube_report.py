@@ -444,3 +444,19 @@ def test_run_flags_reach_the_reporter_settings() -> None:
     assert default.host_ip is None and default.endpoints and default.service_port == 8080 and default.host_name
     with pytest.raises(InvalidValue, match="need --kube"):
         config_from(build_parser().parse_args(["run", "--advertise-address", "10.0.0.2"]))
+
+
+async def test_a_killed_agents_ready_endpoint_is_removed_when_the_unit_no_longer_runs(kube_api: KubeAPI) -> None:
+    applied(kube_api, service_obj())
+    async with running(kube_api) as reporter:  # the agent before: Ready, then killed (no shutdown)
+        reporter.report(unit_of(kube_api), status("Ready", "Ready", port=18080))
+        await settle(reporter)
+    assert kube_api.get("Service", "chat") is not None
+    async with running(kube_api) as reporter:  # the agent after: the unit cannot start now
+        reporter.report(unit_of(kube_api), status("Failed", "InsufficientMemory", "needs more"))
+        await settle(reporter)
+        reporter.report(unit_of(kube_api), status("Failed", "InsufficientMemory", "needs even more"))
+        await settle(reporter)
+    assert kube_api.get("Service", "chat") is None
+    assert kube_api.get("EndpointSlice", "chat-metal-agent", api_version="discovery.k8s.io/v1") is None
+    assert len(kube_api.requests_where(resource="services", verb="delete")) == 1  # swept once, not on every status

@@ -93,6 +93,7 @@ class KubeReporter:
         self.written: dict[str, dict[str, Any]] = {}  # the status on the server, as far as this agent knows
         self.uids: dict[str, str] = {}
         self.model_facts: dict[str, dict[str, Any]] = {}  # Model key -> the facts last written to its status
+        self.swept: set[str] = set()  # units whose leftover endpoints (from a killed agent) were removed
         self.last_event: dict[str, tuple[str, str, str]] = {}
         self.dirty: set[str] = set()
         self.status_writes = 0
@@ -187,6 +188,7 @@ class KubeReporter:
     def _forget(self, key: str) -> None:
         for table in (self.desired, self.written, self.uids, self.last_event):
             table.pop(key, None)
+        self.swept.discard(key)
 
     async def _sync(self, key: str) -> bool:
         """Bring one InferenceService's status and endpoints up to date; False to try again later."""
@@ -301,6 +303,9 @@ class KubeReporter:
         applied = self.endpoints.applied.get((namespace, name))
         port = port or (applied.port if applied else None)  # between restarts: keep the Service, not ready
         if not port:
+            if key not in self.swept:  # a previous agent, killed, may have left this unit's endpoint marked ready
+                self.swept.add(key)
+                await self.endpoints.remove(namespace, name)
             return None, True
         target = Target(namespace, name, self.host_ip or "127.0.0.1", int(port), phase == "Ready", self.uids.get(key))
         conflicted = (namespace, name) in self.endpoints.conflicts
