@@ -185,8 +185,11 @@ class KubeReporter:
             self.dirty.add(key)
             self._wake.set()
 
-    def _forget(self, key: str) -> None:
-        for table in (self.desired, self.written, self.uids, self.last_event):
+    def _forget(self, key: str, processed: _Desired) -> None:
+        """The object is gone. A status reported for it since (a new object of that name) is kept."""
+        if self.desired.get(key) is processed:
+            del self.desired[key]
+        for table in (self.written, self.uids, self.last_event):
             table.pop(key, None)
         self.swept.discard(key)
 
@@ -200,10 +203,15 @@ class KubeReporter:
         if phase == DELETED:
             if self.settings.endpoints:
                 await self.endpoints.remove(namespace, name)
-            self._forget(key)
+            self._forget(key, desired)
             return True
-        if key not in self.written and not await self._read(key, namespace, name):
-            return key not in self.desired  # gone (True: nothing left to do) or unreadable (False: try again)
+        if key not in self.written:
+            found = await self._read(key, namespace, name)
+            if found is None:  # gone: nothing to write
+                self._forget(key, desired)
+                return True
+            if not found:
+                return False  # unreadable for now: try again
         endpoint, registered = await self._endpoints(key, desired)
         if desired.unit is not None:
             await self._model_status(desired.unit)
@@ -232,7 +240,7 @@ class KubeReporter:
                 self.settings.retry,
             )
         except NotFound:  # deleted; the pipeline reports that too
-            self._forget(key)
+            self._forget(key, desired)
             return True
         if result is None:
             return False
@@ -240,8 +248,11 @@ class KubeReporter:
         self.status_writes += 1
         return registered
 
-    async def _read(self, key: str, namespace: str, name: str) -> bool:
-        """The object's current status (to diff against) and uid (for owner references and Events)."""
+    async def _read(self, key: str, namespace: str, name: str) -> bool | None:
+        """The object's current status (to diff against) and uid (for owner references and Events).
+
+        None when it does not exist, False when it could not be read.
+        """
         try:
             obj = await call(
                 f"get {key}",
@@ -249,8 +260,7 @@ class KubeReporter:
                 self.settings.retry,
             )
         except NotFound:
-            self._forget(key)
-            return False
+            return None
         if not isinstance(obj, dict):
             return False
         self.written[key] = obj.get("status") or {}
