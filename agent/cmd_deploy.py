@@ -59,9 +59,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--memory-fraction", metavar="F", help="share of the host's memory, 0 < F <= 1")
     p.add_argument("--context-size", type=int, metavar="N", help="context size in tokens")
     p.add_argument("--accelerator", choices=ACCELERATORS, help="metal, cuda, cpu, ... (default cpu)")
-    p.add_argument("--namespace", "-n", help="namespace (default: the kubeconfig context's, else default)")
-    p.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
-    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument(
+        "--namespace", "-n", metavar="NS", help="namespace (default: the kubeconfig context's, else default)"
+    )
+    p.add_argument(
+        "--kubeconfig", type=Path, metavar="PATH", help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)"
+    )
+    p.add_argument("--context", metavar="CTX", help="kubeconfig context (default: the current one)")
     p.add_argument("--dry-run", action="store_true", help="print the objects, create nothing")
     p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="--dry-run format")
     p.add_argument("--update", action="store_true", help="update the objects if they exist (merge patch of spec)")
