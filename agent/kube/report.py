@@ -14,6 +14,7 @@ spec, and the unit's spec hash (``agent.units``) covers the specs only, so the w
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,12 @@ class KubeReporter:
         if self.host_ip is None:
             self.host_ip = await anyio.to_thread.run_sync(detect_host_ip, self._api_url)
             log.info("advertising this host's address", address=self.host_ip, host=self.host)
+            if self.settings.endpoints and ipaddress.ip_address(self.host_ip).is_loopback:
+                log.warning(
+                    "the route to the API server is loopback (a tunnel?): set --advertise-address so "
+                    "the cluster can reach this host's servers",
+                    address=self.host_ip,
+                )
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
         async with anyio.create_task_group() as tasks:
             if self.settings.events:
