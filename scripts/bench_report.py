@@ -95,9 +95,10 @@ async def bench(api: KubeAPI, count: int) -> None:
         await reporter.wait_idle()
         repeat = count_requests(api, before)
         tasks.cancel_scope.cancel()
-    non_event = sum(n for k, n in first.items() if "events" not in k)
+    by_kind = {k: n for k, n in sorted(first.items()) if "events" not in k}
+    non_event = sum(by_kind.values())
     print(f"{count} units: Starting then Ready reported in {elapsed:.2f} s; {ready} Ready statuses, {slices} slices")
-    print(f"requests without Events: {non_event} ({non_event / count:.1f} per unit): {dict(sorted(first.items()))}")
+    print(f"requests without Events: {non_event} ({non_event / count:.1f} per unit): {by_kind}")
     print(
         f"Events sent: {reporter.events.sent}, aggregated: {reporter.events.aggregated}, "
         f"dropped: {reporter.events.dropped} (queue {settings.event_queue})"

@@ -231,7 +231,7 @@ async def test_services_and_slices_that_are_not_the_agents_are_never_touched(kub
         reporter.report(None, status("Stopped", "Suspended", name="other"))
         await settle(reporter)
     writes = [r for r in kube_api.requests if r.resource in ("services", "endpointslices") and r.verb != "get"]
-    assert writes == []  # not one create, patch or delete: only reads
+    assert {(r.verb, r.status) for r in writes} == {("create", 409)}  # a create cannot overwrite; no patch, no delete
     assert kube_api.get("Service", "chat")["spec"]["selector"] == {"app": "chat"}
     assert kube_api.get("Service", "other")["metadata"]["labels"][HOST_LABEL] == "mac-2"
     assert "endpoint" not in status_of(kube_api, "other")  # no Service of ours to point at

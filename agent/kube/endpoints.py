@@ -4,9 +4,10 @@ The agent's servers run on a Mac (or GPU box) outside the cluster's pod network,
 Service to select. A Service without a selector plus an EndpointSlice the agent writes itself (the host IP and
 the server's port, ``ready`` only while the unit is Ready) makes ``http://NAME.NAMESPACE.svc`` reach it.
 
-RBAC cannot restrict by label, so the agent grants itself the restriction: it reads an object before any write
-and changes or deletes only objects labelled ``app.kubernetes.io/managed-by=metal-agent`` *and* its own host
-label. A Service of the same name that someone else owns is a conflict that is reported, never overwritten.
+RBAC cannot restrict by label, so the agent grants itself the restriction: it patches or deletes an object only
+after reading it and finding ``app.kubernetes.io/managed-by=metal-agent`` *and* its own host label (a create
+never overwrites: a taken name answers 409). A Service of the same name that someone else owns is a conflict
+that is reported, never overwritten.
 Both objects also carry an ownerReference to the InferenceService, so Kubernetes' garbage collector removes them
 when it is deleted while the agent is down.
 """
@@ -172,12 +173,14 @@ class Endpoints:
         key = (target.namespace, target.name)
         if self.applied.get(key) == target:
             return True
+        known = key in self.applied  # this agent wrote them before: patch them
         service = target.service
         result = await self._upsert(
             "Service",
             target.namespace,
             service,
             self.service_body(target),
+            known=known,
             read=self.core.read_namespaced_service,
             create=self.core.create_namespaced_service,
             patch=self.core.patch_namespaced_service,
@@ -188,6 +191,7 @@ class Endpoints:
                 target.namespace,
                 self.slice_name(service),
                 self.slice_body(target),
+                known=known,
                 read=self.discovery.read_namespaced_endpoint_slice,
                 create=self.discovery.create_namespaced_endpoint_slice,
                 patch=self.discovery.patch_namespaced_endpoint_slice,
@@ -202,19 +206,25 @@ class Endpoints:
         return False
 
     async def _upsert(
-        self, kind: str, namespace: str, name: str, body: JSON, *, read: Any, create: Any, patch: Any
+        self, kind: str, namespace: str, name: str, body: JSON, *, known: bool, read: Any, create: Any, patch: Any
     ) -> str:
+        """Create, or patch what exists if it is this agent's. A create can never overwrite: an object that was
+        not ``known`` is created first (one request), and a taken name is then read and checked."""
         what = f"{kind} {namespace}/{name}"
-        try:
-            current = await call(f"read {what}", lambda: read(name, namespace), self.retry)
-        except NotFound:
+        if not known:
             try:
                 created = await call(
                     f"create {what}", lambda: create(namespace, body), self.retry, conflict_is_answer=True
                 )
-            except (NotFound, Conflict):  # the namespace is gone, or another writer created it since the read
+                return OK if created is not None else FAILED
+            except NotFound:  # the namespace is gone
                 return FAILED
-            return OK if created is not None else FAILED
+            except Conflict:
+                pass  # the name is taken: whose is it?
+        try:
+            current = await call(f"read {what}", lambda: read(name, namespace), self.retry)
+        except NotFound:
+            return FAILED  # deleted since: the next change creates it
         if current is None:
             return FAILED  # the read failed for good (logged): never write blind
         labels = current.metadata.labels if current.metadata else None
