@@ -2,7 +2,8 @@
 
 The agent's servers run on a Mac (or GPU box) outside the cluster's pod network, so there is no pod for a
 Service to select. A Service without a selector plus an EndpointSlice the agent writes itself (the host IP and
-the server's port, ``ready`` only while the unit is Ready) makes ``http://NAME.NAMESPACE.svc`` reach it.
+the server's port, ``ready`` only while the unit is Ready; no address while no server runs) makes
+``http://NAME.NAMESPACE.svc`` reach it.
 
 RBAC cannot restrict by label, so the agent grants itself the restriction: it patches or deletes an object only
 after reading it and finding ``app.kubernetes.io/managed-by=metal-agent`` *and* its own host label (a create
@@ -94,7 +95,7 @@ class Target:
     namespace: str
     name: str  # the InferenceService's
     ip: str
-    port: int
+    port: int | None  # None: no server runs now (the Service stays, the slice lists no address)
     ready: bool
     owner_uid: str | None = None
 
@@ -152,17 +153,18 @@ class Endpoints:
 
     def slice_body(self, target: Target) -> JSON:
         extra = {SLICE_SERVICE: target.service, SLICE_MANAGED_BY: SLICE_CONTROLLER}
-        endpoint = {
-            "addresses": [target.ip],
-            "conditions": {"ready": target.ready, "serving": target.ready, "terminating": False},
-        }
+        endpoints, ports = [], []
+        if target.port is not None:
+            conditions = {"ready": target.ready, "serving": target.ready, "terminating": False}
+            endpoints.append({"addresses": [target.ip], "conditions": conditions})
+            ports.append({"name": PORT_NAME, "port": target.port, "protocol": "TCP", "appProtocol": "http"})
         return {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": self._meta(self.slice_name(target.service), target, extra),
             "addressType": "IPv6" if ":" in target.ip else "IPv4",
-            "endpoints": [endpoint],
-            "ports": [{"name": PORT_NAME, "port": target.port, "protocol": "TCP", "appProtocol": "http"}],
+            "endpoints": endpoints,
+            "ports": ports,
         }
 
     async def ensure(self, target: Target) -> bool:

@@ -317,14 +317,16 @@ class KubeReporter:
         if phase == "Stopped":
             await self.endpoints.remove(namespace, name)
             return None, True
-        applied = self.endpoints.applied.get((namespace, name))
-        port = port or (applied.port if applied else None)  # between restarts: keep the Service, not ready
-        if not port:
+        if not port and (namespace, name) not in self.endpoints.applied:
             if key not in self.swept:  # a previous agent, killed, may have left this unit's endpoint marked ready
                 self.swept.add(key)
                 await self.endpoints.remove(namespace, name)
             return None, True
-        target = Target(namespace, name, self.host_ip or "127.0.0.1", int(port), phase == "Ready", self.uids.get(key))
+        # No server now (a restart, a budget too small): the Service and its ClusterIP stay, the address goes.
+        ready = phase == "Ready" and bool(port)
+        target = Target(
+            namespace, name, self.host_ip or "127.0.0.1", int(port) if port else None, ready, self.uids.get(key)
+        )
         conflicted = (namespace, name) in self.endpoints.conflicts
         if await self.endpoints.ensure(target):
             return self.endpoints.url(namespace, name), True
