@@ -116,13 +116,15 @@ def test_lowered_memory_budget_stops_the_server(cluster: Cluster) -> None:
 def test_gone_mid_stream_relists_without_a_second_spawn(cluster: Cluster) -> None:
     pid = cluster.serve("a")
     cluster.agent.wait(cluster.watching)
-    cluster.api.gone_next_watch(2)
+    cluster.api.gone_next_watch(resource="models")
+    cluster.api.gone_next_watch(resource="inferenceservices")
     assert cluster.api.disconnect_watches() == 2
     cluster.agent.wait(lambda: cluster.lists() == 4 and cluster.watching())  # each kind listed again
     unit = cluster.agent.unit("a")
     assert unit is not None and unit["phase"] == "Ready" and unit["pid"] == pid
     assert [c.pid for c in cluster.llama_children()] == [pid]
-    assert "410" in cluster.agent.status()["watch"]["kinds"]["models"]["last_error"]
+    kinds = cluster.agent.status()["watch"]["kinds"]
+    assert all("410" in kinds[plural]["last_error"] for plural in ("models", "inferenceservices"))
 
 
 def test_deleted_while_disconnected_is_stopped_after_the_relist(cluster: Cluster) -> None:
@@ -137,7 +139,8 @@ def test_deleted_while_disconnected_is_stopped_after_the_relist(cluster: Cluster
     assert psutil.pid_exists(pid) and not gone(pid)
     cluster.api.clear_faults()
     cluster.agent.wait(lambda: cluster.agent.unit("a") is None and gone(pid))
-    cluster.agent.wait(lambda: cluster.lists() == 4)  # each kind re-listed (the two watch loops are independent)
+    cluster.agent.wait(lambda: cluster.lists() == 4)  # each kind re-listed (the services' re-list stopped it)
+    assert not cluster.llama_children()
 
 
 def test_server_errors_and_dropped_connections_reconnect_and_keep_serving(cluster: Cluster) -> None:

@@ -52,6 +52,7 @@ def summary(events: list[Event]) -> list[tuple[str, str, str]]:
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert [backoff_delay(n, 0.5, 30, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert backoff_delay(20, 0.5, 30, rand=lambda: 1.0) == 30 and backoff_delay(20, 0.5, 30, rand=lambda: 0.0) == 15
+    assert 15 <= backoff_delay(100_000, 0.5, 30) <= 30  # a long outage never overflows
     delays = {backoff_delay(5, 0.5, 30) for _ in range(50)}
     assert len(delays) > 1 and all(4.0 <= d <= 8.0 for d in delays)
 
@@ -299,14 +300,25 @@ async def test_server_errors_back_off_and_never_end_the_source(kube_api: KubeAPI
     assert summary(await running.take(1)) == [("ADDED", "ModelSpec", "late")]  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def labelled(kube_api: KubeAPI) -> KubeAPI:
+    for name, node in (("mine", "mac-1"), ("theirs", "mac-2")):
+        kube_api.apply(model(name))  # Models need no label: they follow their services
+        kube_api.apply({**service(name), "metadata": {"name": name, "namespace": "default", "labels": {"node": node}}})
+    return kube_api
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("running", [{"label_selector": "node=mac-1"}], indirect=True)
-async def test_label_selector_is_sent_to_the_server(kube_api: KubeAPI, running: Running) -> None:
-    kube_api.apply(model("mine", meta={"labels": {"node": "mac-1"}}))
-    kube_api.apply(model("theirs", meta={"labels": {"node": "mac-2"}}))
-    events = [e for e in await running.take(2) if isinstance(e, Event)]  # the ADDED and SYNCED, in either order
-    assert [e.obj.name for e in events] == ["mine"]
-    assert {r.query.get("labelSelector") for r in verbs(kube_api, "list") + verbs(kube_api, "watch")} == {"node=mac-1"}
+async def test_label_selector_picks_services_on_the_server(labelled: KubeAPI, running: Running) -> None:
+    events = await running.take(4)
+    assert events[-1] is SYNCED
+    assert summary(events[:3]) == [("ADDED", "ModelSpec", "mine"), ("ADDED", "ModelSpec", "theirs"),  # type: ignore[arg-type]
+                                   ("ADDED", "ServiceSpec", "mine")]  # fmt: skip
+    await running.until(lambda: labelled.open_watches == 2)
+    requests = verbs(labelled, "list") + verbs(labelled, "watch")
+    assert {r.query.get("labelSelector") for r in requests if r.resource == "inferenceservices"} == {"node=mac-1"}
+    assert {r.query.get("labelSelector") for r in requests if r.resource == "models"} == {None}
 
 
 @pytest.mark.anyio
@@ -330,6 +342,10 @@ async def test_configuration_from_kubeconfig_files_listed_in_the_environment(
     monkeypatch.setenv("KUBECONFIG", f"{first}:{second}")
     configuration, namespace = await load_configuration(KubeSettings(context="lab"))
     assert configuration.host == kube_api.url and namespace == "ml"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="not running in a cluster"):
+        await load_configuration(KubeSettings())
 
 
 def test_service_spec_is_what_the_pipeline_gets() -> None:
@@ -370,3 +386,44 @@ def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
     later.listed("InferenceService", [service("a")])
     after = ServingUnit(later.visible[("ServiceSpec", "default", "a")], later.visible[("ModelSpec", "default", "a")])
     assert after.model.generation == 9 and before.spec_hash() == after.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--namespace", "ml"], "error: --namespace needs --kube"),
+        (["--kube", "--only", "nope"], "error: --only: 'nope' is not namespace/name"),
+        (["--kube", "--accelerators", "tpu"], "error: --accelerators: 'tpu' is not one of"),
+        (["--kube", "--label-selector", "a=("], "error: --label-selector"),
+        (["--kube", "--kubeconfig", "/nonexistent/kubeconfig"], "error: --kubeconfig /nonexistent/kubeconfig"),
+    ],
+)
+def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
+    argv: list[str], message: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["run", "--state-dir", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_server_is_retried_not_fatal() -> None:
+    from kubernetes_asyncio.client import Configuration
+
+    from agent.calibrate import free_port
+
+    settings = KubeSettings(namespace="default", accelerators=("cpu",), backoff_base=0.01, backoff_cap=0.05)
+    source = KubeSource(settings, Configuration(host=f"http://127.0.0.1:{free_port()}"), "default")
+    send, _receive = anyio.create_memory_object_stream[Event | Synced](100)
+    state = source.states["Model"]
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(source.run, send)
+        with anyio.fail_after(10):
+            while not (state.last_error and "Connect" in state.last_error):
+                await anyio.sleep(0.01)
+            errors = state.last_error_time
+            while state.last_error_time == errors:  # it keeps trying
+                await anyio.sleep(0.01)
+        tasks.cancel_scope.cancel()
+    assert not state.connected and not source.synced and "Connect" in (state.last_error or "")

@@ -29,7 +29,8 @@ def add_arguments(parser: Any) -> None:
     scope = group.add_mutually_exclusive_group()
     scope.add_argument("--namespace", metavar="NS", help="namespace to watch (default: the context's namespace)")
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
-    group.add_argument("--label-selector", metavar="SEL", help="serve only objects matching it, e.g. node=mac-1")
+    group.add_argument("--label-selector", metavar="SEL",
+                       help="serve only InferenceServices matching it, e.g. node=mac-1")  # fmt: skip
     group.add_argument("--accelerators", metavar="LIST", action="append",
                        help="accelerators this agent serves, e.g. metal,cpu (default: metal,cpu on macOS; cuda "
                             "where nvidia-smi sees a GPU; cpu otherwise)")  # fmt: skip

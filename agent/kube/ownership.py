@@ -5,8 +5,9 @@ agent must neither run nor report on another agent's objects, or two agents woul
 source keeps every object the server sent (``raw``), and the pipeline sees only the owned ones (``visible``):
 
 - a Model is owned when its ``hardware.accelerator`` is one this agent serves;
-- an InferenceService is owned when its Model is owned and, with an allowlist, it is on it. One whose Model does
-  not exist (yet) is shown only when the allowlist names it: it is then this agent's to report ``ModelNotFound``.
+- an InferenceService is owned when its Model is owned and, with an allowlist, it is on it (the label selector
+  has already been applied by the server). One whose Model does not exist (yet) is shown only when the
+  allowlist names it: it is then this agent's to report ``ModelNotFound``.
 
 Events are the difference between the visible set before and after each change, so a Model moved to another
 accelerator produces DELETED events for it and its services, a re-list after 410 Gone reconciles everything

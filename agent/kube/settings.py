@@ -32,7 +32,7 @@ class KubeSettings:
     context: str | None = None  # None: the kubeconfig's current context
     namespace: str | None = None  # None: the context's namespace (in-cluster: the pod's), else "default"
     all_namespaces: bool = False
-    label_selector: str | None = None  # sent to the server with every list and watch
+    label_selector: str | None = None  # InferenceServices to serve; sent to the server with their list and watch
     accelerators: tuple[str, ...] = ()  # empty: default_accelerators() of this machine
     only: frozenset[str] = frozenset()  # "namespace/name" of the InferenceServices to serve; empty: all owned
     watch_timeout: float = 300.0  # timeoutSeconds of each watch request; the watch then resumes where it was

@@ -124,7 +124,10 @@ class KubeSource:
         state: WatchState,
         deliver: Callable[[Listed | Changed], Awaitable[None]],
     ) -> None:
-        plural, selector = PLURALS[kind], self.settings.label_selector
+        # The selector picks InferenceServices (the units); Models are matched to them by modelRef and owned by
+        # accelerator, so a selector on the services alone is enough and an unlabelled Model is not a trap.
+        plural = PLURALS[kind]
+        selector = self.settings.label_selector if kind == "InferenceService" else None
         if self.namespace is None:
             calls = KindCalls(kind, api.list_cluster_custom_object, (GROUP, VERSION, plural), selector)
         else:

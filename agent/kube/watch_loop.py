@@ -65,7 +65,7 @@ class WatchState:
 
 def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
     """Capped exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
-    ceiling = min(cap, base * 2.0 ** max(0, attempt - 1))
+    ceiling = min(cap, base * 2.0 ** min(max(0, attempt - 1), 64))  # days of outage must not overflow
     return ceiling / 2 + rand() * ceiling / 2
 
 
