@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
-from kubeapi import MERGE_PATCH, KubeAPI
+from kubeapi import KubeAPI
 from kubernetes_asyncio.client import ApiClient
 from reportkit import (
     FAST,
@@ -42,6 +42,7 @@ from agent.tinymodel import TinyShape, write_tiny_gguf
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
+MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.anyio
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubeapi import MERGE_PATCH, KubeAPI
+from kubeapi import KubeAPI
 from test_agent_e2e import AgentProcess
 
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
+MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.llama
 API = "inference.llmkube.dev/v1alpha1"
 SLICE = "discovery.k8s.io/v1"
