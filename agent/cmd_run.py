@@ -115,6 +115,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 async def main_async(args: argparse.Namespace, config: AgentConfig, kube: KubeSource | None = None) -> None:
     agent = Agent(config, load_plugins())
     reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
+    agent.report_status = reporter.stats if reporter else None
     runner = await serve(agent, args.api_host, args.api_port)
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}

@@ -75,6 +75,7 @@ class Agent:
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
+        self.report_status: Callable[[], dict[str, Any]] | None = None  # the Kubernetes reporter's counters
         self.state_path = config.state_dir / "children.json"
         # Children a previous agent started that are still running: adopted if their unit still wants them.
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
@@ -369,4 +370,5 @@ class Agent:
             "units": [runtime.status() for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)],
             "manifest_errors": dict(self.source_errors),
             **({"watch": self.source_status()} if self.source_status else {}),
+            **({"report": self.report_status()} if self.report_status else {}),
         }

@@ -103,6 +103,9 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
     assert len(status_writes(kube_api, "a")) == writes
     assert all(r.content_type == MERGE_PATCH and r.status == 200 for r in status_writes(kube_api, "a"))
     assert kube_api.get("InferenceService", "a")["metadata"]["generation"] == 1
+    report = agent.status()["report"]
+    assert report["host"] == "e2e-host" and report["address"] == "127.0.0.1" and report["endpoint_conflicts"] == []
+    assert report["status_writes"] >= 3 and report["events"]["sent"] >= 4 and report["events"]["dropped"] == 0
 
     agent.close()  # SIGTERM: servers stop, endpoints go, the status says so
     for name in ("a", "b"):

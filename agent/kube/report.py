@@ -23,13 +23,12 @@ import anyio
 import structlog
 from kubernetes_asyncio.client import CustomObjectsApi
 
-from agent.gguf_header import GGUFError
-from agent.gguf_shape import load_shape
 from agent.hookspecs import hookimpl
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Retry, call
 from agent.kube.endpoints import Endpoints, Target, detect_host_ip, label_value
 from agent.kube.events import Event, EventRecorder
-from agent.kube.status import SCHEDULING_REASONS, build_status, merge_patch, model_facts, strip_nulls
+from agent.kube.model_status import ModelFacts
+from agent.kube.status import SCHEDULING_REASONS, build_status, merge_patch, strip_nulls
 from agent.manifest import GROUP, VERSION
 from agent.pipeline import AgentConfig
 from agent.plugin_manager import Plugins
@@ -37,7 +36,6 @@ from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.kube.report")
 PLURAL = "inferenceservices"
-MODELS = "models"
 DELETED = "Deleted"  # the phase the pipeline reports when the InferenceService is gone
 WARNING_PHASES = frozenset({"Failed", "CrashLoop", "Restarting"})
 ACTIONS = {"Pending": "Admit", "Starting": "Start", "Ready": "Serve", "Restarting": "Restart", "Stopped": "Stop"}
@@ -93,7 +91,7 @@ class KubeReporter:
         self.desired: dict[str, _Desired] = {}
         self.written: dict[str, dict[str, Any]] = {}  # the status on the server, as far as this agent knows
         self.uids: dict[str, str] = {}
-        self.model_facts: dict[str, dict[str, Any]] = {}  # Model key -> the facts last written to its status
+        self.models = ModelFacts(self.custom, settings.retry)
         self.swept: set[str] = set()  # units whose leftover endpoints (from a killed agent) were removed
         self.last_event: dict[str, tuple[str, str, str]] = {}
         self.dirty: set[str] = set()
@@ -172,6 +170,24 @@ class KubeReporter:
                 if not self.dirty and not self._busy:
                     self._idle.set()
 
+    def stats(self) -> dict[str, Any]:
+        """For the agent's /status: what was written, what waits, what failed."""
+        events = self.events
+        return {
+            "host": self.host,
+            "address": self.host_ip,
+            "status_writes": self.status_writes,
+            "pending": len(self.dirty),
+            "events": {
+                "sent": events.sent,
+                "aggregated": events.aggregated,
+                "dropped": events.dropped,
+                "failed": events.failed,
+                "queued": events.pending,
+            },
+            "endpoint_conflicts": sorted(f"{ns}/{name}" for ns, name in self.endpoints.conflicts),
+        }
+
     async def wait_idle(self) -> None:
         """Until every reported status is written (or failed and scheduled again)."""
         await self._idle.wait()
@@ -221,7 +237,7 @@ class KubeReporter:
                 return False  # unreadable for now: try again
         endpoint, registered = await self._endpoints(key, desired)
         if desired.unit is not None:
-            await self._model_status(desired.unit)
+            await self.models.write(desired.unit)
         unit = desired.unit
         port = desired.status.get("port")
         new = strip_nulls(
@@ -273,33 +289,6 @@ class KubeReporter:
         self.written[key] = obj.get("status") or {}
         self.uids[key] = (obj.get("metadata") or {}).get("uid") or ""
         return True
-
-    async def _model_status(self, unit: ServingUnit) -> None:
-        """The Model's file facts (size, GGUF header), written once per change: every host reads the same file,
-        so agents never fight over them. The Model's phase stays its controller's (LLMKube downloads)."""
-        model = unit.model
-        path = model.local_path() if model.format == "gguf" else None
-        if path is None:
-            return
-        try:  # cached by path, size and mtime: the pre-flight has just read this header
-            shape = await anyio.to_thread.run_sync(load_shape, path)
-        except (GGUFError, OSError):
-            return
-        key, facts = f"{model.namespace}/{model.name}", model_facts(shape)
-        if self.model_facts.get(key) == facts:
-            return
-        try:
-            done = await call(
-                f"patch model {key}/status",
-                lambda: self.custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, model.namespace, MODELS, model.name, {"status": facts}, _content_type=MERGE_PATCH
-                ),
-                self.settings.retry,
-            )
-        except NotFound:
-            return
-        if done is not None:
-            self.model_facts[key] = facts
 
     def _host_url(self, port: int) -> str:
         ip = self.host_ip or "127.0.0.1"
