@@ -184,8 +184,8 @@ async def apply(args: argparse.Namespace, objects: list[dict[str, Any]]) -> list
                     f"{kind} {objects[0]['metadata']['namespace']}/{args.name}" for kind, e in existing.items() if e
                 ]
                 if taken and not args.update:
-                    verb = "exists" if len(taken) == 1 else "exist"
-                    raise ApiFailure(f"{' and '.join(taken)} already {verb}; use --update to change them")
+                    verb, them = ("exists", "it") if len(taken) == 1 else ("exist", "them")
+                    raise ApiFailure(f"{' and '.join(taken)} already {verb}; use --update to change {them}")
                 for obj in objects:
                     namespace, plural = obj["metadata"]["namespace"], PLURALS[obj["kind"]]
                     noun = f"{plural[:-1]}.{GROUP}/{args.name}"

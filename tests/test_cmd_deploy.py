@@ -196,3 +196,26 @@ def test_unreachable_api_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     assert deploy("tiny", "--source", "/m/tiny.gguf", "--kubeconfig", str(kubeconfig)) == 1
     assert capsys.readouterr().err.startswith("error: cannot reach the API server http://127.0.0.1:9")
+
+
+def test_nothing_is_created_when_one_of_the_two_exists(
+    kube_api: KubeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubeconfig = str(kube_api.write_kubeconfig(tmp_path / "kubeconfig"))
+    kube_api.apply(
+        {
+            "apiVersion": "inference.llmkube.dev/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "tiny", "namespace": "default"},
+            "spec": {"source": "/old.gguf"},
+        }
+    )
+    assert deploy("tiny", "--source", "/m/tiny.gguf", "--kubeconfig", kubeconfig) == 1
+    assert capsys.readouterr().err == "error: Model default/tiny already exists; use --update to change it\n"
+    assert kube_api.get("InferenceService", "tiny") is None and kube_api.requests_where(verb="create") == []
+    assert deploy("tiny", "--source", "/m/tiny.gguf", "--kubeconfig", kubeconfig, "--update") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "model.inference.llmkube.dev/tiny updated",
+        "inferenceservice.inference.llmkube.dev/tiny created",
+    ]
+    assert kube_api.get("Model", "tiny")["spec"]["source"] == "/m/tiny.gguf"
