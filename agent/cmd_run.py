@@ -114,9 +114,9 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 
 async def main_async(args: argparse.Namespace, config: AgentConfig, kube: KubeSource | None = None) -> None:
     agent = Agent(config, load_plugins())
+    runner = await serve(agent, args.api_host, args.api_port)
     reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
     agent.report_status = reporter.stats if reporter else None
-    runner = await serve(agent, args.api_host, args.api_port)
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
     log.info("agent started", **where, api=f"http://{args.api_host}:{args.api_port}/status")
