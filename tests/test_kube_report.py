@@ -456,3 +456,18 @@ async def test_a_killed_agents_ready_endpoint_is_removed_when_the_unit_no_longer
     assert kube_api.get("Service", "chat") is None
     assert kube_api.get("EndpointSlice", "chat-metal-agent", api_version="discovery.k8s.io/v1") is None
     assert len(kube_api.requests_where(resource="services", verb="delete")) == 1  # swept once, not on every status
+
+
+async def test_other_writers_status_fields_and_conditions_are_kept(kube_api: KubeAPI) -> None:
+    theirs = {
+        "modelPath": "/cache/llama.gguf",
+        "phase": "Pending",
+        "conditions": [{"type": "ModelCached", "status": "True", "reason": "Copied"}],
+    }
+    applied(kube_api, {**service_obj(), "status": theirs})
+    async with running(kube_api) as reporter:
+        reporter.report(unit_of(kube_api), status("Ready", "Ready", port=18080))
+        await settle(reporter)
+    written = status_of(kube_api)
+    assert written["modelPath"] == "/cache/llama.gguf" and written["phase"] == "Ready"
+    assert [c["type"] for c in written["conditions"]] == ["Admitted", "Ready", "ModelCached"]

@@ -28,7 +28,7 @@ from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Retry, call
 from agent.kube.endpoints import Endpoints, Target, detect_host_ip, label_value
 from agent.kube.events import Event, EventRecorder
 from agent.kube.model_status import ModelFacts
-from agent.kube.status import SCHEDULING_REASONS, build_status, merge_patch, strip_nulls
+from agent.kube.status import SCHEDULING_REASONS, build_status, managed, merge_patch, strip_nulls
 from agent.manifest import GROUP, VERSION
 from agent.pipeline import AgentConfig
 from agent.plugin_manager import Plugins
@@ -286,7 +286,7 @@ class KubeReporter:
             return None
         if not isinstance(obj, dict):
             return False
-        self.written[key] = obj.get("status") or {}
+        self.written[key] = managed(obj.get("status") or {})
         self.uids[key] = (obj.get("metadata") or {}).get("uid") or ""
         return True
 

@@ -33,6 +33,19 @@ SCHEDULING_REASONS = frozenset(
 RUNNING_PHASES = frozenset({"Starting", "Ready", "Restarting", "CrashLoop"})
 ESTIMATE_KEYS = {"weights": "weights", "kv_cache": "kvCache", "compute": "compute", "overhead": "overhead"}
 MAX_MESSAGE = 4096
+MANAGED_FIELDS = frozenset(
+    {
+        "phase",
+        "readyReplicas",
+        "schedulingStatus",
+        "schedulingMessage",
+        "endpoint",
+        "observedGeneration",
+        "agent",
+        "memory",
+        "conditions",
+    }
+)
 
 
 def now() -> str:
@@ -97,6 +110,8 @@ def build_status(
         elif "observedGeneration" in before:
             condition["observedGeneration"] = before["observedGeneration"]
         built_conditions.append(condition)
+    ours = {c["type"] for c in built_conditions}
+    built_conditions += [dict(c) for t, c in old.items() if t not in ours]  # other writers' conditions are kept
     scheduling = reason in SCHEDULING_REASONS
     result: JSON = {
         "phase": llmkube_phase(phase, reason, suspended),
@@ -116,6 +131,11 @@ def build_status(
         "conditions": built_conditions,
     }
     return result
+
+
+def managed(status: Mapping[str, Any]) -> JSON:
+    """The part of a status this agent writes: other writers' fields are never patched away."""
+    return {key: value for key, value in status.items() if key in MANAGED_FIELDS}
 
 
 def memory(status: Mapping[str, Any]) -> JSON | None:
