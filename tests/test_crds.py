@@ -330,3 +330,9 @@ def test_cel_rules_compile_and_say_why() -> None:
     for _, rule in rules:
         assert set(rule) == {"rule", "message"}  # fieldPath/reason need Kubernetes >= 1.28: keep the CRD portable
         assert len(rule["message"]) > 20
+
+
+def test_the_crd_kustomization_lists_every_crd() -> None:
+    kustomization = yaml.safe_load((CONFIG / "crd" / "kustomization.yaml").read_text())
+    files = sorted(p.name for p in (CONFIG / "crd").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == files and len(files) == len(crds())
