@@ -1,9 +1,9 @@
 """Kubernetes Events about InferenceServices, sent in the background so that they can never hold up the agent.
 
 ``emit`` only puts the event on a bounded queue (a full queue drops the event and counts it); one task sends
-them. A repeat of the same event (same object, type, reason and action) within the series window becomes a
-``series`` update of the first one (count and last time, events.k8s.io/v1), as client-go does, instead of a new
-object per crash-loop round.
+them. A repeat of the same event (same object, type, reason, action and note) within the series window becomes
+a ``series`` update of the first one (count and last time, events.k8s.io/v1), as client-go does, instead of a
+new object each time. Only ``series`` is patched: an API server refuses changes to an Event's other fields.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ class Event:
     note: str
 
     @property
-    def key(self) -> tuple[str, str, str, str, str]:
-        return (self.namespace, self.name, self.type, self.reason, self.action)
+    def key(self) -> tuple[str, str, str, str, str, str]:
+        """Identical events share a key (as in client-go): an API server lets a repeat change only ``series``."""
+        return (self.namespace, self.name, self.type, self.reason, self.action, self.note)
 
 
 @dataclass
@@ -107,12 +108,12 @@ class EventRecorder:
             series.count += 1
             series.last_seen = now
             self.series.move_to_end(event.key)
-            body = {"series": {"count": series.count, "lastObservedTime": micro_time()}, "note": _note(event.note)}
+            repeat = {"series": {"count": series.count, "lastObservedTime": micro_time()}}
             try:
                 done = await call(
                     f"patch event {event.namespace}/{series.event_name}",
                     lambda: self.api.patch_namespaced_event(
-                        series.event_name, event.namespace, body, _content_type=MERGE_PATCH
+                        series.event_name, event.namespace, repeat, _content_type=MERGE_PATCH
                     ),
                     self.retry,
                 )
