@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from agent import __version__, cmd_config, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
+from agent import __version__, cmd_config, cmd_deploy, cmd_estimate, cmd_plugins, cmd_run, cmd_status, logs
 from agent.config import PRECEDENCE
 from agent.quantity import InvalidValue
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_status.add_parser(subparsers)
     cmd_plugins.add_parser(subparsers)
     cmd_config.add_parser(subparsers)
+    cmd_deploy.add_parser(subparsers)
     for subparser in subparsers.choices.values():  # also after the subcommand: `metal-agent run --log-level debug`
         logs.add_arguments(subparser, default=argparse.SUPPRESS)
     return parser

@@ -29,6 +29,7 @@ from agent.config import (
 )
 from agent.instance_lock import AlreadyRunning, InstanceLock
 from agent.kube import flags as kube_flags
+from agent.kube.report import start_reporter
 from agent.kube.source import ConfigError as KubeConfigError
 from agent.kube.source import KubeSource, load_configuration
 from agent.pipeline import Agent, AgentConfig
@@ -91,6 +92,8 @@ async def main_async(
         runner = await serve(agent, args.api_host, args.api_port)
     except OSError as exc:
         raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
+    reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
+    agent.report_status = reporter.stats if reporter else None
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
     log.info("agent started", **where, api=f"http://{args.api_host}:{args.api_port}/status")
@@ -123,36 +126,43 @@ async def main_async(
 
             tasks.start_soon(source)
             tasks.start_soon(agent.run, receive)
+            if reporter is not None:
+                tasks.start_soon(reporter.run)
     finally:
         with anyio.CancelScope(shield=True):
             await agent.shutdown()
+            if reporter is not None:
+                await reporter.close()  # endpoints removed, statuses say the agent stopped
             await runner.cleanup()
             log.info("agent stopped")
+
+
+def effective_config(args: argparse.Namespace, plugins: Plugins) -> tuple[Config, AgentConfig]:
+    """Every setting from its sources (args.NAME becomes its effective value) and the agent's configuration.
+    Raises ConfigError or InvalidValue, each one line naming the file, variable or flag."""
+    settings = load(args, all_settings(plugins))
+    vars(args).update(settings.values())
+    plugins.settings = settings.values()
+    kube_settings = kube_flags.settings_from(args)
+    # Local models may lie in the store, the --model-root directories and (standalone) the manifest directory.
+    roots = (*(() if kube_settings else (args.manifests,)), *(args.model_root or ()))
+    config = dataclasses.replace(
+        config_from(settings),
+        kube=kube_settings,
+        model_store=args.model_store or default_model_store(),
+        model_roots=roots,
+    )
+    return settings, config
 
 
 def run(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     try:
-        settings = load(args, all_settings(plugins))
-    except ConfigError as exc:
+        settings, config = effective_config(args, plugins)
+    except (ConfigError, InvalidValue) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    vars(args).update(settings.values())  # args.NAME is the effective value of every setting
     logs.configure(args.log_level, args.log_format)  # the file may set them too; flags and env still win
-    plugins.settings = settings.values()
-    try:
-        kube_settings = kube_flags.settings_from(args)
-        # Local models may lie in the store, the --model-root directories and (standalone) the manifest directory.
-        roots = (*(() if kube_settings else (args.manifests,)), *(args.model_root or ()))
-        config = dataclasses.replace(
-            config_from(settings),
-            kube=kube_settings,
-            model_store=args.model_store or default_model_store(),
-            model_roots=roots,
-        )
-    except InvalidValue as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     kube = None
     if config.kube is not None:
         try:

@@ -124,6 +124,8 @@ class _Fields:
             raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
         if not isinstance(value, kind):
             raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+        if required and value == "":
+            raise self.fail(key, "must not be empty")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:

@@ -63,6 +63,11 @@ class AgentConfig:
     model_store: Path | None = None  # downloads; None: STATE_DIR/models
     model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
     min_free_disk: int = 1 << 30  # a download must leave this much disk free
+    # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
+    agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
+    advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
+    register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
+    service_port: int = 8080
 
 
 class Agent:
@@ -77,6 +82,7 @@ class Agent:
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
+        self.report_status: Callable[[], dict[str, Any]] | None = None  # the Kubernetes reporter's counters
         self.state_path = config.state_dir / "children.json"
         # Children a previous agent started that are still running: adopted if their unit still wants them.
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
@@ -161,6 +167,7 @@ class Agent:
         if unit is None or not unit.wanted:
             await self._teardown(runtime)
             if unit is None and not missing_reason:  # the InferenceService itself is gone
+                await self._set(runtime, "Deleted", "Deleted", "the InferenceService was deleted")  # reporters clean up
                 return True
             phase, reason = ("Stopped", "Suspended") if unit else ("Pending", "ModelNotFound")
             await self._set(runtime, phase, reason, missing_reason or "replicas is 0 or suspend is true")
@@ -420,4 +427,5 @@ class Agent:
             ],
             "manifest_errors": dict(self.source_errors),
             **({"watch": self.source_status()} if self.source_status else {}),
+            **({"report": self.report_status()} if self.report_status else {}),
         }

@@ -9,6 +9,7 @@ values, flags and environment variables hand over text, which ``Kind.from_text``
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import math
 from collections.abc import Callable
@@ -217,6 +218,16 @@ PORTS = Kind(
 PORT = integer(1, 65535)
 
 
+def _ip_address(value: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidValue(f"{where}: {shown(value)} is not an IP address") from None
+
+
+IP_ADDRESS = Kind("IP address", (str,), _ip_address, metavar="IP")
+
+
 def _host(value: str, where: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise InvalidValue(f"{where}: {shown(value)} is not a host name or address")
@@ -316,6 +327,14 @@ SETTINGS: tuple[Setting, ...] = (
             "otherwise)", example=["metal", "cpu"]),
     Setting("only", "kubernetes", "only", string_list(parse_only, "list of namespace/name", "NS/NAME"), None,
             "serve only these InferenceServices (several Macs sharing a cluster)", example=["default/qwen"]),
+    Setting("agent_name", "kubernetes", "agent_name", HOST, None,
+            "this agent in its objects' labels and in Events (default: the host name)", example="mac-studio-1"),
+    Setting("advertise_address", "kubernetes", "advertise_address", IP_ADDRESS, None,
+            "the IP address put in EndpointSlices (default: this host's address on the route to the API server)",
+            example="192.0.2.10"),
+    Setting("endpoints", "kubernetes", "endpoints", BOOLEAN, True,
+            "register a Service and an EndpointSlice for each served unit", field="register_endpoints"),
+    Setting("service_port", "kubernetes", "service_port", PORT, 8080, "port of each unit's Service"),
     # Their flags belong to every command (`metal-agent --log-level debug run`), so the table declares none.
     Setting("log_level", "log", "level", text_choice(logs.LEVELS), logs.DEFAULT_LEVEL,
             "debug, info, warning, error or critical; applies to library logs too", flag=False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -22,5 +23,12 @@ def no_user_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
 
 @pytest.fixture
 def kube_api() -> Iterator[KubeAPI]:
-    with KubeAPI() as api:
-        yield api
+    # The fake server's own access log is test noise, and would mix into the stderr that CLI tests assert on.
+    access = logging.getLogger("aiohttp.access")
+    level = access.level
+    access.setLevel(logging.WARNING)
+    try:
+        with KubeAPI() as api:
+            yield api
+    finally:
+        access.setLevel(level)

@@ -7,13 +7,17 @@ import argparse
 from agent.kube.settings import KubeSettings
 from agent.quantity import InvalidValue
 
-KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only")
+KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only",
+             "agent_name", "advertise_address")  # fmt: skip
+DEFAULT_SERVICE_PORT = 8080
 
 
 def settings_from(args: argparse.Namespace) -> KubeSettings | None:
     """None in standalone mode; Kubernetes settings without --kube are an error rather than silently ignored."""
     if not args.kube:
         given = [name for name in KUBE_ONLY if getattr(args, name, None)]
+        given += ["no_endpoints"] if not args.endpoints else []
+        given += ["service_port"] if args.service_port != DEFAULT_SERVICE_PORT else []
         if given:
             raise InvalidValue(f"--{given[0].replace('_', '-')} needs --kube")
         return None

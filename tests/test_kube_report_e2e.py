@@ -1,0 +1,115 @@
+"""`metal-agent run --kube` reporting back: a real agent process, real llama.cpp (xllamacpp), the fake API server.
+
+Status by merge patch, a Service and an EndpointSlice at the server's port, Events, no status-write loop, and a
+clean stop that takes the endpoints away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubeapi import KubeAPI
+from test_agent_e2e import AgentProcess
+
+from agent.tinymodel import TinyShape, write_tiny_gguf
+
+MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
+pytestmark = pytest.mark.llama
+API = "inference.llmkube.dev/v1alpha1"
+SLICE = "discovery.k8s.io/v1"
+
+
+def objects(name: str, source: Path) -> list[dict[str, Any]]:
+    meta = {"name": name, "namespace": "default"}
+    return [
+        {
+            "apiVersion": API,
+            "kind": "Model",
+            "metadata": meta,
+            "spec": {"source": str(source), "hardware": {"accelerator": "cpu", "memoryBudget": "512Mi"}},
+        },
+        {
+            "apiVersion": API,
+            "kind": "InferenceService",
+            "metadata": meta,
+            "spec": {"modelRef": name, "contextSize": 2048},
+        },
+    ]
+
+
+@pytest.fixture
+def agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
+    for name in ("a", "b"):
+        write_tiny_gguf(tmp_path / "models" / f"{name}.gguf", TinyShape(n_layer=2, n_embd=64), seed=ord(name))
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
+    process = AgentProcess(
+        tmp_path,
+        tmp_path / "state",
+        "--kube",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--accelerators",
+        "cpu",
+        "--host-memory",
+        "16Gi",
+        "--memory-fraction",
+        "0.01",
+        "--agent-name",
+        "e2e-host",
+        "--advertise-address",
+        "127.0.0.1",
+    )
+    yield process
+    process.close()
+
+
+def phase(kube_api: KubeAPI, name: str) -> str | None:
+    obj = kube_api.get("InferenceService", name)
+    return ((obj or {}).get("status") or {}).get("phase")
+
+
+def status_writes(kube_api: KubeAPI, name: str) -> list[Any]:
+    return kube_api.requests_where(resource="inferenceservices", name=name, subresource="status", verb="patch")
+
+
+def test_served_unit_is_reported_registered_and_unregistered_on_stop(
+    kube_api: KubeAPI, agent: AgentProcess, tmp_path: Path
+) -> None:
+    for obj in objects("a", tmp_path / "models" / "a.gguf"):
+        kube_api.apply(obj)
+    agent.wait(lambda: phase(kube_api, "a") == "Ready", timeout=60)
+    status = kube_api.get("InferenceService", "a")["status"]
+    port = agent.unit("a")["port"]  # type: ignore[index]
+    assert status["readyReplicas"] == 1 and status["agent"]["endpoint"] == f"http://127.0.0.1:{port}"
+    assert status["endpoint"] == "http://a.default.svc:8080" and status["agent"]["host"] == "e2e-host"
+    assert status["memory"]["actual"]["kv"] == status["memory"]["estimateBreakdown"]["kvCache"]
+    agent.wait(lambda: kube_api.get("EndpointSlice", "a-metal-agent", api_version=SLICE) is not None)
+    slice_ = kube_api.get("EndpointSlice", "a-metal-agent", api_version=SLICE)
+    assert slice_["ports"][0]["port"] == port and slice_["endpoints"][0]["conditions"]["ready"] is True
+    assert kube_api.get("Service", "a") is not None
+    agent.wait(
+        lambda: {"Admitted", "Ready"} <= {e["reason"] for e in kube_api.list("Event", api_version="events.k8s.io/v1")}
+    )
+
+    # The agent's own status writes come back through its watch as MODIFIED events and must not loop. Once a
+    # second unit is Ready, the watch has delivered everything before it, a's status events included.
+    writes = len(status_writes(kube_api, "a"))
+    for obj in objects("b", tmp_path / "models" / "b.gguf"):
+        kube_api.apply(obj)
+    agent.wait(lambda: phase(kube_api, "b") == "Ready", timeout=60)
+    assert len(status_writes(kube_api, "a")) == writes
+    assert all(r.content_type == MERGE_PATCH and r.status == 200 for r in status_writes(kube_api, "a"))
+    assert kube_api.get("InferenceService", "a")["metadata"]["generation"] == 1
+    report = agent.status()["report"]
+    assert report["host"] == "e2e-host" and report["address"] == "127.0.0.1" and report["endpoint_conflicts"] == []
+    assert report["status_writes"] >= 3 and report["events"]["sent"] >= 4 and report["events"]["dropped"] == 0
+
+    agent.close()  # SIGTERM: servers stop, endpoints go, the status says so
+    for name in ("a", "b"):
+        assert kube_api.get("Service", name) is None
+        assert kube_api.get("EndpointSlice", f"{name}-metal-agent", api_version=SLICE) is None
+        stopped = kube_api.get("InferenceService", name)["status"]
+        assert (stopped["phase"], stopped["readyReplicas"]) == ("Pending", 0) and "endpoint" not in stopped
