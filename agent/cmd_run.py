@@ -142,8 +142,10 @@ def effective_config(args: argparse.Namespace, plugins: Plugins) -> tuple[Config
     Raises ConfigError or InvalidValue, each one line naming the file, variable or flag."""
     settings = load(args, all_settings(plugins))
     vars(args).update(settings.values())
-    plugins.settings = settings.values()
     kube_settings = kube_flags.settings_from(args)
+    if kube_settings and args.endpoints and not args.server_host:
+        args.server_host = "0.0.0.0"  # the EndpointSlice sends the cluster to this host's address
+    plugins.settings = {**settings.values(), "server_host": args.server_host}
     # Local models may lie in the store, the --model-root directories and (standalone) the manifest directory.
     roots = (*(() if kube_settings else (args.manifests,)), *(args.model_root or ()))
     config = dataclasses.replace(

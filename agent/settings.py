@@ -286,6 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
             example="64Gi"),
     Setting("ports", "servers", "ports", PORTS, None,
             "serve models on ports from this range (default: kernel-assigned)", example="8100-8199"),
+    Setting("server_host", "servers", "host", HOST, None,
+            "address the inference servers listen on (default: 127.0.0.1; 0.0.0.0 in Kubernetes mode with "
+            "endpoints, so that the cluster reaches them)", example="0.0.0.0"),
     Setting("startup_timeout", "servers", "startup_timeout", seconds(0), 120.0,
             "seconds a server may take to answer /health"),
     Setting("grace_period", "servers", "grace_period", seconds(0, 3600), 10.0,

@@ -173,7 +173,8 @@ def agent_settings() -> list[Setting]:
 def executor_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``LlamaCppExecutor`` arguments from the effective configuration (shared with the CUDA executor)."""
     binary = settings.get("llama_server")
-    return {"binary": str(binary) if binary else None, "options": ServerOptions(mlock=bool(settings.get("mlock")))}
+    options = ServerOptions(host=settings.get("server_host") or "127.0.0.1", mlock=bool(settings.get("mlock")))
+    return {"binary": str(binary) if binary else None, "options": options}
 
 
 @hookimpl

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 from agent.budget import Budget
 from agent.hookspecs import Executor, Launch, hookimpl
@@ -78,6 +79,9 @@ def preflight(unit: ServingUnit, model_path: Path, budget: Budget, host: HostMem
 class MLXExecutor:
     name = "mlx"
 
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host  # where the server listens; the agent probes it on 127.0.0.1
+
     def accepts(self, unit: ServingUnit) -> str | None:
         return None if is_mlx(unit) else "not an MLX model (format mlx or runtime mlx)"
 
@@ -89,10 +93,10 @@ class MLXExecutor:
             prefix = [sys.executable, "-m", "mlx_lm.server"]
         else:
             raise RuntimeError("mlx_lm.server was not found: `pip install mlx-lm` (Apple Silicon only)")
-        argv = [*prefix, "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)]
+        argv = [*prefix, "--model", str(model_path), "--host", self.host, "--port", str(port)]
         return Launch(argv=argv + list(unit.service.extra_args), health_path="/v1/models")
 
 
 @hookimpl
-def register_executors(register: Callable[[Executor], None]) -> None:
-    register(MLXExecutor())
+def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
+    register(MLXExecutor(host=settings.get("server_host") or "127.0.0.1"))

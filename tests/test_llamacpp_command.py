@@ -88,3 +88,29 @@ def test_ports_kernel_assigned_or_from_a_configured_range() -> None:
     for bad in ("x-1", "9000-8000", "0-10", "70000"):
         with pytest.raises(InvalidValue, match="--ports"):
             port_range(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "host"),
+    [
+        ([], "127.0.0.1"),  # standalone: nothing but this machine reaches the servers
+        (["--server-host", "192.0.2.7"], "192.0.2.7"),
+        (["--kube"], "0.0.0.0"),  # the EndpointSlice sends the cluster to this host's address
+        (["--kube", "--no-endpoints"], "127.0.0.1"),
+        (["--kube", "--server-host", "127.0.0.1"], "127.0.0.1"),
+    ],
+)
+def test_servers_listen_where_the_mode_needs_them(argv: list[str], host: str, tmp_path: Path) -> None:
+    from agent.cli import build_parser
+    from agent.cmd_run import effective_config
+    from agent.manifest import ModelSpec, ServiceSpec
+    from agent.plugin_manager import load_plugins
+    from agent.units import ServingUnit
+
+    kubeconfig = ["--kubeconfig", str(tmp_path / "kubeconfig")] if "--kube" in argv else []
+    plugins = load_plugins(entry_points=False)
+    effective_config(build_parser().parse_args(["run", *argv, *kubeconfig]), plugins)
+    unit = ServingUnit(ServiceSpec("chat", "default", "m"), ModelSpec("m", "default", "/m.gguf", accelerator="cpu"))
+    executors = {executor.name: executor for executor in plugins.executors()}
+    assert flag(executors["llamacpp"].command(unit, Path("/m.gguf"), 8080).argv, "--host") == host
+    assert executors["mlx"].host == host  # type: ignore[attr-defined]  # (no mlx_lm here to build its command)
