@@ -131,16 +131,20 @@ class KubeReporter:
         key = f"{namespace}/{name}"
         if key not in self.uids:
             try:
-                obj = await call(
-                    f"get {key}",
-                    lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
-                    self.settings.retry,
-                )
+                obj = await self._get(key, namespace, name)
             except NotFound:
                 return None
             if isinstance(obj, dict) and (uid := (obj.get("metadata") or {}).get("uid")):
                 self.uids[key] = uid
         return self.uids.get(key)
+
+    async def _get(self, key: str, namespace: str, name: str) -> Any:
+        """The InferenceService as the API has it; None when it could not be read. Raises NotFound."""
+        return await call(
+            f"get {key}",
+            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+            self.settings.retry,
+        )
 
     # -- the background writer ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -277,11 +281,7 @@ class KubeReporter:
         None when it does not exist, False when it could not be read.
         """
         try:
-            obj = await call(
-                f"get {key}",
-                lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
-                self.settings.retry,
-            )
+            obj = await self._get(key, namespace, name)
         except NotFound:
             return None
         if not isinstance(obj, dict):
