@@ -26,9 +26,10 @@ class ChildRecord:
     argv: list[str]
     port: int
     log_path: str
+    health_path: str = "/health"  # absent from records written before it was kept
 
     def child(self) -> Child:
-        return Child(self.pid, self.port, self.argv, Path(self.log_path), self.create_time)
+        return Child(self.pid, self.port, self.argv, Path(self.log_path), self.create_time, None, self.health_path)
 
     def is_ours(self) -> bool:
         try:

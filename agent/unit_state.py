@@ -30,6 +30,9 @@ class UnitRuntime:
     retry_at: float | None = None
     actual: dict[str, int] = field(default_factory=dict)
     executor: str | None = None
+    warning: dict[str, str] | None = None  # {reason, message}: e.g. the measured footprint exceeds the reservation
+    evict_message: str | None = None  # set by the memory guard: the worker stops the server and says why
+    launch_scope: anyio.CancelScope | None = None  # the start in progress, cancelled by an eviction
 
     def poke(self) -> None:
         self.wake.set()
@@ -51,4 +54,5 @@ class UnitRuntime:
             "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,
             "restarts": self.restarts,
             "executor": self.executor,
+            "warning": self.warning,
         }

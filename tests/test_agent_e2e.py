@@ -123,7 +123,10 @@ def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess
         )
     assert int(samples['metal_agent_unit_estimated_bytes{unit="default/a"}']) == unit["estimate"]["total"]
     assert samples['metal_agent_unit_phase{unit="default/a",phase="Ready"}'] == "1"
-    assert int(samples["metal_agent_reserved_bytes"]) == unit["estimate"]["total"]
+    # After load the ledger holds the measured footprint (the high-water mark of later probes), not the estimate.
+    measured = max(unit["actual"].get("total", 0), unit["actual"]["rss"])
+    assert measured <= int(samples["metal_agent_reserved_bytes"])
+    assert int(samples["metal_agent_reserved_bytes"]) <= unit["estimate"]["total"] or unit["warning"] is not None
 
 
 def test_second_model_waits_for_memory_then_starts_when_the_first_is_deleted(
