@@ -55,6 +55,19 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--ports", metavar="FIRST-LAST", help="serve on ports from this range (default: kernel-assigned)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between manifest directory scans")
+    p.add_argument(
+        "--pressure-warning", metavar="F", help="available share of memory at which admissions wait (default 0.20)"
+    )
+    p.add_argument(
+        "--pressure-critical", metavar="F", help="available share of memory at which units are evicted (default 0.10)"
+    )
+    p.add_argument(
+        "--pressure-hysteresis", metavar="F", help="margin above a threshold before its level clears (default 0.05)"
+    )
+    p.add_argument("--pressure-interval", type=float, default=2.0, help="seconds between memory samples (default 2)")
+    p.add_argument(
+        "--no-eviction", action="store_true", help="under critical memory pressure only block admissions, evict nothing"
+    )
     p.set_defaults(handler=run)
 
 
@@ -78,7 +91,23 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         host_memory=parse_quantity(args.host_memory, "--host-memory") if args.host_memory else None,
         startup_timeout=args.startup_timeout,
         grace_period=args.grace_period,
+        **pressure_settings(args),
     )
+
+
+def pressure_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The memory-pressure flags given, as AgentConfig fields (validated there, with the flag's name on error)."""
+    settings: dict[str, Any] = {"pressure_interval": args.pressure_interval, "eviction": not args.no_eviction}
+    for name in ("warning", "critical", "hysteresis"):
+        text = getattr(args, f"pressure_{name}")
+        if text is not None:
+            flag = f"--pressure-{name}"
+            try:
+                value = float(text)
+            except ValueError:
+                raise InvalidValue(f"{flag}: {text!r} is not a number") from None
+            settings[f"pressure_{name}"] = value if name == "hysteresis" else parse_fraction(text, flag)
+    return settings
 
 
 async def main_async(args: argparse.Namespace, config: AgentConfig) -> None:

@@ -73,15 +73,17 @@ class Thresholds:
         for name in ("warning", "critical", "hysteresis"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise InvalidValue(f"memory pressure {name} threshold must be a number, got {value!r}")
+                raise InvalidValue(f"memory pressure {name} (--pressure-{name}) must be a number, got {value!r}")
         if not 0 < self.critical < self.warning < 1:
             raise InvalidValue(
-                f"memory pressure thresholds must satisfy 0 < critical < warning < 1, got critical "
+                "memory pressure thresholds (--pressure-warning, --pressure-critical) must satisfy "
+                f"0 < critical < warning < 1, got critical "
                 f"{self.critical!r} and warning {self.warning!r}"
             )
         if not 0 <= self.hysteresis < 1 - self.warning:
             raise InvalidValue(
-                f"memory pressure hysteresis must be >= 0 and leave warning + hysteresis below 1, got "
+                "memory pressure hysteresis (--pressure-hysteresis) must be >= 0 and leave warning + hysteresis "
+                f"below 1, got "
                 f"{self.hysteresis!r} with warning {self.warning!r}"
             )
 
@@ -166,9 +168,11 @@ OnSample = Callable[[Sample, Level, Level], Awaitable[None]]  # sample, level be
 
 def check_interval(interval: object) -> float:
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not math.isfinite(interval):
-        raise InvalidValue(f"memory pressure sample interval must be a number of seconds, got {interval!r}")
+        raise InvalidValue(
+            f"memory pressure sample interval (--pressure-interval) must be a number of seconds, got {interval!r}"
+        )
     if interval <= 0:
-        raise InvalidValue(f"memory pressure sample interval must be positive, got {interval!r}")
+        raise InvalidValue(f"memory pressure sample interval (--pressure-interval) must be positive, got {interval!r}")
     return float(interval)
 
 

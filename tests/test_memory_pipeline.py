@@ -6,17 +6,21 @@ their eviction are real.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
+from agent.manifest import PRIORITIES
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.standalone import Event, EventType
 
-pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB
 
 
@@ -43,6 +47,7 @@ def ready(agent: Agent, *names: str) -> bool:
     return all(phase(agent, n)[0] == "Ready" for n in names)
 
 
+@pytest.mark.anyio
 async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_then_recovers(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     agent = make_agent(tmp_path, host)
@@ -87,6 +92,7 @@ async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_the
         assert agent.ledger.used <= agent.ledger.capacity
 
 
+@pytest.mark.anyio
 async def test_warning_pressure_holds_new_units_until_it_clears(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     agent = make_agent(tmp_path, host)
@@ -104,6 +110,7 @@ async def test_warning_pressure_holds_new_units_until_it_clears(tmp_path: Path) 
         await until(lambda: ready(agent, "first", "second"))
 
 
+@pytest.mark.anyio
 async def test_a_foreign_process_eating_memory_makes_admission_wait(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     agent = make_agent(tmp_path, host, pressure_warning=0.05, pressure_critical=0.02)
@@ -117,6 +124,7 @@ async def test_a_foreign_process_eating_memory_makes_admission_wait(tmp_path: Pa
         await until(lambda: ready(agent, "a"))
 
 
+@pytest.mark.anyio
 async def test_a_unit_bigger_than_the_host_budget_fails_and_says_it_can_never_fit(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     agent = make_agent(tmp_path, host, memory_fraction=0.05)  # 25.6 MiB: less than any unit's estimate
@@ -128,6 +136,7 @@ async def test_a_unit_bigger_than_the_host_budget_fails_and_says_it_can_never_fi
         assert "can never fit" in agent.runtimes["d/huge"].message and not agent.admission.waiting
 
 
+@pytest.mark.anyio
 async def test_measured_footprint_replaces_the_estimate_and_an_overrun_is_flagged(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     agent = make_agent(tmp_path, host)
@@ -147,6 +156,7 @@ async def test_measured_footprint_replaces_the_estimate_and_an_overrun_is_flagge
         assert agent.status()["units"][0]["warning"] is not None  # d/greedy sorts first
 
 
+@pytest.mark.anyio
 async def test_waiting_units_start_by_priority_when_memory_frees(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     # Room for one unit at a time: 76.8 MiB; each is estimated at about 44 MiB and measures about 60 once loaded.
@@ -169,3 +179,60 @@ async def test_waiting_units_start_by_priority_when_memory_frees(tmp_path: Path)
             send(Event(EventType.DELETED, service(name)))
         await until(lambda: not agent.runtimes)
         assert agent.ledger.used == 0 and not agent.admission.waiting
+
+
+OPERATIONS = st.lists(
+    st.tuples(st.sampled_from(["add", "delete", "pause"]), st.integers(0, 4), st.sampled_from(PRIORITIES)),
+    min_size=1,
+    max_size=14,
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations=OPERATIONS, fraction=st.sampled_from([0.1, 0.2, 0.35]))
+def test_random_arrivals_and_deletions_through_the_pipeline_never_over_commit(
+    operations: list[tuple[str, int, str]], fraction: float
+) -> None:
+    """The real pipeline and real servers: reservations stay within the budget at every moment, and once every
+    unit is deleted nothing is held, nothing waits and no server is left."""
+
+    async def scenario(folder: Path) -> None:
+        host = SimulatedHost(TOTAL)
+        agent = make_agent(folder, host, memory_fraction=fraction)
+        seen_pids: set[int] = set()
+        worst = 0
+
+        async def watch() -> None:
+            nonlocal worst
+            while True:
+                ledger = agent.ledger
+                leaving = sum(ledger.held.get(k, 0) for k in agent.admission.evicting)
+                worst = max(worst, ledger.used - leaving - ledger.capacity)
+                seen_pids.update(r.child.pid for r in agent.runtimes.values() if r.child)
+                await anyio.sleep(0.005)
+
+        async with running(agent) as send, anyio.create_task_group() as watcher:
+            watcher.start_soon(watch)
+            send(model_event(folder))
+            live: set[int] = set()
+            for op, index, priority in operations:
+                if op == "pause":
+                    await anyio.sleep(0.1)  # lets starts and loads interleave with the next events
+                elif op == "add":
+                    send(Event(EventType.ADDED, service(f"u{index}", priority)))
+                    live.add(index)
+                else:
+                    send(Event(EventType.DELETED, service(f"u{index}", priority)))
+                    live.discard(index)
+            await until(lambda: all(phase(agent, f"u{i}")[0] in ("Ready", "Pending", "Failed") for i in live))
+            for index in range(5):
+                send(Event(EventType.DELETED, service(f"u{index}")))
+            await until(lambda: not agent.runtimes)
+            watcher.cancel_scope.cancel()
+        assert worst <= 0, f"reservations exceeded the budget by {worst} bytes"
+        assert agent.ledger.used == 0 and not agent.ledger.held
+        assert not agent.admission.waiting and not agent.admission.holders and not agent.admission.loading
+        assert not [pid for pid in seen_pids if alive(pid)]
+
+    with tempfile.TemporaryDirectory() as folder:
+        anyio.run(scenario, Path(folder))
