@@ -143,6 +143,14 @@ class Admission:
             stop_rank = claim.rank if stop_rank is None else stop_rank
         return admitted
 
+    def hold(self, key: str, need: int, priority: str, protected: bool) -> None:
+        """Account for a server that already runs (adopted after an agent restart), whatever the budget says."""
+        self.waiting.pop(key, None)
+        rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
+        self.holders[key] = Claim(key, need, rank, protected, next(self._seq), "Adopted")
+        self.ledger.held[key] = need
+        self.loading.add(key)  # settled with its measured footprint once healthy
+
     def take_new_grants(self) -> set[str]:
         grants, self.new_grants = self.new_grants, set()
         return grants

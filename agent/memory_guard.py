@@ -88,6 +88,11 @@ class MemoryGuard:
                 runtime.retry_at = time.monotonic()
                 runtime.poke()
 
+    def release(self, key: str) -> None:
+        """The unit holds no memory any more (stopped, failed, deleted): waiting units may get it."""
+        if self.admission.forget(key) or self.admission.waiting:
+            self.memory_freed()
+
     def memory_freed(self) -> None:
         self.admission.grant(self.available())
         self.wake_granted()

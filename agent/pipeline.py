@@ -59,12 +59,11 @@ class AgentConfig:
     pressure_interval: float = 2.0  # seconds between memory samples
     eviction: bool = True  # evict units under critical pressure (False: only block admissions)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # invalid pressure settings fail here (InvalidValue), not in the watchdog
         self.thresholds()
         check_interval(self.pressure_interval)
 
     def thresholds(self) -> Thresholds:
-        """The pressure thresholds, validated (InvalidValue names the setting)."""
         return Thresholds(self.pressure_warning, self.pressure_critical, self.pressure_hysteresis)
 
 
@@ -207,9 +206,11 @@ class Agent:
             await self._set(runtime, "Failed", str(verdict.reason), verdict.message)
             return
         need = verdict.estimate.total_bytes if verdict.estimate else budget.bytes
-        service = unit.service
+        if await self._adopt(runtime, unit, need):  # its memory is in use already: it does not queue
+            return
+        spec = unit.service
         decision = self.admission.request(
-            runtime.key, need, service.priority, service.eviction_protection, self.memory.available()
+            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available()
         )
         self.memory.wake_granted()  # units ahead of this one may have been admitted too
         if decision.outcome is Outcome.NEVER_FITS:
@@ -221,23 +222,21 @@ class Agent:
         runtime.warning = None
         if runtime.evict_message is not None:
             return  # chosen for eviction since: the worker handles that next
-        if await self._adopt(runtime, unit):
-            return
         executor, why_not = self._executor(unit)
         if executor is None:
-            self._release(runtime)
+            self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
         await self._launch(runtime, unit, executor, model_path)
 
-    async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
-        """Take over the child a previous agent started for this unit, if it runs this spec and is healthy."""
+    async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit, need: int) -> bool:
+        """Take over the child a previous agent started for this unit if it runs this spec (healthy or loading)."""
         record = self.adoptable.pop(runtime.key, None)
         if record is None:
             return False
         child = record.child()
         if record.spec_hash == unit.spec_hash() and record.is_ours():
-            # Healthy, or still loading when the previous agent died: either way it is this spec's server.
+            self.admission.hold(runtime.key, need, unit.service.priority, unit.service.eviction_protection)
             runtime.child = child
             await self._set(runtime, "Starting", "Adopted", f"adopting pid {child.pid} on port {child.port}")
             if await self._until_ready(runtime, record.health_path):
@@ -266,11 +265,6 @@ class Agent:
         records += list(self.adoptable.values())  # not yet claimed: keep them on record
         save_state(self.state_path, records)
 
-    def _release(self, runtime: UnitRuntime) -> None:
-        """The unit holds no memory any more (stopped, failed, deleted): waiting units may get it."""
-        if self.admission.forget(runtime.key) or self.admission.waiting:
-            self.memory.memory_freed()
-
     def _executor(self, unit: ServingUnit) -> tuple[Executor | None, str]:
         reasons = []
         for executor in self.executors:
@@ -289,7 +283,7 @@ class Agent:
                 launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
             )
         except Exception as exc:  # the plugin's message becomes the unit's reason
-            self._release(runtime)
+            self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
             return
         runtime.child, runtime.executor = child, executor.name
@@ -306,7 +300,7 @@ class Agent:
                 await supervisor.wait_ready(child, health_path, self.config.startup_timeout, self.config.grace_period)
         except supervisor.StartupFailed as exc:
             runtime.child = None
-            self._release(runtime)
+            self.memory.release(runtime.key)
             await self._failed_run(runtime, f"server {exc}")
             return False
         finally:
@@ -332,7 +326,7 @@ class Agent:
         supervisor.bound_log(child.log_path)
         if not child.running():
             runtime.child = None
-            self._release(runtime)
+            self.memory.release(runtime.key)
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return
@@ -357,7 +351,7 @@ class Agent:
             self.admission.requeue(claim, EVICTED, evicted)  # it waits again, keeping its place
             self.memory.memory_freed()
         else:
-            self._release(runtime)
+            self.memory.release(runtime.key)
 
     async def _evict(self, runtime: UnitRuntime) -> None:
         """Stop the server the memory guard chose; the unit waits in the queue until memory allows."""
@@ -370,6 +364,9 @@ class Agent:
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
+        if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
+            assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
+            self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
         if children_changed:
             self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)

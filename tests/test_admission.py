@@ -262,3 +262,13 @@ test_admission_state_machine = AdmissionMachine.TestCase
 def test_every_priority_is_ranked(priority: str) -> None:
     admission = Admission(10)
     assert admission.request("a", 5, priority, False, PLENTY).outcome is Outcome.ADMITTED
+
+
+def test_an_adopted_server_is_held_whatever_the_queue_or_pressure() -> None:
+    admission = Admission(100)
+    admission.block("memory pressure is warning")
+    admission.hold("adopted", 80, "low", False)  # it runs already: its memory is in use
+    assert admission.ledger.used == 80 and "adopted" in admission.loading
+    assert admission.settle("adopted", 70) == 80 and admission.ledger.used == 70
+    admission.unblock()
+    assert admission.request("next", 40, "critical", False, PLENTY).outcome is Outcome.WAITING
