@@ -139,14 +139,13 @@ class MemoryGuard:
             runtime.poke()
 
     # -- measured footprint ---------------------------------------------------------------------------------
-    def measured(self, runtime: UnitRuntime, loaded: bool) -> None:
-        """Put the unit's measured memory in the ledger; warn (status and log) when it exceeds the reservation."""
+    def measured(self, runtime: UnitRuntime, loaded: bool) -> bool:
+        """Put the unit's measured memory in the ledger; True when it newly exceeds its reservation (the unit's
+        ``warning`` and the log say so)."""
         measured = footprint(runtime.actual)
-        if measured <= 0:
-            return
         claim = self.admission.holders.get(runtime.key)
-        if claim is None:
-            return
+        if measured <= 0 or claim is None:
+            return False
         if loaded:
             self.admission.settle(runtime.key, measured)
             self.memory_freed()  # the estimate may have been generous
@@ -160,6 +159,8 @@ class MemoryGuard:
             )
             runtime.warning = {"reason": "ExceedsReservation", "message": message}
             log.warning("footprint exceeds reservation", unit=runtime.key, measured=measured, reserved=claim.need)
+            return True
+        return False
 
     def status(self) -> dict[str, Any]:
         reading = self.watchdog.reading.status(self.thresholds, self.watchdog.interval)

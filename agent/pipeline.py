@@ -147,7 +147,7 @@ class Agent:
                 log.exception("reconcile failed", unit=runtime.key)
                 await self._set(runtime, "Failed", "InternalError", str(exc))
                 done = False
-            if done:
+            if done and self.current_unit(runtime.key) == (None, ""):  # not re-added while it was stopping
                 self.runtimes.pop(runtime.key, None)
                 return
 
@@ -160,12 +160,10 @@ class Agent:
         """Bring one unit to its spec; True when the unit is gone and its worker can end."""
         unit, missing_reason = self.current_unit(runtime.key)
         if runtime.evict_message is not None:
-            await self._evict(runtime)
-            if unit is None or not unit.wanted or runtime.spec_hash != unit.spec_hash():
-                return await self.reconcile(runtime)
-            return False
+            await self._evict(runtime)  # then on as for any stopped unit: it waits, or is gone, suspended or changed
         if unit is None or not unit.wanted:
             await self._teardown(runtime)
+            runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
             if unit is None and not missing_reason:  # the InferenceService itself is gone
                 return True
             phase, reason = ("Stopped", "Suspended") if unit else ("Pending", "ModelNotFound")
@@ -333,7 +331,8 @@ class Agent:
         if await supervisor.healthy(child):
             runtime.unhealthy = 0
             runtime.actual = measure(child)
-            self.memory.measured(runtime, loaded=False)
+            if self.memory.measured(runtime, loaded=False):  # a new warning: reporters turn it into an Event
+                await self._set(runtime, runtime.phase, runtime.reason, runtime.message)
             return
         runtime.unhealthy += 1
         if runtime.unhealthy >= self.config.unhealthy_after:

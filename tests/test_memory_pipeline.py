@@ -188,7 +188,7 @@ OPERATIONS = st.lists(
 )
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations=OPERATIONS, fraction=st.sampled_from([0.1, 0.2, 0.35]))
 def test_random_arrivals_and_deletions_through_the_pipeline_never_over_commit(
     operations: list[tuple[str, int, str]], fraction: float

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from agent.cli import main
 from agent.hostmem import HostMemoryUnknown
 from agent.pipeline import AgentConfig
 from agent.pressure import Level, Sample, Thresholds, Watchdog, classify, kernel_pressure_level
@@ -91,3 +94,22 @@ def test_watchdog_steps_through_its_provider_and_survives_a_failing_read() -> No
     assert watchdog.reading.transitions == 3 and watchdog.reading.error is None
     status = watchdog.reading.status(watchdog.thresholds, watchdog.interval)
     assert status["level"] == "normal" and status["available_fraction"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pressure-warning", "0.1", "--pressure-critical", "0.2"], "--pressure-critical"),
+        (["--pressure-warning", "lots"], "--pressure-warning: 'lots' is not a number"),
+        (["--pressure-critical", "1.5"], "--pressure-critical"),
+        (["--pressure-hysteresis", "-0.1"], "--pressure-hysteresis"),
+        (["--pressure-interval", "0"], "--pressure-interval"),
+    ],
+)
+def test_run_refuses_bad_pressure_flags_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    argv = ["run", "--manifests", str(tmp_path), "--state-dir", str(tmp_path / "state"), *flags]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error
