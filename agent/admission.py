@@ -15,7 +15,9 @@ model hold every small one of its level back indefinitely; backfill never delays
 A unit whose estimate exceeds the whole host budget can never fit and is refused rather than queued. While
 memory pressure is at warning or above, nothing is admitted (waiters say ``MemoryPressure``).
 
-Methods never await: on the event loop each call is atomic, so concurrent arrivals cannot over-commit.
+Methods never await: on the event loop each call is atomic, so concurrent arrivals cannot over-commit. The queue
+is weighed afresh only when something it depends on changed (the ledger, the OS's figure, pressure, who waits);
+otherwise a new arrival is weighed alone against the same state, so a burst of arrivals costs no re-sorting.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Admission:
         self.blocked: str | None = None  # why nothing is admitted now (memory pressure), or None
         self.counts: Counter[str] = Counter()  # admitted, queued, rejected, evicted: exported as metrics
         self._seq = itertools.count()
+        self._ranks: Counter[int] = Counter()  # waiting claims per priority rank
+        self._settled: tuple[int, int] | None = None  # (available, ledger version) the queue was last weighed at
 
     # -- requests -------------------------------------------------------------------------------------------
     def request(self, key: str, need: int, priority: str, protected: bool, available: int) -> Decision:
@@ -97,59 +101,89 @@ class Admission:
                 self.ledger.reserve(key, need)
                 return Decision(Outcome.ADMITTED, "Admitted", "")
             self._unhold(key)
-            self.waiting[key] = held  # back in the queue at its place
+            self._enqueue(held)  # back in the queue at its place
         else:
             claim = self.waiting.get(key)
             if claim is None:
-                claim = self.waiting[key] = Claim(key, need, rank, protected, next(self._seq))
+                self._enqueue(Claim(key, need, rank, protected, next(self._seq)))
                 self.counts["queued"] += 1
-            claim.need, claim.rank, claim.protected = need, rank, protected
-        self.grant(available)
+            elif claim.rank != rank:
+                self._dequeue(key)
+                claim.rank = rank
+                self._enqueue(claim)
+                self._settled = None  # it may now hold others back, or no longer
+            self.waiting[key].need, self.waiting[key].protected = need, protected
+        claim = self.waiting[key]
+        if self.blocked is None and self._settled == (available, self.ledger.version):
+            self._admit_alone(claim, available)  # the other waiters were weighed against this very state
+        else:
+            self.grant(available)
         if key in self.holders:
             self.new_grants.discard(key)
             return Decision(Outcome.ADMITTED, "Admitted", "")
-        claim = self.waiting[key]
+        self._explain(claim, available)
         return Decision(Outcome.WAITING, claim.reason, claim.message)
 
     def grant(self, available: int) -> list[str]:
         """Admit waiters in order while they fit (see the module's rule); returns the keys admitted."""
-        if self.blocked is not None:
-            for claim in self.waiting.values():
-                if claim.reason != EVICTED:
-                    claim.reason, claim.message = MEMORY_PRESSURE, f"{self.blocked}; it starts when pressure eases"
-            return []
+        if self.blocked is not None or self._settled == (available, self.ledger.version):
+            return []  # nothing changed since the queue was last weighed
         headroom = self._os_headroom(available)
         stop_rank: int | None = None
         admitted: list[str] = []
         for claim in sorted(self.waiting.values(), key=lambda c: (c.rank, c.seq)):
+            if stop_rank is not None and claim.rank > stop_rank:
+                break  # a higher-priority unit waits for memory: nothing of lower priority may take it
             if claim.need > self.ledger.capacity:
                 continue  # refused when its worker asks again
-            if stop_rank is not None and claim.rank > stop_rank:
-                claim.reason = INSUFFICIENT_MEMORY
-                claim.message = f"waits behind {PRIORITIES[stop_rank]}-priority units that need memory first"
-                continue
-            free = self.ledger.free_for(claim.key)
-            if claim.need <= free and claim.need <= headroom:
-                del self.waiting[claim.key]
-                self.ledger.reserve(claim.key, claim.need)
-                self.holders[claim.key] = claim
-                self.loading.add(claim.key)
-                self.new_grants.add(claim.key)
-                self.counts["admitted"] += 1
+            if claim.need <= self.ledger.free_for(claim.key) and claim.need <= headroom:
+                self._admit(claim)
                 headroom -= claim.need
                 admitted.append(claim.key)
-                continue
-            claim.reason, claim.message = INSUFFICIENT_MEMORY, self._why_not(claim, free, headroom)
-            stop_rank = claim.rank if stop_rank is None else stop_rank
+            elif stop_rank is None:
+                stop_rank = claim.rank
+        self._settled = (available, self.ledger.version)
         return admitted
 
     def hold(self, key: str, need: int, priority: str, protected: bool) -> None:
         """Account for a server that already runs (adopted after an agent restart), whatever the budget says."""
-        self.waiting.pop(key, None)
+        self._dequeue(key)
         rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
         self.holders[key] = Claim(key, need, rank, protected, next(self._seq), "Adopted")
-        self.ledger.held[key] = need
+        self.ledger.set(key, need)
         self.loading.add(key)  # settled with its measured footprint once healthy
+
+    def _admit_alone(self, claim: Claim, available: int) -> None:
+        """Only ``claim`` is new to the queue: it starts if no higher-priority unit waits and it fits."""
+        if (
+            self._first_rank_ahead(claim) is None
+            and claim.need <= self.ledger.free_for(claim.key)
+            and claim.need <= self._os_headroom(available)
+        ):
+            self._admit(claim)
+        self._settled = (available, self.ledger.version)
+
+    def _admit(self, claim: Claim) -> None:
+        self._dequeue(claim.key)
+        self.ledger.reserve(claim.key, claim.need)
+        self.holders[claim.key] = claim
+        self.loading.add(claim.key)
+        self.new_grants.add(claim.key)
+        self.counts["admitted"] += 1
+
+    def _explain(self, claim: Claim, available: int) -> None:
+        """Why ``claim`` waits, in its reason and message (for its status)."""
+        if self.blocked is not None:
+            if claim.reason != EVICTED:
+                claim.reason, claim.message = MEMORY_PRESSURE, f"{self.blocked}; it starts when pressure eases"
+            return
+        claim.reason = INSUFFICIENT_MEMORY
+        ahead = self._first_rank_ahead(claim)
+        if ahead is not None:
+            claim.message = f"waits behind {PRIORITIES[ahead]}-priority units that need memory first"
+        else:
+            headroom = self._os_headroom(available, claim.key)
+            claim.message = self._why_not(claim, self.ledger.free_for(claim.key), headroom)
 
     def take_new_grants(self) -> set[str]:
         grants, self.new_grants = self.new_grants, set()
@@ -162,33 +196,35 @@ class Admission:
         if claim is None:
             return 0
         self.loading.discard(key)
-        self.ledger.held[key] = measured  # what it really uses, even above its reservation: it is in use
+        self.ledger.set(key, measured)  # what it really uses, even above its reservation: it is in use
         return claim.need
 
     def observe(self, key: str, measured: int) -> int:
         """A later measurement: the hold is the high-water mark since load (memory used once is used again)."""
         if key not in self.holders or key in self.loading:
             return self.ledger.held.get(key, 0)
-        self.ledger.held[key] = max(self.ledger.held.get(key, 0), measured)
+        self.ledger.set(key, max(self.ledger.held.get(key, 0), measured))
         return self.ledger.held[key]
 
     def forget(self, key: str) -> int:
         """The unit is gone, failed or stopped: leave the queue and release what it held."""
-        self.waiting.pop(key, None)
+        if self._dequeue(key):
+            self._settled = None  # it may have held others back
         self.new_grants.discard(key)
         return self._unhold(key)
 
     def requeue(self, claim: Claim, reason: str, message: str) -> None:
         """An evicted unit waits again, keeping its place in the queue."""
         claim.reason, claim.message = reason, message
-        self.waiting[claim.key] = claim
+        self._enqueue(claim)
+        self._settled = None
 
     # -- pressure and budget --------------------------------------------------------------------------------
     def block(self, why: str) -> None:
-        self.blocked = why
+        self.blocked, self._settled = why, None
 
     def unblock(self) -> None:
-        self.blocked = None
+        self.blocked, self._settled = None, None
         for claim in self.waiting.values():
             claim.reason = INSUFFICIENT_MEMORY
 
@@ -206,11 +242,27 @@ class Admission:
 
     def set_capacity(self, capacity: int) -> list[Claim]:
         """A new host budget; if what is held no longer fits, the holders to evict (by the eviction order)."""
-        self.ledger.capacity = capacity
+        self.ledger.resize(capacity)
         staying = self.ledger.used - sum(self.ledger.held.get(k, 0) for k in self.evicting)
         return self.evict_for(staying - capacity) if staying > capacity else []
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _enqueue(self, claim: Claim) -> None:
+        self._dequeue(claim.key)
+        self.waiting[claim.key] = claim
+        self._ranks[claim.rank] += 1
+
+    def _dequeue(self, key: str) -> bool:
+        claim = self.waiting.pop(key, None)
+        if claim is None:
+            return False
+        self._ranks[claim.rank] -= 1
+        return True
+
+    def _first_rank_ahead(self, claim: Claim) -> int | None:
+        """The highest priority waiting above ``claim``'s, if any (counted per rank: no scan of the queue)."""
+        return next((rank for rank in range(claim.rank) if self._ranks[rank] > 0), None)
+
     def _unhold(self, key: str) -> int:
         self.holders.pop(key, None)
         self.loading.discard(key)

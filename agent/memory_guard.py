@@ -24,6 +24,7 @@ from agent.quantity import format_bytes
 from agent.unit_state import UnitRuntime
 
 log = structlog.get_logger("metal_agent.memory")
+FRESH_S = 0.1  # how old a reading of available memory admission may use
 
 
 def measure(child: supervisor.Child) -> dict[str, int]:
@@ -56,19 +57,25 @@ class MemoryGuard:
     ) -> None:
         self.admission, self.watchdog, self.runtimes = admission, watchdog, runtimes
         self.budget_of, self.eviction = budget_of, eviction
+        self._fresh: tuple[float, int] | None = None  # (when, bytes): the last reading of available memory
 
     @property
     def thresholds(self) -> Thresholds:
         return self.watchdog.thresholds
 
     def available(self) -> int:
-        """What the OS has available now (the last sample if it cannot be read)."""
-        stepped = self.watchdog.provider
+        """What the OS has available now: read again unless read within ``FRESH_S`` (a burst of arrivals reads it
+        once); the last sample if it cannot be read."""
+        now = time.monotonic()
+        if self._fresh is not None and now - self._fresh[0] < FRESH_S:
+            return self._fresh[1]
         try:
-            return stepped().available_bytes
+            available = self.watchdog.provider().available_bytes
         except Exception:  # the provider raises what the OS raises; fall back to the last good sample
             last = self.watchdog.reading.sample
             return last.available_bytes if last else 0
+        self._fresh = (now, available)
+        return available
 
     # -- waking workers -------------------------------------------------------------------------------------
     def wake_granted(self) -> None:
@@ -99,6 +106,7 @@ class MemoryGuard:
 
     # -- the watchdog's callback ----------------------------------------------------------------------------
     async def on_sample(self, sample: Sample, before: Level, level: Level) -> None:
+        self._fresh = (time.monotonic(), sample.available_bytes)
         capacity = self.budget_of(sample.total_bytes)
         if capacity != self.admission.ledger.capacity:
             log.warning("host budget changed", before=self.admission.ledger.capacity, after=capacity)

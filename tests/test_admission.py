@@ -7,6 +7,8 @@ byte a departed unit held is released.
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from typing import Literal
 
 import pytest
@@ -246,6 +248,15 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert held == set(self.admission.holders)
         assert held == {k for k, s in self.state.items() if s in ("granted", "loading", "running", "evicting")}
         assert set(self.admission.waiting) == {k for k, s in self.state.items() if s == "waiting"}
+        ranks = Counter(c.rank for c in self.admission.waiting.values())
+        assert +self.admission._ranks == ranks  # the per-rank count the queue keeps instead of scanning
+
+    @invariant()
+    def nobody_left_waiting_who_could_start(self) -> None:
+        """What the queue decided step by step is what weighing it afresh decides: nobody admissible waits."""
+        afresh = copy.deepcopy(self.admission)
+        afresh._settled = None
+        assert afresh.grant(self.available) == []
 
     def teardown(self) -> None:
         for key in list(self.state):
