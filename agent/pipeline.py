@@ -358,7 +358,6 @@ class Agent:
         await self._teardown(runtime, evicted=message)
         runtime.retry_at = None
         await self._set(runtime, "Pending", EVICTED, message)
-        self.memory.memory_freed()
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
