@@ -75,9 +75,9 @@ async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_the
         message = agent.runtimes["d/batch-big"].message
         assert "critical memory pressure" in message and "available" in message and "of 512.0 MiB" in message
         assert agent.status()["pressure"]["level"] != "normal"  # hysteresis: admissions stay blocked
-        # Deeper: 30 MiB short, more than one small server (about 19 MiB) frees. Next in order: the other batch
-        # unit, then normal; protected and critical stay.
-        host.leave_available(int(0.10 * TOTAL) - 30 * MiB)
+        # Deeper: short by a little more than the other batch server holds, so it is not enough alone. Next in
+        # order: that batch unit, then normal; protected and critical stay.
+        host.leave_available(int(0.10 * TOTAL) - agent.ledger.held["d/batch-small"] - MiB)
         await until(lambda: phase(agent, "normal") == ("Pending", "Evicted"))
         calls = host.calls
         await until(lambda: host.calls >= calls + 10)
