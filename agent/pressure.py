@@ -22,7 +22,7 @@ from enum import IntEnum
 import anyio
 import structlog
 
-from agent.hostmem import HostMemoryUnknown, Sysctl, _run_sysctl, detect_host_memory
+from agent.hostmem import Sysctl, _run_sysctl, detect_host_memory
 from agent.quantity import InvalidValue, format_bytes
 
 log = structlog.get_logger("metal_agent.pressure")
@@ -185,7 +185,7 @@ class Watchdog:
         """Take one sample and classify it; None (level unchanged) when the OS could not be read."""
         try:
             sample = self.provider()
-        except (HostMemoryUnknown, OSError) as exc:
+        except Exception as exc:  # HostMemoryUnknown, OSError, or whatever a provider raises: sample again later
             if self.reading.error is None:
                 log.warning("memory pressure sample failed", error=str(exc))
             self.reading.error = str(exc)
@@ -200,8 +200,12 @@ class Watchdog:
         return sample, before, level
 
     async def run(self, on_sample: OnSample) -> None:
+        """Sample forever; a failing sample or handler is logged and the watchdog goes on (it guards the host)."""
         while True:
             stepped = self.step()
             if stepped is not None:
-                await on_sample(*stepped)
+                try:
+                    await on_sample(*stepped)
+                except Exception:
+                    log.exception("memory pressure handler failed", reading=stepped[0].describe())
             await anyio.sleep(self.interval)

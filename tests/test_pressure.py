@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from agent.cli import main
@@ -113,3 +114,29 @@ def test_run_refuses_bad_pressure_flags_naming_them(
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error
+
+
+@pytest.mark.anyio
+async def test_the_watchdog_outlives_a_failing_provider_and_a_failing_handler() -> None:
+    readings: list[Sample | Exception] = [RuntimeError("odd psutil"), at(50), at(50), at(50)]
+    handled: list[Sample] = []
+
+    def provider() -> Sample:
+        item = readings.pop(0) if len(readings) > 1 else readings[0]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def handler(sample: Sample, before: Level, level: Level) -> None:
+        handled.append(sample)
+        if len(handled) == 1:
+            raise ValueError("a bug in the handler")
+
+    watchdog = Watchdog(provider, Thresholds(), interval=0.01)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watchdog.run, handler)
+            while len(handled) < 3:
+                await anyio.sleep(0.01)
+            tasks.cancel_scope.cancel()
+    assert watchdog.reading.error is None and watchdog.reading.sample == at(50)
