@@ -99,6 +99,7 @@ class Admission:
             self.new_grants.discard(key)
             if not self.blocked and self._fits(held, available):
                 self.ledger.reserve(key, need)
+                self.grant(available)  # a smaller estimate than when it was admitted may let others in
                 return Decision(Outcome.ADMITTED, "Admitted", "")
             self._unhold(key)
             self._enqueue(held)  # back in the queue at its place
@@ -260,8 +261,13 @@ class Admission:
         return True
 
     def _first_rank_ahead(self, claim: Claim) -> int | None:
-        """The highest priority waiting above ``claim``'s, if any (counted per rank: no scan of the queue)."""
-        return next((rank for rank in range(claim.rank) if self._ranks[rank] > 0), None)
+        """The highest priority waiting above ``claim``'s, if any. Counts per rank answer the common case (nobody
+        above) without a scan; a unit that can no longer fit the budget holds nobody back, as in ``grant``."""
+        if not any(self._ranks[rank] > 0 for rank in range(claim.rank)):
+            return None
+        capacity = self.ledger.capacity
+        ahead = [o.rank for o in self.waiting.values() if o.rank < claim.rank and o.need <= capacity]
+        return min(ahead, default=None)
 
     def _unhold(self, key: str) -> int:
         self.holders.pop(key, None)

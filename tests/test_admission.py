@@ -265,7 +265,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert not self.admission.waiting and not self.admission.holders and not self.admission.loading
 
 
-AdmissionMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+AdmissionMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_admission_state_machine = AdmissionMachine.TestCase
 
 
