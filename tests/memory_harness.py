@@ -111,10 +111,15 @@ async def running(agent: Agent) -> AsyncIterator[Callable[[Event], None]]:
             await agent.shutdown()
 
 
-async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
+async def until(condition: Callable[[], bool], timeout: float = 30, agent: Agent | None = None) -> None:
+    """Wait for ``condition``; on timeout the error shows the agent's units (phase, reason, message)."""
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        units = [(u["unit"], u["phase"], u["reason"], u["message"]) for u in agent.status()["units"]] if agent else []
+        raise AssertionError(f"condition not met within {timeout} s; units: {units}") from None
 
 
 def phase(agent: Agent, name: str) -> tuple[str, str]:
