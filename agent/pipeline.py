@@ -15,25 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
 import structlog
 
 from agent import logs, supervisor
+from agent.admission import EVICTED, Admission, Outcome
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
 from agent.hookspecs import Executor
-from agent.hostmem import HostMemory, detect_host_memory
+from agent.hostmem import detect_host_memory
 from agent.kube.settings import KubeSettings
-from agent.ledger import Ledger
-from agent.llama_memlog import parse_memory_log
 from agent.manifest import ModelSpec, ServiceSpec
+from agent.memory_guard import MemoryGuard, measure
 from agent.metrics import Metrics
 from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
 from agent.preflight import Mode, Verdict
-from agent.quantity import format_bytes
+from agent.pressure import Provider, Thresholds, Watchdog, check_interval, system_provider
 from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
@@ -68,17 +67,33 @@ class AgentConfig:
     advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
     register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
     service_port: int = 8080
+    pressure_warning: float = 0.20  # available fraction at or below which admissions wait
+    pressure_critical: float = 0.10  # available fraction at or below which units are evicted
+    pressure_hysteresis: float = 0.05  # margin above a threshold before its level is left
+    pressure_interval: float = 2.0  # seconds between memory samples
+    eviction: bool = True  # evict units under critical pressure (False: only block admissions)
+
+    def __post_init__(self) -> None:  # invalid pressure settings fail here (InvalidValue), not in the watchdog
+        self.thresholds()
+        check_interval(self.pressure_interval)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.pressure_warning, self.pressure_critical, self.pressure_hysteresis)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, plugins: Plugins) -> None:
+    def __init__(self, config: AgentConfig, plugins: Plugins, memory: Provider | None = None) -> None:
         self.config, self.plugins = config, plugins
         self.executors: list[Executor] = plugins.executors()
         self.models: dict[tuple[str, str], ModelSpec] = {}
         self.services: dict[tuple[str, str], ServiceSpec] = {}
         self.runtimes: dict[str, UnitRuntime] = {}
-        self.host = detect_host_memory(config.host_memory)
-        self.ledger = Ledger(resolve_budget(self.host.total_bytes, None, None, config.memory_fraction).bytes)
+        # ``memory`` samples the host (tests simulate pressure or a foreign process with it).
+        memory = memory or system_provider(config.host_memory)
+        self.admission = Admission(self._host_budget(memory().total_bytes))
+        self.ledger = self.admission.ledger
+        watchdog = Watchdog(memory, config.thresholds(), config.pressure_interval)
+        self.memory = MemoryGuard(self.admission, watchdog, self.runtimes, self._host_budget, config.eviction)
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
@@ -95,12 +110,16 @@ class Agent:
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
+            tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
             async for event in events:
                 if isinstance(event, Synced):
                     self.reap_unclaimed()
                     self.synced = True
                 else:
                     self.apply(event)
+
+    def _host_budget(self, total_bytes: int) -> int:
+        return resolve_budget(total_bytes, None, None, self.config.memory_fraction).bytes
 
     def apply(self, event: Event) -> None:
         obj = event.obj
@@ -151,7 +170,7 @@ class Agent:
                 done = False
             if event_at is not None:
                 self.metrics.reconciled(time.monotonic() - event_at)
-            if done:
+            if done and self.current_unit(runtime.key) == (None, ""):  # not re-added while it was stopping
                 self.metrics.forget_unit(runtime.key)
                 self.runtimes.pop(runtime.key, None)
                 return
@@ -164,8 +183,11 @@ class Agent:
     async def reconcile(self, runtime: UnitRuntime) -> bool:
         """Bring one unit to its spec; True when the unit is gone and its worker can end."""
         unit, missing_reason = self.current_unit(runtime.key)
+        if runtime.evict_message is not None:
+            await self._evict(runtime)  # then on as for any stopped unit: it waits, or is gone, suspended or changed
         if unit is None or not unit.wanted:
             await self._teardown(runtime)
+            runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
             if unit is None and not missing_reason:  # the InferenceService itself is gone
                 await self._set(runtime, "Deleted", "Deleted", "the InferenceService was deleted")  # reporters clean up
                 return True
@@ -213,18 +235,31 @@ class Agent:
             await self._set(runtime, "Failed", str(verdict.reason), verdict.message)
             return
         need = verdict.estimate.total_bytes if verdict.estimate else budget.bytes
-        if not self._admit(runtime.key, need, host):
-            if (runtime.phase, runtime.reason) != ("Pending", "InsufficientMemory"):  # counted once per wait
-                self.metrics.rejected("WaitingForMemory")
-            runtime.retry_at = time.monotonic() + self.config.probe_interval  # also poked when memory frees
-            await self._set(runtime, "Pending", "InsufficientMemory", self._ledger_message(runtime.key, need))
+        if await self._adopt(runtime, unit, need):  # its memory is in use already: it does not queue
+            self.metrics.admitted()
+            return
+        spec = unit.service
+        decision = self.admission.request(
+            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available()
+        )
+        self.memory.wake_granted()  # units ahead of this one may have been admitted too
+        if decision.outcome is Outcome.NEVER_FITS:
+            self.metrics.rejected(decision.reason)
+            await self._set(runtime, "Failed", decision.reason, decision.message)
+            return
+        if decision.outcome is Outcome.WAITING:  # woken when the queue admits it
+            if (runtime.phase, runtime.reason) != ("Pending", decision.reason):  # counted once per wait
+                waiting = "WaitingForMemory" if decision.reason == "InsufficientMemory" else decision.reason
+                self.metrics.rejected(waiting)
+            await self._set(runtime, "Pending", decision.reason, decision.message)
             return
         self.metrics.admitted()
-        if await self._adopt(runtime, unit):
-            return
+        runtime.warning = None
+        if runtime.evict_message is not None:
+            return  # chosen for eviction since: the worker handles that next
         executor, why_not = self._executor(unit)
         if executor is None:
-            self.ledger.release(runtime.key)
+            self.memory.release(runtime.key)
             self.metrics.rejected("NoExecutor")
             await self._set(runtime, "Failed", "NoExecutor", why_not)
             return
@@ -245,8 +280,8 @@ class Agent:
             done = await cancellable(fetch, runtime, unit, lambda: self.current_unit(runtime.key)[0])
         except DownloadError as exc:
             done = await self._download_failed(runtime, exc)
-        if not done and self.ledger.release(runtime.key):
-            self._repoke_waiting()
+        if not done:
+            self.memory.release(runtime.key)
         runtime.download = None
         return done
 
@@ -255,16 +290,18 @@ class Agent:
         await self._set(runtime, phase, exc.reason, message)
         return False
 
-    async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
-        """Take over the child a previous agent started for this unit, if it runs this spec and is healthy."""
+    async def _adopt(self, runtime: UnitRuntime, unit: ServingUnit, need: int) -> bool:
+        """Take over the child a previous agent started for this unit if it runs this spec (healthy or loading)."""
         record = self.adoptable.pop(runtime.key, None)
         if record is None:
             return False
         child = record.child()
-        if record.spec_hash == unit.spec_hash() and record.is_ours() and await supervisor.healthy(child):
+        if record.spec_hash == unit.spec_hash() and record.is_ours():
+            self.admission.hold(runtime.key, need, unit.service.priority, unit.service.eviction_protection)
             runtime.child = child
-            runtime.actual = self._actual(child)
-            await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
+            await self._set(runtime, "Starting", "Adopted", f"adopting pid {child.pid} on port {child.port}")
+            if await self._until_ready(runtime, record.health_path):
+                await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
             return True
         if record.is_ours():
             await supervisor.stop(child, self.config.grace_period)
@@ -282,24 +319,12 @@ class Agent:
 
     def _save_state(self) -> None:
         records = [
-            ChildRecord(r.key, r.spec_hash or "", c.pid, c.create_time, c.argv, c.port, str(c.log_path))
+            ChildRecord(r.key, r.spec_hash or "", c.pid, c.create_time, c.argv, c.port, str(c.log_path), c.health_path)
             for r in self.runtimes.values()
             if (c := r.child) is not None
         ]
         records += list(self.adoptable.values())  # not yet claimed: keep them on record
         save_state(self.state_path, records)
-
-    def _admit(self, key: str, need: int, host: HostMemory) -> bool:
-        # The OS must also have the memory now: a foreign process may hold what our ledger thinks is free.
-        return need <= host.available_bytes + self.ledger.held.get(key, 0) and self.ledger.reserve(key, need)
-
-    def _ledger_message(self, key: str, need: int) -> str:
-        others = len([k for k in self.ledger.held if k != key])
-        return (
-            f"needs {format_bytes(need)}; the host budget {format_bytes(self.ledger.capacity)} has "
-            f"{format_bytes(max(0, self.ledger.free_for(key)))} free ({others} other unit(s) running or starting); "
-            "it starts when memory frees"
-        )
 
     def _executor(self, unit: ServingUnit) -> tuple[Executor | None, str]:
         reasons = []
@@ -320,24 +345,35 @@ class Agent:
                 launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
             )
         except Exception as exc:  # the plugin's message becomes the unit's reason
-            self.ledger.release(runtime.key)
+            self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
             return
         runtime.child, runtime.executor = child, executor.name
         await self._set(runtime, "Starting", "Admitted", f"{executor.name} pid {child.pid} on port {port}")
+        if await self._until_ready(runtime, launch.health_path):
+            self.metrics.server_started(executor.name, time.monotonic() - spawned_at)
+            await self._set(runtime, "Ready", "Ready", f"serving on http://127.0.0.1:{port}")
+
+    async def _until_ready(self, runtime: UnitRuntime, health_path: str) -> bool:
+        """Wait for the starting child's health; then its measured memory replaces the estimate in the ledger."""
+        child = runtime.child
+        assert child is not None
         try:
-            await supervisor.wait_ready(
-                child, launch.health_path, self.config.startup_timeout, self.config.grace_period
-            )
+            with anyio.CancelScope() as runtime.launch_scope:  # an eviction cancels the wait
+                await supervisor.wait_ready(child, health_path, self.config.startup_timeout, self.config.grace_period)
         except supervisor.StartupFailed as exc:
             runtime.child = None
-            self.ledger.release(runtime.key)
+            self.memory.release(runtime.key)
             await self._failed_run(runtime, f"server {exc}")
-            return
-        self.metrics.server_started(executor.name, time.monotonic() - spawned_at)
+            return False
+        finally:
+            runtime.launch_scope = None
+        if runtime.evict_message is not None:
+            return False  # the worker stops it next
         runtime.failures = runtime.unhealthy = 0
-        runtime.actual = self._actual(child)
-        await self._set(runtime, "Ready", "Ready", f"serving on http://127.0.0.1:{port}")
+        runtime.actual = measure(child)
+        self.memory.measured(runtime, loaded=True)
+        return True
 
     async def _failed_run(self, runtime: UnitRuntime, message: str) -> None:
         runtime.failures += 1
@@ -347,7 +383,6 @@ class Agent:
         runtime.retry_at = time.monotonic() + delay
         phase = "CrashLoop" if runtime.failures >= self.config.crash_loop_after else "Restarting"
         await self._set(runtime, phase, "Failed", f"{message} (retry in {delay:g} s)")
-        self._repoke_waiting()
 
     async def _probe(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         child = runtime.child
@@ -355,45 +390,47 @@ class Agent:
         supervisor.bound_log(child.log_path)
         if not child.running():
             runtime.child = None
-            self.ledger.release(runtime.key)
+            self.memory.release(runtime.key)
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return
         if await supervisor.healthy(child):
             runtime.unhealthy = 0
+            runtime.actual = measure(child)
+            if self.memory.measured(runtime, loaded=False):  # a new warning: reporters turn it into an Event
+                await self._set(runtime, runtime.phase, runtime.reason, runtime.message)
             return
         runtime.unhealthy += 1
         if runtime.unhealthy >= self.config.unhealthy_after:
             await self._teardown(runtime)  # stop the old process before a new one starts
             await self._failed_run(runtime, f"server unhealthy for {runtime.unhealthy} probes")
 
-    def _actual(self, child: supervisor.Child) -> dict[str, int]:
-        report = parse_memory_log(supervisor.tail_lines(child.log_path, 400))
-        actual = {"rss": psutil.Process(child.pid).memory_info().rss} if child.running() else {}
-        for name in ("model_bytes", "kv_bytes", "output_bytes", "compute_bytes", "total_bytes"):
-            value = getattr(report, name)
-            if value is not None:
-                actual[name.removesuffix("_bytes")] = value
-        return actual
-
-    async def _teardown(self, runtime: UnitRuntime) -> None:
+    async def _teardown(self, runtime: UnitRuntime, evicted: str | None = None) -> None:
+        claim = self.admission.holders.get(runtime.key)
         if runtime.child is not None:
             await supervisor.stop(runtime.child, self.config.grace_period)
             runtime.child = None
-        runtime.actual = {}
-        if self.ledger.release(runtime.key):
-            self._repoke_waiting()
+        runtime.actual, runtime.warning = {}, None
+        if evicted is not None and claim is not None:
+            self.admission.forget(runtime.key)
+            self.admission.requeue(claim, EVICTED, evicted)  # it waits again, keeping its place
+            self.memory.memory_freed()
+        else:
+            self.memory.release(runtime.key)
 
-    def _repoke_waiting(self) -> None:
-        """Memory was freed: units waiting for it try again."""
-        for other in self.runtimes.values():
-            if other.phase == "Pending" and other.reason == "InsufficientMemory":
-                other.retry_at = time.monotonic()
-                other.poke()
+    async def _evict(self, runtime: UnitRuntime) -> None:
+        """Stop the server the memory guard chose; the unit waits in the queue until memory allows."""
+        message, runtime.evict_message = runtime.evict_message or "", None
+        await self._teardown(runtime, evicted=message)
+        runtime.retry_at = None
+        await self._set(runtime, "Pending", EVICTED, message)
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
+        if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
+            assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
+            self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
         if children_changed:
             self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
@@ -428,4 +465,5 @@ class Agent:
             "manifest_errors": dict(self.source_errors),
             **({"watch": self.source_status()} if self.source_status else {}),
             **({"report": self.report_status()} if self.report_status else {}),
+            **self.memory.status(),
         }

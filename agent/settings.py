@@ -200,6 +200,15 @@ DISK_QUANTITY = Kind(
     describe=lambda v: f"{v} ({format_bytes(v)})",
     metavar="Q",
 )
+
+
+def _ratio(value: int | float, where: str) -> float:
+    if not math.isfinite(value) or not 0 <= value < 1:
+        raise InvalidValue(f"{where}: {shown(value)} is out of range (a number with 0 <= x < 1)")
+    return float(value)
+
+
+RATIO = Kind("number (0 <= x < 1)", (int, float), _ratio, _number_text, metavar="X")
 PATHS = string_list(
     lambda items, where: tuple(_path(item, where) for item in items), "list of paths", "DIR", is_path=True
 )
@@ -302,6 +311,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backoff_cap", "servers", "backoff_cap", seconds(0), 60.0, "longest delay between restarts"),
     Setting("crash_loop_after", "servers", "crash_loop_after", integer(1, 1000), 5,
             "failures without a healthy start before a unit shows CrashLoop"),
+    Setting("pressure_warning", "pressure", "warning", FRACTION, 0.20,
+            "share of memory available at or below which new units wait (reason MemoryPressure)"),
+    Setting("pressure_critical", "pressure", "critical", FRACTION, 0.10,
+            "share of memory available at or below which units are evicted (lowest priority, then largest first)"),
+    Setting("pressure_hysteresis", "pressure", "hysteresis", RATIO, 0.05,
+            "how far above a threshold available memory must climb before its level clears"),
+    Setting("pressure_interval", "pressure", "interval", seconds(0, 3600), 2.0, "seconds between memory samples"),
+    Setting("eviction", "pressure", "eviction", BOOLEAN, True,
+            "evict units under critical pressure (--no-eviction: only hold new ones back)"),
     Setting("model_store", "models", "store", PATH, None,
             "where downloaded models are kept (default: $XDG_DATA_HOME/metal-agent/models, else "
             "~/.local/share/metal-agent/models)", example="~/models/store"),
@@ -350,6 +368,7 @@ SECTION_TITLES = {
     "api": "The local HTTP API.",
     "memory": "The host memory budget for all models together.",
     "servers": "Inference servers: ports, start-up, health and restarts.",
+    "pressure": "The memory-pressure watchdog: when new units wait, and when running ones are evicted.",
     "models": "Model files: the download store and the directories local models may come from.",
     "kubernetes": "Kubernetes mode: which cluster, which namespace and which objects this agent serves.",
     "log": "Logs, written to stderr (the --log-level and --log-format flags work on every command).",

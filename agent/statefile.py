@@ -13,8 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+import structlog
 
 from agent.supervisor import Child
+
+log = structlog.get_logger("metal_agent.statefile")
 
 
 @dataclass(frozen=True)
@@ -26,20 +29,27 @@ class ChildRecord:
     argv: list[str]
     port: int
     log_path: str
+    health_path: str = "/health"  # absent from records written before it was kept
 
     def child(self) -> Child:
-        return Child(self.pid, self.port, self.argv, Path(self.log_path), self.create_time)
+        return Child(self.pid, self.port, self.argv, Path(self.log_path), self.create_time, None, self.health_path)
 
     def is_ours(self) -> bool:
+        return self.mismatch() is None
+
+    def mismatch(self) -> str | None:
+        """None when the live process is the one recorded; else why not (gone, recycled pid, other command)."""
         try:
             process = psutil.Process(self.pid)
-            return (
-                process.create_time() == self.create_time
-                and process.cmdline() == self.argv
-                and process.status() != psutil.STATUS_ZOMBIE
-            )
-        except psutil.Error:
-            return False
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return "exited"
+            if process.create_time() != self.create_time:
+                return f"pid reused: created at {process.create_time()}, recorded {self.create_time}"
+            if process.cmdline() != self.argv:
+                return f"another command line: {process.cmdline()!r}"
+        except psutil.Error as exc:
+            return f"gone ({type(exc).__name__})"
+        return None
 
 
 def save(path: Path, records: list[ChildRecord]) -> None:
@@ -58,4 +68,11 @@ def load(path: Path) -> list[ChildRecord]:
         records = [ChildRecord(**item) for item in data["children"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return [record for record in records if record.is_ours()]
+    ours = []
+    for record in records:
+        why_not = record.mismatch()
+        if why_not is None:
+            ours.append(record)
+        elif not why_not.startswith(("gone", "exited")):
+            log.warning("recorded child not adopted", unit=record.unit, pid=record.pid, reason=why_not)
+    return ours

@@ -37,6 +37,7 @@ class Child:
     log_path: Path
     create_time: float
     process: subprocess.Popen[bytes] | None = None  # None for a child adopted after an agent restart
+    health_path: str = "/health"
 
     def running(self) -> bool:
         if self.process is not None:
@@ -86,8 +87,14 @@ def start(launch: Launch, port: int, log_path: Path) -> Child:
             env={**os.environ, **launch.env},
             start_new_session=True,
         )
-    create_time = psutil.Process(process.pid).create_time()
-    return Child(process.pid, port, launch.argv, log_path, create_time, process)
+    started = psutil.Process(process.pid)
+    create_time = started.create_time()
+    # The command line as the OS reports it (a script's interpreter included): what adoption compares later.
+    try:
+        argv = started.cmdline() or launch.argv
+    except psutil.Error:
+        argv = launch.argv
+    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path)
 
 
 async def healthy(child: Child, path: str = "/health", timeout: float = 2.0) -> bool:

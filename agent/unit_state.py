@@ -33,6 +33,9 @@ class UnitRuntime:
     executor: str | None = None
     event_at: float | None = None  # monotonic time of the first event not yet reconciled (pipeline latency)
     download: dict[str, Any] | None = None  # bytes done / total while a remote model downloads
+    warning: dict[str, str] | None = None  # {reason, message}: e.g. the measured footprint exceeds the reservation
+    evict_message: str | None = None  # set by the memory guard: the worker stops the server and says why
+    launch_scope: anyio.CancelScope | None = None  # the start in progress, cancelled by an eviction
 
     def poke(self) -> None:
         self.wake.set()
@@ -65,4 +68,5 @@ class UnitRuntime:
             "restarts": self.restarts,
             "executor": self.executor,
             "download": self.download,
+            "warning": self.warning,
         }

@@ -91,7 +91,7 @@ def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
     manifests.mkdir()
     write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
     write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
-    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.005")
+    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.004")
     yield process, manifests, models
     process.close()
 
@@ -129,20 +129,25 @@ def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess
     assert samples["metal_agent_unit_estimated_bytes", frozenset(ids)] == unit["estimate"]["total"]
     assert samples["metal_agent_unit_actual_bytes", frozenset({*ids, ("component", "kv")})] == unit["actual"]["kv"]
     assert samples["metal_agent_unit_phase", frozenset({("unit", "default/a"), ("phase", "Ready")})] == 1
-    assert samples["metal_agent_reserved_bytes", frozenset()] == unit["estimate"]["total"]
     assert samples["metal_agent_admissions_total", frozenset()] == 1
     # Its stderr is not a terminal: JSON lines, and those of the unit's worker name the unit, executor and pid.
     lines = [json.loads(line) for line in (manifests.parent / "agent.log").read_text().splitlines()]
     ready_line = next(line for line in lines if line.get("phase") == "Ready")
     assert ready_line["unit"] == "default/a" and ready_line["level"] == "info"
     assert (ready_line["executor"], ready_line["pid"]) == (unit["executor"], unit["pid"])
+    # After load the ledger holds the measured footprint (the high-water mark of later probes), not the estimate.
+    measured = max(unit["actual"].get("total", 0), unit["actual"]["rss"])
+    reserved = samples["metal_agent_reserved_bytes", frozenset()]
+    assert measured <= reserved
+    assert reserved <= unit["estimate"]["total"] or unit["warning"] is not None
 
 
 def test_second_model_waits_for_memory_then_starts_when_the_first_is_deleted(
     agent: tuple[AgentProcess, Path, Path],
 ) -> None:
     process, manifests, models = agent
-    # Host budget: 0.005 x 16 GiB = 81.9 MiB; each tiny server is estimated at about 44 MiB.
+    # Host budget: 0.004 x 16 GiB = 65.5 MiB; each tiny server is estimated at about 54 MiB. Once loaded the
+    # first holds its measured footprint (about 33 MiB here), still too much for a second estimate beside it.
     (manifests / "a.yaml").write_text(manifest("a", models / "a.gguf"))
     process.wait(ready(process, "a"))
     first_pid = process.unit("a")["pid"]  # type: ignore[index]

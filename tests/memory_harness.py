@@ -1,0 +1,127 @@
+"""Helpers for memory tests: a trivial executor (a Python HTTP server with optional ballast) and a simulated host.
+
+The simulated host has a fixed total; what is available is that total less a "foreign" process's share (set by
+the test) less the real RSS of the agent's live children, so evicting a server really frees memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+
+import anyio
+import psutil
+
+from agent.hookspecs import Executor, Launch, hookimpl
+from agent.manifest import ModelSpec, ServiceSpec
+from agent.pipeline import Agent
+from agent.pressure import Sample
+from agent.standalone import Event, EventType
+from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.units import ServingUnit
+
+MiB = 1 << 20
+SERVER = """
+import http.server, sys
+ballast = b"x" * (int(sys.argv[2]) << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+class Tiny:
+    """Serves /health at once; ``extraArgs: [N]`` makes it hold N MiB more."""
+
+    name = "tiny"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == "tiny" else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        ballast = unit.service.extra_args[0] if unit.service.extra_args else "0"
+        return Launch(argv=[sys.executable, "-c", SERVER, str(port), ballast])
+
+
+class TinyPlugin:
+    @hookimpl
+    def register_executors(self, register: Callable[[Executor], None]) -> None:
+        register(Tiny())
+
+
+class SimulatedHost:
+    def __init__(self, total: int) -> None:
+        self.total, self.foreign, self.calls = total, 0, 0
+        self.agent: Agent | None = None
+
+    def children_rss(self) -> int:
+        rss = 0
+        for runtime in self.agent.runtimes.values() if self.agent else ():
+            if runtime.child is not None:
+                with suppress(psutil.Error):
+                    rss += psutil.Process(runtime.child.pid).memory_info().rss
+        return rss
+
+    def __call__(self) -> Sample:
+        self.calls += 1
+        return Sample(self.total, max(0, self.total - self.foreign - self.children_rss()))
+
+    def leave_available(self, available: int) -> None:
+        """Set the foreign share so that exactly ``available`` is left now."""
+        self.foreign = max(0, self.total - self.children_rss() - available)
+
+
+def model_event(tmp_path: Path) -> Event:
+    path = tmp_path / "m.gguf"
+    if not path.exists():
+        write_tiny_gguf(path, TinyShape())
+    return Event(EventType.ADDED, ModelSpec(name="m", namespace="d", source=str(path), memory_budget="512Mi"))
+
+
+def service(name: str, priority: str = "normal", protected: bool = False, ballast_mib: int = 0) -> ServiceSpec:
+    return ServiceSpec(
+        name=name,
+        namespace="d",
+        model_ref="m",
+        runtime="tiny",
+        context_size=1024,
+        priority=priority,
+        eviction_protection=protected,
+        extra_args=(str(ballast_mib),),
+    )
+
+
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Callable[[Event], None]]:
+    """Run the agent; yields a function that sends it an event. Every child is stopped on the way out."""
+    send, receive = anyio.create_memory_object_stream[Event](1000)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(agent.run, receive)
+            try:
+                yield send.send_nowait
+            finally:
+                tasks.cancel_scope.cancel()  # first: no worker starts anything after this
+    finally:
+        with anyio.CancelScope(shield=True):
+            await agent.shutdown()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30, agent: Agent | None = None) -> None:
+    """Wait for ``condition``; on timeout the error shows the agent's units (phase, reason, message)."""
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        units = [(u["unit"], u["phase"], u["reason"], u["message"]) for u in agent.status()["units"]] if agent else []
+        raise AssertionError(f"condition not met within {timeout} s; units: {units}") from None
+
+
+def phase(agent: Agent, name: str) -> tuple[str, str]:
+    runtime = agent.runtimes.get(f"d/{name}")
+    return (runtime.phase, runtime.reason) if runtime else ("", "")

@@ -1,0 +1,86 @@
+"""A restarted agent and the servers a previous one left running: adopted and held in the ledger even while
+memory pressure blocks admissions, or stopped when their unit can no longer run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from memory_harness import SERVER, MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+
+from agent import supervisor
+from agent.calibrate import free_port
+from agent.hookspecs import Launch
+from agent.manifest import ModelSpec
+from agent.pipeline import Agent, AgentConfig
+from agent.plugin_manager import load_plugins
+from agent.standalone import Event, EventType
+from agent.statefile import ChildRecord, save
+from agent.units import ServingUnit
+
+pytestmark = pytest.mark.anyio
+TOTAL = 512 * MiB
+
+
+def leftover_server(tmp_path: Path, model: ModelSpec, name: str) -> supervisor.Child:
+    """A server a killed agent left behind, with its record in the state file."""
+    port = free_port()
+    child = supervisor.start(Launch(argv=[sys.executable, "-c", SERVER, str(port), "0"]), port, tmp_path / "left.log")
+    unit = ServingUnit(service=service(name), model=model)
+    record = ChildRecord(
+        unit.key, unit.spec_hash(), child.pid, child.create_time, child.argv, port, str(child.log_path), "/health"
+    )
+    save(tmp_path / "state" / "children.json", [record])
+    return child
+
+
+def make_agent(tmp_path: Path, host: SimulatedHost) -> Agent:
+    config = AgentConfig(
+        state_dir=tmp_path / "state", memory_fraction=0.9, startup_timeout=20, grace_period=2,
+        probe_interval=0.05, pressure_interval=0.05,
+    )  # fmt: skip
+    agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
+    host.agent = agent
+    return agent
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_a_leftover_server_is_adopted_and_held_while_pressure_blocks_admissions(tmp_path: Path) -> None:
+    event = model_event(tmp_path)
+    child = leftover_server(tmp_path, event.obj, "kept")  # type: ignore[arg-type]
+    host = SimulatedHost(TOTAL)
+    host.leave_available(int(0.15 * TOTAL))  # warning: nothing new is admitted
+    agent = make_agent(tmp_path, host)
+    try:
+        async with running(agent) as send:
+            send(event)
+            send(Event(EventType.ADDED, service("kept")))
+            send(Event(EventType.ADDED, service("new")))
+            await until(lambda: phase(agent, "kept") == ("Ready", "Adopted"))
+            await until(lambda: phase(agent, "new") == ("Pending", "MemoryPressure"))
+            assert agent.runtimes["d/kept"].child.pid == child.pid  # type: ignore[union-attr]
+            assert agent.ledger.held["d/kept"] > 0 and "d/new" not in agent.ledger.held
+    finally:
+        await supervisor.stop(child, 2)
+    assert gone(child.pid)
+
+
+async def test_a_leftover_server_whose_unit_cannot_run_is_stopped(tmp_path: Path) -> None:
+    event = model_event(tmp_path)
+    child = leftover_server(tmp_path, event.obj, "shrunk")  # type: ignore[arg-type]
+    host = SimulatedHost(TOTAL)
+    agent = make_agent(tmp_path, host)
+    tiny_budget = ModelSpec(name="m", namespace="d", source=event.obj.source, memory_budget="1Mi")  # type: ignore[union-attr]
+    try:
+        async with running(agent) as send:
+            send(Event(EventType.ADDED, tiny_budget))  # changed while no agent ran: it no longer fits its budget
+            send(Event(EventType.ADDED, service("shrunk")))
+            await until(lambda: phase(agent, "shrunk") == ("Failed", "InsufficientMemory"))
+            await until(lambda: gone(child.pid))
+    finally:
+        await supervisor.stop(child, 2)
