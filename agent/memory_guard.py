@@ -58,6 +58,7 @@ class MemoryGuard:
         self.admission, self.watchdog, self.runtimes = admission, watchdog, runtimes
         self.budget_of, self.eviction = budget_of, eviction
         self._fresh: tuple[float, int] | None = None  # (when, bytes): the last reading of available memory
+        self.on_evict: Callable[[str], None] = lambda cause: None  # told each eviction's cause (the metrics)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -111,7 +112,9 @@ class MemoryGuard:
         if capacity != self.admission.ledger.capacity:
             log.warning("host budget changed", before=self.admission.ledger.capacity, after=capacity)
             victims = self.admission.set_capacity(capacity)
-            self.evict(victims, f"the host budget shrank to {format_bytes(capacity)} ({sample.describe()})")
+            self.evict(
+                victims, f"the host budget shrank to {format_bytes(capacity)} ({sample.describe()})", "BudgetShrank"
+            )
             self.wake_waiting()
         if level is not before:
             if level >= Level.WARNING:
@@ -123,7 +126,7 @@ class MemoryGuard:
             need = self.to_free(sample)
             if need > 0:
                 victims = self.admission.evict_for(need)
-                self.evict(victims, f"evicted under critical memory pressure: {sample.describe()}")
+                self.evict(victims, f"evicted under critical memory pressure: {sample.describe()}", "MemoryPressure")
         self.admission.grant(sample.available_bytes)
         self.wake_granted()
 
@@ -133,8 +136,9 @@ class MemoryGuard:
         need = target - sample.available_bytes
         return need if need > 0 else (1 if sample.kernel_level == 4 else 0)
 
-    def evict(self, victims: list[Claim], why: str) -> None:
+    def evict(self, victims: list[Claim], why: str, cause: str) -> None:
         for claim in victims:
+            self.on_evict(cause)
             runtime = self.runtimes.get(claim.key)
             held = self.admission.ledger.held.get(claim.key, 0)
             log.warning("evicting unit", unit=claim.key, footprint=held, reason=why)  # the worker logs the stop

@@ -103,6 +103,7 @@ class Agent:
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
+        self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
         self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
 

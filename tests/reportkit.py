@@ -67,6 +67,7 @@ def status(phase: str, reason: str, message: str = "", port: int | None = None, 
         "restarts": 0,
         "executor": "llamacpp" if running else None,
         "download": None,
+        "warning": None,
     }
 
 

@@ -39,7 +39,7 @@ def leftover_server(tmp_path: Path, model: ModelSpec, name: str) -> supervisor.C
 def make_agent(tmp_path: Path, host: SimulatedHost) -> Agent:
     config = AgentConfig(
         state_dir=tmp_path / "state", memory_fraction=0.9, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05,
+        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
     )  # fmt: skip
     agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
     host.agent = agent

@@ -49,6 +49,7 @@ async def test_crash_loop_backs_off_and_frees_its_memory_between_attempts(tmp_pa
     host, plugin = SimulatedHost(512 * MiB), Plugin()
     config = AgentConfig(
         state_dir=tmp_path / "state",
+        model_roots=(tmp_path,),
         memory_fraction=0.135,  # 69 MiB: one 44 MiB estimate at a time, or one beside a loaded ~20 MiB server
         backoff_base=0.05,
         backoff_cap=0.2,

@@ -54,7 +54,7 @@ class Plugin:
 def make_agent(tmp_path: Path, host: SimulatedHost, **settings: object) -> Agent:
     options: dict[str, object] = {
         "state_dir": tmp_path / "state", "memory_fraction": 0.9, "startup_timeout": 300, "grace_period": 2,
-        "probe_interval": 0.05, "pressure_interval": 0.05, **settings,
+        "probe_interval": 0.05, "pressure_interval": 0.05, "model_roots": (tmp_path,), **settings,
     }  # fmt: skip
     plugins = load_plugins(extra=[TinyPlugin(), Plugin()], entry_points=False)
     agent = Agent(AgentConfig(**options), plugins, memory=host)  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ def make_agent(tmp_path: Path, host: SimulatedHost, **settings: object) -> Agent
         "grace_period": 2,
         "probe_interval": 0.05,
         "pressure_interval": 0.05,
+        "model_roots": (tmp_path,),
         **settings,
     }
     agent = Agent(AgentConfig(**options), load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)  # type: ignore[arg-type]
@@ -84,6 +85,7 @@ async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_the
         assert phase(agent, "batch-small") == ("Pending", "Evicted")
         assert ready(agent, "protected", "critical")
         assert agent.admission.counts["evicted"] == 3
+        assert agent.metrics.registry.get_sample_value("metal_agent_evictions_total", {"reason": "MemoryPressure"}) == 3
         # Pressure gone: every evicted unit comes back through the queue, with new processes.
         host.foreign = 0
         await until(lambda: ready(agent, *names))

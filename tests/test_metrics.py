@@ -111,7 +111,7 @@ class Scraper:
 def make_agent(tmp_path: Path, plugin: Plugin, **overrides: Any) -> Agent:
     config = AgentConfig(
         state_dir=tmp_path / "state", startup_timeout=10, grace_period=1, probe_interval=0.05,
-        host_memory=16 << 30, memory_fraction=0.005, model_roots=(tmp_path,), **overrides,
+        host_memory=16 << 30, memory_fraction=0.004, model_roots=(tmp_path,), **overrides,
     )  # fmt: skip
     return Agent(config, load_plugins(extra=[plugin], entry_points=False))
 
@@ -174,11 +174,12 @@ async def test_admission_waiting_and_release_move_the_metrics_and_gauges_match_s
         assert value(samples, "metal_agent_unit_phase", unit="d/a", phase="Starting") == 0
         assert value(samples, "metal_agent_unit_estimated_bytes", **ids) == unit["estimate"]["total"] > 0
         assert value(samples, "metal_agent_unit_reserved_bytes", **ids) == unit["reserved_bytes"]
-        assert unit["reserved_bytes"] == unit["estimate"]["total"] == host["reserved_bytes"]
+        # Once it is healthy, the ledger holds the measured footprint (here the server's RSS), not the estimate.
+        assert unit["reserved_bytes"] == host["reserved_bytes"] >= unit["actual"]["rss"] > 0
         assert value(samples, "metal_agent_reserved_bytes") == host["reserved_bytes"]
         assert value(samples, "metal_agent_unit_budget_bytes", **ids) == 512 << 20
         assert value(samples, "metal_agent_unit_actual_bytes", component="rss", **ids) == unit["actual"]["rss"] > 0
-        assert value(samples, "metal_agent_host_budget_bytes") == host["budget_bytes"] == int(0.005 * (16 << 30))
+        assert value(samples, "metal_agent_host_budget_bytes") == host["budget_bytes"] == int(0.004 * (16 << 30))
         assert value(samples, "metal_agent_host_total_bytes") == host["total_bytes"]
         available = value(samples, "metal_agent_host_available_bytes")
         assert available is not None and abs(available - host["available_bytes"]) < 0.1 * host["available_bytes"]
@@ -190,7 +191,7 @@ async def test_admission_waiting_and_release_move_the_metrics_and_gauges_match_s
         for event in unit_events(tmp_path, "b", "healthy"):
             await api.send.send(event)
         waits = lambda: [r for r in plugin.reports if r["unit"] == "d/b" and r["reason"] == "InsufficientMemory"]  # noqa: E731
-        await until(lambda: len(waits()) >= 3)  # it retried while waiting: still one rejection
+        await until(lambda: len(waits()) >= 1)  # it waits in the admission queue: one rejection per wait
         samples = await api.metrics()
         assert value(samples, "metal_agent_rejections_total", reason="WaitingForMemory") == 1
         assert value(samples, "metal_agent_unit_reserved_bytes", unit="d/b", executor="") == 0

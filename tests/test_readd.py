@@ -60,7 +60,7 @@ class Plugin:
 
 def make_agent(tmp_path: Path, host: SimulatedHost) -> Agent:
     config = AgentConfig(state_dir=tmp_path / "state", memory_fraction=0.9, grace_period=5, probe_interval=0.05,
-                         pressure_interval=0.05)  # fmt: skip
+                         pressure_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
     plugins = load_plugins(extra=[TinyPlugin(), Plugin(tmp_path / "sigterm")], entry_points=False)
     agent = Agent(config, plugins, memory=host)
     host.agent = agent
