@@ -84,6 +84,7 @@ class Admission:
         capacity = self.ledger.capacity
         if need > capacity:
             self.forget(key)
+            self.grant(available)  # what it held (a grant whose estimate grew past the budget) may let waiters in
             self.counts["rejected"] += 1
             return Decision(
                 Outcome.NEVER_FITS,

@@ -6,51 +6,28 @@ the test) less the real RSS of the agent's live children, so evicting a server r
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
 import psutil
+from fake_servers import Executors, FakeServer
 
-from agent.hookspecs import Executor, Launch, hookimpl
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.pipeline import Agent
 from agent.pressure import Sample
 from agent.standalone import Event, EventType
 from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.units import ServingUnit
 
 MiB = 1 << 20
-SERVER = """
-import http.server, sys
-ballast = b"x" * (int(sys.argv[2]) << 20)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
 
 
-class Tiny:
-    """Serves /health at once; ``extraArgs: [N]`` makes it hold N MiB more."""
+class TinyPlugin(Executors):
+    """Serves runtime ``tiny`` at once; ``extraArgs: [N]`` makes its server hold N MiB more."""
 
-    name = "tiny"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "tiny" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        ballast = unit.service.extra_args[0] if unit.service.extra_args else "0"
-        return Launch(argv=[sys.executable, "-c", SERVER, str(port), ballast])
-
-
-class TinyPlugin:
-    @hookimpl
-    def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Tiny())
+    def __init__(self) -> None:
+        super().__init__(FakeServer("tiny"))
 
 
 class SimulatedHost:

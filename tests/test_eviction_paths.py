@@ -4,51 +4,28 @@ and the macOS kernel level alone. Real server processes; host memory simulated."
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
+from fake_servers import Executors, FakeServer
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent.hookspecs import Executor, Launch, hookimpl
 from agent.memory_guard import MemoryGuard
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.pressure import Sample
 from agent.standalone import Event, EventType
-from agent.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB
 
-NEVER_HEALTHY = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(503); self.end_headers()
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
 
+class Plugin(Executors):
+    """Runtime ``loading``: a server that stays "loading" (503) for as long as it runs."""
 
-class Loading:
-    """A server that stays "loading" (503) for as long as it runs."""
-
-    name = "loading"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "loading" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", NEVER_HEALTHY, str(port)])
-
-
-class Plugin:
-    @hookimpl
-    def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Loading())
+    def __init__(self) -> None:
+        super().__init__(FakeServer("loading", mode="loading"))
 
 
 def make_agent(tmp_path: Path, host: SimulatedHost, **settings: object) -> Agent:

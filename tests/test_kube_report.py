@@ -3,13 +3,13 @@ status by merge patch, idempotent writes, Events in the background, and endpoint
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from fake_servers import FakeServer
 from kubeapi import KubeAPI
 from kubernetes_asyncio.client import ApiClient
 from reportkit import (
@@ -29,7 +29,7 @@ from reportkit import (
     until,
 )
 
-from agent.hookspecs import Executor, Launch, hookimpl
+from agent.hookspecs import Executor, hookimpl
 from agent.kube.endpoints import AGENT_NAME, HOST_LABEL, MANAGED_BY, SLICE_SERVICE
 from agent.kube.events import Event, EventRecorder
 from agent.kube.report import register_reporter
@@ -40,7 +40,6 @@ from agent.standalone import Event as StandaloneEvent
 from agent.standalone import EventType
 from agent.tinymodel import TinyShape, write_tiny_gguf
 from agent.unit_state import UnitRuntime
-from agent.units import ServingUnit
 
 MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.anyio
@@ -324,32 +323,10 @@ async def test_register_reporter_adds_the_report_hook(kube_api: KubeAPI) -> None
     assert kube_api.requests_where(resource="services") == []
 
 
-HEALTHY = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-class Healthy:
-    """A server that is always healthy (a real process on a real port; no model needed)."""
-
-    name = "healthy"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "healthy" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", HEALTHY, str(port)])
-
-
 class Executors:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Healthy())
+        register(FakeServer("healthy"))
 
 
 async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_memory_to_deleted(

@@ -12,6 +12,7 @@ import aiohttp
 import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectSendStream
+from fake_servers import FakeServer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,25 +27,6 @@ from agent.tinymodel import TinyShape, write_tiny_gguf
 from agent.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
-
-HEALTHY = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-class Healthy:
-    name = "healthy"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "healthy" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", HEALTHY, str(port)])
 
 
 class Crashing:
@@ -65,7 +47,7 @@ class Plugin:
 
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Healthy())
+        register(FakeServer("healthy"))
         register(Crashing())
 
     @hookimpl

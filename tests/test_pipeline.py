@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
+from fake_servers import FakeServer
 
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.manifest import ModelSpec, ServiceSpec
@@ -43,35 +44,12 @@ class Refusing:
         raise RuntimeError("cannot build a command for this model")
 
 
-SICKENING = """
-import http.server, sys, time
-start = time.monotonic()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if time.monotonic() - start < 0.5 else 503); self.end_headers()
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-class Sickening:
-    """A server that is healthy for half a second, then answers 503 forever."""
-
-    name = "sickening"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "sicken" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", SICKENING, str(port)])
-
-
 class Executors:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         register(Crashing())
         register(Refusing())
-        register(Sickening())
+        register(FakeServer("sicken", mode="0.5"))  # healthy for half a second, then 503 forever
 
 
 async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:

@@ -1,0 +1,59 @@
+"""Tiny real inference-server stand-ins for pipeline tests: real processes on real ports, no model needed.
+
+One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
+number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.hookspecs import Executor, Launch, hookimpl
+from agent.units import ServingUnit
+
+SERVER = """
+import http.server, sys, time
+port, mode, ballast = int(sys.argv[1]), sys.argv[2], b"x" * (int(sys.argv[3]) << 20)
+start = time.monotonic()
+def code():
+    if mode in ("healthy", "loading"):
+        return 200 if mode == "healthy" else 503
+    return 200 if time.monotonic() - start < float(mode) else 503
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(code()); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def server_argv(port: int, mode: str = "healthy", ballast_mib: int | str = 0) -> list[str]:
+    return [sys.executable, "-c", SERVER, str(port), mode, str(ballast_mib)]
+
+
+class FakeServer:
+    """Serves the units whose ``runtime`` is this executor's name; ``extraArgs: [N]`` adds N MiB of ballast."""
+
+    def __init__(self, name: str, mode: str = "healthy") -> None:
+        self.name, self.mode = name, mode
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == self.name else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        ballast = unit.service.extra_args[0] if unit.service.extra_args else "0"
+        return Launch(argv=server_argv(port, self.mode, ballast))
+
+
+class Executors:
+    """A plugin registering the given executors (``load_plugins(extra=[Executors(...)])``)."""
+
+    def __init__(self, *executors: Executor) -> None:
+        self.executors = executors
+
+    @hookimpl
+    def register_executors(self, register: Callable[[Executor], None]) -> None:
+        for executor in self.executors:
+            register(executor)
