@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,20 @@ import structlog
 
 from agent import logs, supervisor
 from agent.admission import EVICTED, Admission, Outcome
+from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
 from agent.hookspecs import Executor
 from agent.hostmem import detect_host_memory
-from agent.kube.settings import KubeSettings
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.memory_guard import MemoryGuard, measure
 from agent.metrics import Metrics
 from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
-from agent.preflight import Mode, Verdict
-from agent.pressure import Provider, Thresholds, Watchdog, check_interval, system_provider
+from agent.preflight import Verdict
+from agent.pressure import Provider, Watchdog, system_provider
 from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
@@ -42,43 +41,6 @@ from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.pipeline")
 CHILD_PHASES = ("Starting", "Ready")  # phases in which a unit has a process on record
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    state_dir: Path
-    memory_fraction: float | None = None
-    mode: Mode = Mode.ENFORCE
-    host_memory: int | None = None  # override of the detected total
-    startup_timeout: float = 120.0
-    grace_period: float = 10.0
-    probe_interval: float = 5.0
-    unhealthy_after: int = 3  # failed probes in a row before a restart
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-    crash_loop_after: int = 5  # failures without a healthy start in between
-    ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
-    kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
-    model_store: Path | None = None  # downloads; None: STATE_DIR/models
-    model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
-    min_free_disk: int = 1 << 30  # a download must leave this much disk free
-    # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
-    agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
-    advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
-    register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
-    service_port: int = 8080
-    pressure_warning: float = 0.20  # available fraction at or below which admissions wait
-    pressure_critical: float = 0.10  # available fraction at or below which units are evicted
-    pressure_hysteresis: float = 0.05  # margin above a threshold before its level is left
-    pressure_interval: float = 2.0  # seconds between memory samples
-    eviction: bool = True  # evict units under critical pressure (False: only block admissions)
-
-    def __post_init__(self) -> None:  # invalid pressure settings fail here (InvalidValue), not in the watchdog
-        self.thresholds()
-        check_interval(self.pressure_interval)
-
-    def thresholds(self) -> Thresholds:
-        return Thresholds(self.pressure_warning, self.pressure_critical, self.pressure_hysteresis)
 
 
 class Agent:
@@ -172,6 +134,10 @@ class Agent:
             if event_at is not None:
                 self.metrics.reconciled(time.monotonic() - event_at)
             if done and self.current_unit(runtime.key) == (None, ""):  # not re-added while it was stopping
+                if runtime.key in self.admission.holders or runtime.key in self.admission.waiting:
+                    # A gone unit holds nothing: should a path have left a claim behind, it must not leak memory.
+                    log.warning("released a claim left by a deleted unit", unit=runtime.key)
+                    self.memory.release(runtime.key)
                 self.metrics.forget_unit(runtime.key)
                 self.runtimes.pop(runtime.key, None)
                 return

@@ -1,0 +1,51 @@
+"""The agent's configuration: what ``metal-agent run`` resolved from flags, environment, TOML and defaults.
+
+Its fields mirror the settings table (agent/settings.py) where a setting's name matches; the run command builds it
+(agent/cmd_run.py), and tests and benchmarks build it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.kube.settings import KubeSettings
+from agent.preflight import Mode
+from agent.pressure import Thresholds, check_interval
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    memory_fraction: float | None = None
+    mode: Mode = Mode.ENFORCE
+    host_memory: int | None = None  # override of the detected total
+    startup_timeout: float = 120.0
+    grace_period: float = 10.0
+    probe_interval: float = 5.0
+    unhealthy_after: int = 3  # failed probes in a row before a restart
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    crash_loop_after: int = 5  # failures without a healthy start in between
+    ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
+    kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
+    model_store: Path | None = None  # downloads; None: STATE_DIR/models
+    model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
+    min_free_disk: int = 1 << 30  # a download must leave this much disk free
+    # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
+    agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
+    advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
+    register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
+    service_port: int = 8080
+    pressure_warning: float = 0.20  # available fraction at or below which admissions wait
+    pressure_critical: float = 0.10  # available fraction at or below which units are evicted
+    pressure_hysteresis: float = 0.05  # margin above a threshold before its level is left
+    pressure_interval: float = 2.0  # seconds between memory samples
+    eviction: bool = True  # evict units under critical pressure (False: only block admissions)
+
+    def __post_init__(self) -> None:  # invalid pressure settings fail here (InvalidValue), not in the watchdog
+        self.thresholds()
+        check_interval(self.pressure_interval)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.pressure_warning, self.pressure_critical, self.pressure_hysteresis)
