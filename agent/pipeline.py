@@ -134,10 +134,6 @@ class Agent:
             if event_at is not None:
                 self.metrics.reconciled(time.monotonic() - event_at)
             if done and self.current_unit(runtime.key) == (None, ""):  # not re-added while it was stopping
-                if runtime.key in self.admission.holders or runtime.key in self.admission.waiting:
-                    # A gone unit holds nothing: should a path have left a claim behind, it must not leak memory.
-                    log.warning("released a claim left by a deleted unit", unit=runtime.key)
-                    self.memory.release(runtime.key)
                 self.metrics.forget_unit(runtime.key)
                 self.runtimes.pop(runtime.key, None)
                 return

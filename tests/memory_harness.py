@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import psutil
+from anyio.streams.memory import MemoryObjectSendStream
 from fake_servers import Executors, FakeServer
 
 from agent.manifest import ModelSpec, ServiceSpec
@@ -72,15 +73,29 @@ def service(name: str, priority: str = "normal", protected: bool = False, ballas
     )
 
 
+class Sender:
+    """Sends the agent events; ``delivered()`` once it has applied all of them (a wait on the agent's state before
+    that could pass on the state before the events)."""
+
+    def __init__(self, stream: MemoryObjectSendStream[Event]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: Event) -> None:
+        self.stream.send_nowait(event)
+
+    def delivered(self) -> bool:
+        return self.stream.statistics().current_buffer_used == 0
+
+
 @asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Callable[[Event], None]]:
+async def running(agent: Agent) -> AsyncIterator[Sender]:
     """Run the agent; yields a function that sends it an event. Every child is stopped on the way out."""
     send, receive = anyio.create_memory_object_stream[Event](1000)
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(agent.run, receive)
             try:
-                yield send.send_nowait
+                yield Sender(send)
             finally:
                 tasks.cancel_scope.cancel()  # first: no worker starts anything after this
     finally:

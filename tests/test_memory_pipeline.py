@@ -226,12 +226,13 @@ def test_random_arrivals_and_deletions_through_the_pipeline_never_over_commit(
                 else:
                     send(Event(EventType.DELETED, service(f"u{index}", priority)))
                     live.discard(index)
+            settled = ("Ready", "Pending", "Failed")
             await until(
-                lambda: all(phase(agent, f"u{i}")[0] in ("Ready", "Pending", "Failed") for i in live), agent=agent
+                lambda: send.delivered() and all(phase(agent, f"u{i}")[0] in settled for i in live), agent=agent
             )
             for index in range(5):
                 send(Event(EventType.DELETED, service(f"u{index}")))
-            await until(lambda: not agent.runtimes, agent=agent)
+            await until(lambda: send.delivered() and not agent.runtimes, agent=agent)  # the deletions applied
             watcher.cancel_scope.cancel()
         assert worst <= 0, f"reservations exceeded the budget by {worst} bytes"
         assert agent.ledger.used == 0 and not agent.ledger.held
