@@ -2,6 +2,7 @@
 
 One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
 number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
+``crash`` prints ``boom`` and exits with status 3 at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from agent.units import ServingUnit
 
 SERVER = """
 import http.server, sys, time
+if sys.argv[2] == "crash":
+    print("boom"); raise SystemExit(3)
 port, mode, ballast = int(sys.argv[1]), sys.argv[2], b"x" * (int(sys.argv[3]) << 20)
 start = time.monotonic()
 def code():
@@ -34,13 +37,13 @@ def server_argv(port: int, mode: str = "healthy", ballast_mib: int | str = 0) ->
 
 
 class FakeServer:
-    """Serves the units whose ``runtime`` is this executor's name; ``extraArgs: [N]`` adds N MiB of ballast."""
+    """Serves the units whose ``runtime`` is ``runtime`` (default: the name); ``extraArgs: [N]`` adds N MiB."""
 
-    def __init__(self, name: str, mode: str = "healthy") -> None:
-        self.name, self.mode = name, mode
+    def __init__(self, name: str, mode: str = "healthy", runtime: str | None = None) -> None:
+        self.name, self.mode, self.runtime = name, mode, runtime or name
 
     def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == self.name else "not mine"
+        return None if unit.service.runtime == self.runtime else "not mine"
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
         ballast = unit.service.extra_args[0] if unit.service.extra_args else "0"

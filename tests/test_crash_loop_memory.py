@@ -5,31 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_servers import FakeServer
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent.hookspecs import Executor, Launch, hookimpl
+from agent.hookspecs import Executor, hookimpl
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.standalone import Event, EventType
-from agent.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
-
-
-class Crashing:
-    name = "crashing"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "crash" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", "raise SystemExit(3)"])
 
 
 class Plugin:
@@ -38,7 +27,7 @@ class Plugin:
 
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Crashing())
+        register(FakeServer("crashing", mode="crash", runtime="crash"))
 
     @hookimpl
     def report(self, unit: object, status: dict[str, Any]) -> None:

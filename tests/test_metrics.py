@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api import serve
 from agent.calibrate import free_port
-from agent.hookspecs import Executor, Launch, hookimpl
+from agent.hookspecs import Executor, hookimpl
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import load_plugins
@@ -27,16 +26,6 @@ from agent.tinymodel import TinyShape, write_tiny_gguf
 from agent.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
-
-
-class Crashing:
-    name = "crashing"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "crash" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", "raise SystemExit(3)"])
 
 
 class Plugin:
@@ -48,7 +37,7 @@ class Plugin:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         register(FakeServer("healthy"))
-        register(Crashing())
+        register(FakeServer("crashing", mode="crash", runtime="crash"))
 
     @hookimpl
     def report(self, unit: ServingUnit | None, status: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,18 +21,6 @@ from agent.units import ServingUnit
 pytestmark = pytest.mark.anyio
 
 
-class Crashing:
-    """An executor whose server exits at once."""
-
-    name = "crashing"
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None if unit.service.runtime == "crash" else "not mine"
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        return Launch(argv=[sys.executable, "-c", "print('boom'); raise SystemExit(1)"])
-
-
 class Refusing:
     name = "refusing"
 
@@ -47,7 +34,7 @@ class Refusing:
 class Executors:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(Crashing())
+        register(FakeServer("crashing", mode="crash", runtime="crash"))
         register(Refusing())
         register(FakeServer("sicken", mode="0.5"))  # healthy for half a second, then 503 forever
 
