@@ -25,14 +25,12 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from bench_pipeline import waiting_agent
 from kubeapi import KubeAPI
 
 from agent import logs
 from agent.kube.settings import KubeSettings
 from agent.kube.source import KubeSource
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.pressure import Sample
 from agent.standalone import Event, Synced
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
@@ -55,13 +53,7 @@ def populate(api: KubeAPI, count: int, model_path: Path) -> None:
 
 
 async def bench(api: KubeAPI, count: int, folder: Path, idle: float) -> dict[str, float]:
-    config = AgentConfig(
-        state_dir=folder / "state", memory_fraction=0.01, host_memory=64 * GiB, probe_interval=3600,
-        model_roots=(folder,),
-        pressure_warning=0.0002, pressure_critical=0.0001,  # 20 MiB available is no pressure on this host
-    )  # fmt: skip
-    # 20 MiB available: every unit fits the budget but waits for memory in the queue, so nothing is spawned.
-    agent = Agent(config, load_plugins(entry_points=False), memory=lambda: Sample(64 * GiB, 20 << 20))
+    agent = waiting_agent(folder)  # units wait in the admission queue: nothing is spawned
     source = KubeSource(KubeSettings(namespace="bench", accelerators=("cpu",)), api.configuration(), "bench")
     send, receive = anyio.create_memory_object_stream[Event | Synced](float("inf"))
     results: dict[str, float] = {}

@@ -27,6 +27,17 @@ from agent.tinymodel import TinyShape, write_tiny_gguf
 GiB = 1 << 30
 
 
+def waiting_agent(folder: Path) -> Agent:
+    """An agent on a 64 GiB host with 20 MiB available: every unit fits its budget but waits for memory in the
+    admission queue, so the pipeline runs whole and nothing is spawned. Models must lie in ``folder``."""
+    config = AgentConfig(
+        state_dir=folder / "state", memory_fraction=0.01, host_memory=64 * GiB, probe_interval=3600,
+        model_roots=(folder,),
+        pressure_warning=0.0002, pressure_critical=0.0001,  # 20 MiB available is no pressure on this host
+    )  # fmt: skip
+    return Agent(config, load_plugins(entry_points=False), memory=lambda: Sample(64 * GiB, 20 << 20))
+
+
 async def bench(count: int, folder: Path) -> tuple[float, int]:
     model_path = write_tiny_gguf(folder / "m.gguf", TinyShape())
     events: list[Event] = []
@@ -34,12 +45,7 @@ async def bench(count: int, folder: Path) -> tuple[float, int]:
         model = ModelSpec(name=f"m{i}", namespace="bench", source=str(model_path), memory_budget="512Mi")
         service = ServiceSpec(name=f"s{i}", namespace="bench", model_ref=f"m{i}", context_size=1024)
         events += [Event(EventType.ADDED, model), Event(EventType.ADDED, service)]
-    config = AgentConfig(
-        state_dir=folder / "state", memory_fraction=0.01, host_memory=64 * GiB, probe_interval=3600,
-        model_roots=(folder,),
-        pressure_warning=0.0002, pressure_critical=0.0001,  # 20 MiB available is no pressure on this host
-    )  # fmt: skip
-    agent = Agent(config, load_plugins(entry_points=False), memory=lambda: Sample(64 * GiB, 20 << 20))
+    agent = waiting_agent(folder)
 
     async def stream() -> AsyncIterator[Event]:
         for event in events:

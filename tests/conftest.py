@@ -1,13 +1,18 @@
-"""Shared fixtures: no developer configuration in any test, and `kube_api`, the fake Kubernetes API server."""
+"""Shared fixtures: no developer configuration in any test; `kube_api`, the fake Kubernetes API server; `server`,
+a local HTTP server of model files (tests/model_server.py), and `tiny`, the bytes of a tiny GGUF."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kubeapi import KubeAPI
+from model_server import ModelServer, serve
+
+from agent.tinymodel import TinyShape, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +37,13 @@ def kube_api() -> Iterator[KubeAPI]:
             yield api
     finally:
         access.setLevel(level)
+
+
+@pytest.fixture
+def server() -> Iterator[ModelServer]:
+    yield from serve(ModelServer())
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> bytes:
+    return write_tiny_gguf(tmp_path / "src" / "tiny.gguf", TinyShape()).read_bytes()

@@ -6,7 +6,6 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -34,19 +33,9 @@ from agent.model_store import (
 )
 from agent.remote_header import FIRST_RANGE, fetch_header, remote_shape
 from agent.tinymodel import TinyShape, write_tiny_gguf
-from tests.model_server import ModelServer, serve
+from tests.model_server import ModelServer
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def server() -> Iterator[ModelServer]:
-    yield from serve(ModelServer())
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> bytes:
-    return write_tiny_gguf(tmp_path / "src" / "tiny.gguf", TinyShape()).read_bytes()
 
 
 async def fetch(url: str, store: Path, sha256: str | None = None, **kwargs: object) -> Path:

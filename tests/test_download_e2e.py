@@ -5,22 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from agent.tinymodel import TinyShape, write_tiny_gguf
-from tests.model_server import ModelServer, serve
+from tests.model_server import ModelServer
 from tests.test_agent_e2e import API_VERSION, AgentProcess, llama_children
 
 pytestmark = pytest.mark.llama
-
-
-@pytest.fixture
-def server() -> Iterator[ModelServer]:
-    yield from serve(ModelServer())
 
 
 def remote_manifest(name: str, url: str, sha256: str) -> str:

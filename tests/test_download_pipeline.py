@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -19,7 +19,7 @@ from agent.plugin_manager import load_plugins
 from agent.standalone import Event, EventType
 from agent.tinymodel import TinyShape, write_tiny_gguf
 from agent.units import ServingUnit
-from tests.model_server import ModelServer, serve
+from tests.model_server import ModelServer
 from tests.test_pipeline import drive
 
 pytestmark = pytest.mark.anyio
@@ -49,16 +49,6 @@ class Plugin:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         register(self.executor)
-
-
-@pytest.fixture
-def server() -> Iterator[ModelServer]:
-    yield from serve(ModelServer())
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> bytes:
-    return write_tiny_gguf(tmp_path / "src" / "tiny.gguf", TinyShape()).read_bytes()
 
 
 def make_agent(tmp_path: Path, executor: Recording) -> Agent:
