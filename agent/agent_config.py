@@ -42,6 +42,9 @@ class AgentConfig:
     pressure_hysteresis: float = 0.05  # margin above a threshold before its level is left
     pressure_interval: float = 2.0  # seconds between memory samples
     eviction: bool = True  # evict units under critical pressure (False: only block admissions)
+    # The /v1 endpoint (agent/proxy.py): how long a request waits for its unit, how large its body may be.
+    request_wait: float = 120.0
+    max_request_body: int = 32 << 20
 
     def __post_init__(self) -> None:  # invalid pressure settings fail here (InvalidValue), not in the watchdog
         self.thresholds()

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from agent.budget import Budget, resolve_budget
+from agent.duration import parse_duration
 from agent.kvcache import cache_type
 from agent.quantity import InvalidValue, parse_fraction, parse_quantity
 from agent.shape import ServeSettings
@@ -24,6 +25,8 @@ GROUP = "inference.llmkube.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_CTX_SIZE = 4096
+DEFAULT_IDLE_TIMEOUT = 600.0  # spec.idleTimeout of an on-demand unit: 10m
+MIN_CTX_SIZE, MAX_CTX_SIZE = 128, 2_097_152
 ACCELERATORS = ("cpu", "metal", "cuda", "rocm", "intel", "vulkan")
 FORMATS = ("gguf", "mlx", "safetensors", "pytorch", "custom")
 PRIORITIES = ("critical", "high", "normal", "low", "batch")
@@ -82,6 +85,13 @@ class ServiceSpec:
     extra_args: tuple[str, ...] = ()
     priority: str = "normal"
     eviction_protection: bool = False
+    # Serve on demand (agent/ondemand.py): Idle until a request names it, stopped after idle_timeout seconds.
+    on_demand: bool = False
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # contextSize: auto (agent/context_auto.py): the largest context that fits, at least min_context_size.
+    context_auto: bool = False
+    min_context_size: int | None = None
+    alias: str | None = None  # another name /v1 requests may use for this unit
     generation: int = 0
     origin: str = ""
 
@@ -199,6 +209,7 @@ def parse_service(obj: Mapping[str, Any], where: str) -> ServiceSpec:
             except ValueError as exc:
                 raise ManifestError(f"{where}: {exc}") from exc
         cache_types[key] = value
+    context_auto = spec.data.get("contextSize") == "auto"  # else an integer, checked below
     extra = spec.get("extraArgs", list, [])
     if not all(isinstance(arg, str) for arg in extra):
         raise spec.fail("extraArgs", "must be a list of strings")
@@ -209,7 +220,7 @@ def parse_service(obj: Mapping[str, Any], where: str) -> ServiceSpec:
         runtime=spec.get("runtime", str, "llamacpp"),
         replicas=_default(spec.int_in("replicas", 0, 1_000), 1),
         suspend=spec.get("suspend", bool, False),
-        context_size=spec.int_in("contextSize", 128, 2_097_152),
+        context_size=None if context_auto else spec.int_in("contextSize", MIN_CTX_SIZE, MAX_CTX_SIZE),
         parallel_slots=spec.int_in("parallelSlots", 1, 64),
         flash_attention=spec.get("flashAttention", bool),
         cache_type_k=cache_types["cacheTypeK"],
@@ -219,9 +230,31 @@ def parse_service(obj: Mapping[str, Any], where: str) -> ServiceSpec:
         extra_args=tuple(extra),
         priority=spec.choice("priority", PRIORITIES, "normal"),
         eviction_protection=spec.get("evictionProtection", bool, False),
+        on_demand=spec.get("onDemand", bool, False),
+        idle_timeout=_duration(spec, "idleTimeout", where),
+        context_auto=context_auto,
+        min_context_size=spec.int_in("minContextSize", MIN_CTX_SIZE, MAX_CTX_SIZE),
+        alias=_alias(spec),
         generation=generation,
         origin=where,
     )
+
+
+def _duration(spec: _Fields, key: str, where: str) -> float:
+    text = spec.get(key, str)
+    if text is None:
+        return DEFAULT_IDLE_TIMEOUT
+    try:
+        return parse_duration(text, f"spec.{key}")
+    except InvalidValue as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
+
+
+def _alias(spec: _Fields) -> str | None:
+    alias: str | None = spec.get("alias", str)
+    if alias is not None and (not alias or len(alias) > 253 or not alias.isprintable() or alias != alias.strip()):
+        raise spec.fail("alias", f"{alias!r} is not a model name (1-253 printable characters, no outer spaces)")
+    return alias
 
 
 def _default(value: int | None, default: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from agent import logs, supervisor
+from agent import context_auto, logs, supervisor
 from agent.admission import EVICTED, Admission, Outcome
 from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
@@ -29,9 +29,11 @@ from agent.memory_guard import MemoryGuard, measure
 from agent.metrics import Metrics
 from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.model_store import ModelFiles, SourceError
+from agent.ondemand import IDLE, OnDemand
 from agent.plugin_manager import Plugins
-from agent.preflight import Verdict
+from agent.preflight import Reason, Verdict
 from agent.pressure import Provider, Watchdog, system_provider
+from agent.quantity import format_bytes
 from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
@@ -68,12 +70,14 @@ class Agent:
         self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
         self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
+        self.ondemand = OnDemand(self)  # on-demand units, the /v1 endpoint's waits (agent/proxy.py)
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
+            tasks.start_soon(self.ondemand.run, name="on-demand idle timer")
             async for event in events:
                 if isinstance(event, Synced):
                     self.reap_unclaimed()
@@ -157,6 +161,9 @@ class Agent:
             phase, reason = ("Stopped", "Suspended") if unit else ("Pending", "ModelNotFound")
             await self._set(runtime, phase, reason, missing_reason or "replicas is 0 or suspend is true")
             return False
+        if not self.ondemand.wanted(unit):  # on demand, no request wants it: no server, no memory
+            await self._idle(runtime, unit)
+            return False
         spec_hash = unit.spec_hash()
         if runtime.spec_hash == spec_hash:
             if runtime.child:
@@ -189,6 +196,11 @@ class Agent:
             self.metrics.rejected("InvalidSpec")
             await self._set(runtime, "Failed", "InvalidSpec", str(exc))
             return
+        # contextSize: auto: the largest context its budget and the ledger's free memory allow now.
+        limit = min(budget.bytes, host.total_bytes, self.ledger.free_for(runtime.key))
+        unit, chosen_context = context_auto.sized(unit, model_path, limit)
+        if chosen_context is not None:
+            self.ondemand.contexts[runtime.key] = chosen_context
         verdict: Verdict = await self.plugins.first(
             "preflight", unit=unit, model_path=model_path, budget=budget, host=host, mode=str(self.config.mode)
         )
@@ -388,6 +400,22 @@ class Agent:
         runtime.retry_at = None
         await self._set(runtime, "Pending", EVICTED, message)
 
+    async def _idle(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
+        """An on-demand unit nobody asks for: stop its server if any; its status says Idle with model and budget."""
+        await self._teardown(runtime)
+        runtime.spec_hash = None  # the next request starts it afresh
+        runtime.retry_at = None
+        host = detect_host_memory(self.config.host_memory)
+        try:
+            budget = unit.model.budget(host.total_bytes, self.config.memory_fraction)
+        except ValueError as exc:
+            await self._set(runtime, "Failed", "InvalidSpec", str(exc))
+            return
+        message = self.ondemand.idle_message(unit, f"{format_bytes(budget.bytes)} ({budget.source})")
+        runtime.verdict = Verdict(Reason.FITS, allowed=True, message=message, budget=budget)  # the budget shows
+        if (runtime.phase, runtime.reason, runtime.message) != (IDLE, IDLE, message):
+            await self._set(runtime, IDLE, IDLE, message)
+
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
@@ -397,6 +425,7 @@ class Agent:
         if children_changed:
             self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
+        self.ondemand.on_status(runtime)  # waiting requests wake; a unit waiting for memory may get idle units'
         unit, _ = self.current_unit(runtime.key)
         await self.plugins.each("report", unit=unit, status=runtime.status())
 
@@ -422,7 +451,11 @@ class Agent:
                 "budget_source": "agent" if self.config.memory_fraction else "adaptive",
             },
             "units": [
-                {**runtime.status(), "reserved_bytes": self.ledger.held.get(runtime.key, 0)}
+                {
+                    **runtime.status(),
+                    "reserved_bytes": self.ledger.held.get(runtime.key, 0),
+                    **self.ondemand.unit_status(runtime),
+                }
                 for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)
             ],
             "manifest_errors": dict(self.source_errors),

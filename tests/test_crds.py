@@ -86,6 +86,8 @@ VALID = [
     service(cacheTypeV="q8_0", cacheTypeCustomV="f16"),  # the custom type wins
     *[service(priority=name) for name in manifest.PRIORITIES],
     service(extraArgs=["--temp", "0.7"], evictionProtection=True, runtime="mlx", mode="embedding"),
+    service(contextSize="auto", minContextSize=2048, onDemand=True, idleTimeout="1h30m", alias="chat"),
+    service(onDemand=False, idleTimeout="500ms"),
 ]
 
 INVALID = [
@@ -143,6 +145,16 @@ INVALID = [
     service(extraArgs=["--temp", 0.7]),
     service(evictionProtection="no"),
     service(cacheTypeCustomV="x" * 33),
+    service(contextSize="Auto"),
+    service(contextSize=""),
+    service(contextSize=True),
+    service(minContextSize=64),
+    service(onDemand="yes"),
+    service(idleTimeout="10"),
+    service(idleTimeout="10 m"),
+    service(idleTimeout=600),
+    service(idleTimeout="-5m"),
+    service(alias=""),
 ]
 
 # Accepted by the CRD, refused by the agent (with a status saying why): a schema cannot say these.
@@ -153,6 +165,9 @@ CRD_ADMITS_AGENT_REFUSES = [
     hw(memoryBudget="9Ei"),  # above 2^63 - 1 bytes
     hw(memoryBudget="9" * 100),
     service(cacheTypeCustomK="turbo3"),  # free-form in LLMKube; the agent serves llama.cpp's cache types only
+    service(idleTimeout="0s"),  # an idle timeout of nothing; a pattern cannot say "positive"
+    service(idleTimeout="9999h"),  # beyond the agent's 366 days
+    service(alias=" chat"),
 ]
 # Refused by the CRD, ignored by the agent: fields the agent does not read, and limits on free text.
 CRD_REFUSES_AGENT_IGNORES = [

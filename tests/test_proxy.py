@@ -1,0 +1,263 @@
+"""The /v1 endpoint and serving on demand, in-process: the agent's API, real stand-in servers, a simulated host.
+
+The stand-in servers (tests/fake_openai.py) are real processes on real ports; the host memory is simulated so
+that the budget fits exactly one of them (each holds about its estimate once loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+from fake_openai import plugin
+from memory_harness import MiB, Sender, SimulatedHost, running, until
+
+from agent.api import serve
+from agent.calibrate import free_port
+from agent.manifest import ModelSpec, ServiceSpec
+from agent.pipeline import Agent, AgentConfig
+from agent.plugin_manager import load_plugins
+from agent.standalone import Event, EventType
+from agent.tinymodel import TinyShape, write_tiny_gguf
+
+pytestmark = pytest.mark.anyio
+TOTAL = 512 * MiB
+ONE_UNIT = 0.137  # of 512 MiB: 70 MiB, room for one unit (estimate 44 MiB, about 45 MiB measured) but not two
+BALLAST = "30"  # MiB a stand-in server holds besides the interpreter: its footprint is about its estimate
+
+
+@dataclass
+class Api:
+    base: str
+    agent: Agent
+    send: Sender
+    session: aiohttp.ClientSession
+
+    async def post(self, model: str, path: str = "/v1/chat/completions", **body: Any) -> tuple[int, Any, Any]:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+        async with self.session.post(self.base + path, json=payload) as response:
+            return response.status, await response.json(), response.headers
+
+    async def get(self, path: str) -> Any:
+        async with self.session.get(self.base + path) as response:
+            assert response.status == 200
+            return await response.json()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        async with self.session.get(self.base + "/metrics") as response:
+            text = await response.text()
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+def unit_events(tmp_path: Path, name: str, namespace: str = "d", **spec: Any) -> list[Event]:
+    model_path = tmp_path / "m.gguf"
+    if not model_path.exists():
+        write_tiny_gguf(model_path, TinyShape())
+    model = ModelSpec(name=name, namespace=namespace, source=str(model_path), memory_budget="512Mi")
+    options: dict[str, Any] = {"runtime": "openai", "context_size": 1024, "extra_args": (BALLAST,), **spec}
+    service = ServiceSpec(name=name, namespace=namespace, model_ref=name, **options)
+    return [Event(EventType.ADDED, model), Event(EventType.ADDED, service)]
+
+
+@asynccontextmanager
+async def api(tmp_path: Path, fraction: float = 0.9, **settings: Any) -> AsyncIterator[Api]:
+    host = SimulatedHost(TOTAL)
+    config = AgentConfig(
+        state_dir=tmp_path / "state", memory_fraction=fraction, startup_timeout=20, grace_period=2,
+        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,), **settings,
+    )  # fmt: skip
+    agent = Agent(config, load_plugins(extra=[plugin(tmp_path / "marker")], entry_points=False), memory=host)
+    host.agent = agent
+    port = free_port()
+    runner = await serve(agent, "127.0.0.1", port)
+    try:
+        async with running(agent) as send, aiohttp.ClientSession() as session:
+            yield Api(f"http://127.0.0.1:{port}", agent, send, session)
+    finally:
+        await runner.cleanup()
+
+
+def phase(agent: Agent, key: str) -> str:
+    runtime = agent.runtimes.get(key)
+    return runtime.phase if runtime else ""
+
+
+async def test_unknown_model_bad_bodies_and_oversized_bodies_get_openai_errors(tmp_path: Path) -> None:
+    async with api(tmp_path, max_request_body=4096) as a:
+        for event in unit_events(tmp_path, "chat"):
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/chat") == "Ready", agent=a.agent)
+        status, body, _ = await a.post("nope")
+        assert status == 404 and body["error"]["code"] == "model_not_found" and "'nope'" in body["error"]["message"]
+        assert set(body["error"]) >= {"message", "type", "code"}
+        for data, code in ((b"{not json", "invalid_json"), (b'{"messages": []}', "model_required"),
+                           (b'["chat"]', "model_required"), (b'{"model": 7}', "model_required")):  # fmt: skip
+            async with a.session.post(a.base + "/v1/completions", data=data) as response:
+                assert response.status == 400 and (await response.json())["error"]["code"] == code
+        big = json.dumps({"model": "chat", "prompt": "x" * 5000}).encode()
+        async with a.session.post(a.base + "/v1/completions", data=big) as response:
+            assert response.status == 413 and (await response.json())["error"]["code"] == "request_too_large"
+        assert await a.metric("metal_agent_requests_total", unit="", code="404") == 1
+        assert await a.metric("metal_agent_requests_total", unit="", code="413") == 1
+
+
+async def test_routes_by_model_lists_units_and_passes_headers_and_paths(tmp_path: Path) -> None:
+    async with api(tmp_path) as a:
+        for event in [*unit_events(tmp_path, "chat", alias="gpt-local"), *unit_events(tmp_path, "dup"),
+                      *unit_events(tmp_path, "dup", namespace="other")]:  # fmt: skip
+            a.send(event)
+        await until(lambda: all(phase(a.agent, k) == "Ready" for k in ("d/chat", "d/dup", "other/dup")), agent=a.agent)
+        listed = {entry["id"]: entry for entry in (await a.get("/v1/models"))["data"]}
+        assert set(listed) == {"chat", "gpt-local", "d/dup", "other/dup"}  # the clashing name is qualified
+        assert listed["chat"]["phase"] == "Ready" and listed["gpt-local"]["unit"] == "d/chat"
+        assert listed["chat"]["context_size"] == 1024
+        ports = {key: a.agent.runtimes[key].child.port for key in ("d/chat", "d/dup", "other/dup")}  # type: ignore[union-attr]
+        for model, key in (("chat", "d/chat"), ("gpt-local", "d/chat"), ("d/dup", "d/dup"), ("other/dup", "other/dup")):
+            status, body, _ = await a.post(model, path="/v1/embeddings")
+            assert status == 200 and body["served_by"] == ports[key] and body["model"] == model
+            assert body["path"] == "/v1/embeddings"
+        status, body, _ = await a.post("dup")
+        assert status == 404 and "ambiguous" in body["error"]["message"]
+        headers = {"Authorization": "Bearer k"}
+        async with a.session.post(a.base + "/v1/completions?x=1", json={"model": "chat"}, headers=headers) as response:
+            body = await response.json()
+        assert body["auth"] == "Bearer k" and body["path"] == "/v1/completions?x=1"
+
+
+async def test_a_stream_arrives_in_chunks_and_a_client_that_leaves_cancels_upstream(tmp_path: Path) -> None:
+    async with api(tmp_path) as a:
+        for event in unit_events(tmp_path, "chat"):
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/chat") == "Ready", agent=a.agent)
+        payload = {"model": "chat", "stream": True, "chunks": 4, "interval": 0.2}
+        arrivals = []
+        async with a.session.post(a.base + "/v1/chat/completions", json=payload) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            async for chunk in response.content.iter_any():
+                arrivals.append((anyio.current_time(), chunk))
+        text = b"".join(c for _, c in arrivals).decode()
+        assert text.count("data: ") == 5 and text.endswith("data: [DONE]\n\n")
+        # Chunk by chunk: the first event is there long before the last (0.2 s apart at the server).
+        first_event = next(t for t, c in arrivals if b'"i": 0' in c)
+        assert arrivals[-1][0] - first_event > 0.5
+        marker = tmp_path / "marker"
+        assert not marker.exists()
+        slow = {"model": "chat", "stream": True, "chunks": 200, "interval": 0.05}
+        async with a.session.post(a.base + "/v1/chat/completions", json=slow) as response:
+            await response.content.readline()  # the first event came; then the client goes away
+        await until(lambda: marker.exists() and "disconnected" in marker.read_text(), timeout=10)
+        await until(lambda: a.agent.ondemand.demand("d/chat").in_flight == 0)
+
+
+async def test_on_demand_unit_idles_cold_starts_once_for_concurrent_requests_and_idles_out(tmp_path: Path) -> None:
+    async with api(tmp_path) as a:
+        for event in unit_events(tmp_path, "lazy", on_demand=True, idle_timeout=1.0):
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/lazy") == "Idle", agent=a.agent)
+        unit = next(u for u in a.agent.status()["units"] if u["unit"] == "d/lazy")
+        assert unit["pid"] is None and unit["reserved_bytes"] == 0 and unit["budget"]["bytes"] == 512 * MiB
+        assert unit["on_demand"]["state"] == "Idle" and "on demand" in unit["message"]
+        assert (await a.get("/v1/models"))["data"][0]["phase"] == "Idle"
+        results: list[tuple[int, Any, Any]] = []
+
+        async def ask() -> None:
+            results.append(await a.post("lazy"))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(5):
+                tasks.start_soon(ask)
+        assert [status for status, _, _ in results] == [200] * 5
+        assert len({body["served_by"] for _, body, _ in results}) == 1  # one server: one start for all five
+        assert await a.metric("metal_agent_cold_starts_total", unit="d/lazy") == 1
+        assert await a.metric("metal_agent_request_wait_seconds_count") == 5
+        assert await a.metric("metal_agent_requests_total", unit="d/lazy", code="200") == 5
+        pid = a.agent.runtimes["d/lazy"].child.pid  # type: ignore[union-attr]
+        unit = next(u for u in a.agent.status()["units"] if u["unit"] == "d/lazy")
+        assert unit["on_demand"]["state"] == "Ready" and unit["on_demand"]["stops_in_s"] is not None
+        # No request for its idle timeout (1 s): stopped, memory released.
+        await until(lambda: phase(a.agent, "d/lazy") == "Idle", timeout=10, agent=a.agent)
+        assert a.agent.ledger.used == 0 and a.agent.runtimes["d/lazy"].child is None
+        import psutil
+
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert await a.metric("metal_agent_idle_stops_total") == 1
+        status, _, _ = await a.post("lazy")  # and it comes back on the next request
+        assert status == 200 and await a.metric("metal_agent_cold_starts_total", unit="d/lazy") == 2
+
+
+async def test_two_on_demand_units_in_room_for_one_swap_and_never_run_together(tmp_path: Path) -> None:
+    async with api(tmp_path, fraction=ONE_UNIT) as a:
+        for name in ("a", "b"):
+            for event in unit_events(tmp_path, name, on_demand=True):
+                a.send(event)
+        await until(lambda: phase(a.agent, "d/a") == phase(a.agent, "d/b") == "Idle", agent=a.agent)
+        both_running = []
+
+        async def watch() -> None:
+            while True:
+                running_now = [k for k in ("d/a", "d/b") if a.agent.runtimes[k].child is not None]
+                if len(running_now) > 1:
+                    both_running.append(running_now)
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            for model in ("a", "b", "a", "b", "a"):
+                status, body, _ = await a.post(model)
+                assert status == 200, body
+                assert body["model"] == model
+            tasks.cancel_scope.cancel()
+        assert both_running == []
+        assert await a.metric("metal_agent_evictions_total", reason="MakeRoom") == 4
+        assert await a.metric("metal_agent_cold_starts_total", unit="d/a") == 3
+
+
+async def test_a_request_that_cannot_get_memory_gets_503_naming_the_holder(tmp_path: Path) -> None:
+    async with api(tmp_path, fraction=ONE_UNIT, request_wait=1.0) as a:
+        for event in [*unit_events(tmp_path, "always"), *unit_events(tmp_path, "lazy", on_demand=True)]:
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/always") == "Ready" and phase(a.agent, "d/lazy") == "Idle")
+        status, body, headers = await a.post("lazy")
+        assert status == 503 and headers["Retry-After"].isdigit()
+        message = body["error"]["message"]
+        assert "not ready within 1 s" in message and "d/always holds" in message, message
+        assert phase(a.agent, "d/always") == "Ready"  # an always-on unit is never stopped to make room
+        await until(lambda: phase(a.agent, "d/lazy") == "Idle")  # nobody waits: it leaves the queue
+        assert "d/lazy" not in a.agent.admission.waiting
+
+
+async def test_a_unit_serving_a_request_is_not_stopped_to_make_room(tmp_path: Path) -> None:
+    async with api(tmp_path, fraction=ONE_UNIT, request_wait=30.0) as a:
+        for name in ("a", "b"):
+            for event in unit_events(tmp_path, name, on_demand=True):
+                a.send(event)
+        await until(lambda: phase(a.agent, "d/a") == phase(a.agent, "d/b") == "Idle")
+        done: list[float] = []
+        slow = {"model": "a", "stream": True, "chunks": 20, "interval": 0.1}
+
+        async def stream_a() -> None:
+            async with a.session.post(a.base + "/v1/chat/completions", json=slow) as response:
+                await response.read()
+            done.append(anyio.current_time())
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(stream_a)
+            await until(lambda: a.agent.ondemand.demand("d/a").in_flight == 1 and phase(a.agent, "d/a") == "Ready")
+            await until(lambda: phase(a.agent, "d/a") == "Ready")
+            status, body, _ = await a.post("b")
+            answered = anyio.current_time()
+        assert status == 200 and body["model"] == "b"
+        assert done and done[0] <= answered  # b started only once a's stream had ended
