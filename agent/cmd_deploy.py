@@ -2,8 +2,9 @@
 
 The objects are built from the flags, then parsed by ``agent.manifest`` exactly as the agent will parse them, so
 a bad budget is refused here with the message the agent would give, not discovered later on a Mac. They are
-printed (``--dry-run``) or created with the user's kubeconfig; nothing is created unless both can be: existing
-objects are an error, or are updated with ``--update``.
+printed (``--dry-run``), written as one manifest file for standalone mode (``--manifests DIR``), or created with
+the user's kubeconfig; nothing is created unless both can be: existing objects (or an existing file) are an
+error, or are updated (replaced) with ``--update``.
 
 Exit status: 0 done, 1 the API failed or refused, 2 invalid input.
 """
@@ -24,8 +25,20 @@ import anyio
 import yaml
 
 from agent.kube.calls import MERGE_PATCH, api_message
-from agent.manifest import ACCELERATORS, API_VERSION, FORMATS, GROUP, VERSION, ManifestError, parse_object
+from agent.kvcache import validate_settings
+from agent.manifest import (
+    ACCELERATORS,
+    API_VERSION,
+    FORMATS,
+    GROUP,
+    PRIORITIES,
+    VERSION,
+    ManifestError,
+    ServiceSpec,
+    parse_object,
+)
 from agent.quantity import InvalidValue, parse_fraction
+from agent.shape import KV_CACHE_TYPES
 
 EXIT_OK, EXIT_API, EXIT_INVALID = 0, 1, 2
 DEADLINE = 60.0  # seconds for all (at most four) API calls
@@ -57,7 +70,23 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--format", choices=FORMATS, help="model format (default gguf)")
     p.add_argument("--memory-budget", metavar="Q", help="memory the model may use, e.g. 24Gi")
     p.add_argument("--memory-fraction", metavar="F", help="share of the host's memory, 0 < F <= 1")
-    p.add_argument("--context-size", type=int, metavar="N", help="context size in tokens")
+    p.add_argument(
+        "--context-size",
+        type=context_size,
+        metavar="N|auto",
+        help="context size in tokens, or auto: the largest that fits the budget and the free host budget at start",
+    )
+    p.add_argument("--min-context-size", type=int, metavar="N", help="with --context-size auto: the least (4096)")
+    p.add_argument("--parallel-slots", type=int, metavar="N", help="requests served at once (the context is split)")
+    p.add_argument("--cache-type-k", choices=KV_CACHE_TYPES, help="KV cache type for K (default f16)")
+    p.add_argument("--cache-type-v", choices=KV_CACHE_TYPES, help="KV cache type for V (quantized: --flash-attn)")
+    p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention on (or off)")
+    p.add_argument("--priority", choices=PRIORITIES, help="admission and eviction priority (default normal)")
+    p.add_argument(
+        "--on-demand", action="store_true", help="no server until a request to the agent's /v1 endpoint names it"
+    )
+    p.add_argument("--idle-timeout", metavar="DURATION", help="on demand: stop after this long unused (default 10m)")
+    p.add_argument("--alias", metavar="NAME", help="another model name /v1 requests may use")
     p.add_argument("--accelerator", choices=ACCELERATORS, help="metal, cuda, cpu, ... (default cpu)")
     p.add_argument(
         "--namespace", "-n", metavar="NS", help="namespace (default: the kubeconfig context's, else default)"
@@ -67,9 +96,40 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--context", metavar="CTX", help="kubeconfig context (default: the current one)")
     p.add_argument("--dry-run", action="store_true", help="print the objects, create nothing")
+    p.add_argument(
+        "--manifests",
+        type=Path,
+        metavar="DIR",
+        help="write the objects to DIR/NAME.yaml for a standalone agent (run --manifests DIR) instead of a cluster",
+    )
     p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="--dry-run format")
-    p.add_argument("--update", action="store_true", help="update the objects if they exist (merge patch of spec)")
+    p.add_argument(
+        "--update", action="store_true", help="update the objects if they exist (merge patch of spec; a file: replace)"
+    )
     p.set_defaults(handler=run)
+
+
+def context_size(text: str) -> int | str:
+    """``auto`` or a whole number (its range is checked as the agent checks it)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens or auto") from None
+
+
+SERVICE_FLAGS = (  # flag attribute -> InferenceService spec field, copied when given
+    ("context_size", "contextSize"),
+    ("min_context_size", "minContextSize"),
+    ("parallel_slots", "parallelSlots"),
+    ("cache_type_k", "cacheTypeK"),
+    ("cache_type_v", "cacheTypeV"),
+    ("flash_attn", "flashAttention"),
+    ("priority", "priority"),
+    ("idle_timeout", "idleTimeout"),
+    ("alias", "alias"),
+)
 
 
 def source_of(text: str) -> str:
@@ -101,16 +161,21 @@ def build(args: argparse.Namespace, namespace: str) -> list[dict[str, Any]]:
     if hardware:
         model_spec["hardware"] = hardware
     service_spec: dict[str, Any] = {"modelRef": args.name}
-    if args.context_size is not None:
-        service_spec["contextSize"] = args.context_size
+    if args.on_demand:
+        service_spec["onDemand"] = True
+    for flag, field in SERVICE_FLAGS:
+        if getattr(args, flag, None) is not None:
+            service_spec[field] = getattr(args, flag)
     objects = [
         {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": args.name, "namespace": namespace}, "spec": spec}
         for kind, spec in (("Model", model_spec), ("InferenceService", service_spec))
     ]
     for obj in objects:
         try:
-            parse_object(obj, f"{obj['kind']} {namespace}/{args.name}")
-        except ManifestError as exc:
+            parsed = parse_object(obj, f"{obj['kind']} {namespace}/{args.name}")
+            if isinstance(parsed, ServiceSpec):
+                validate_settings(parsed.settings())  # what llama.cpp would refuse (a quantized V without FA)
+        except (ManifestError, ValueError) as exc:
             raise InvalidInput(str(exc)) from None
     return objects
 
@@ -218,12 +283,34 @@ async def _exists(api: Any, obj: dict[str, Any]) -> bool:
     return True
 
 
+def write_manifest(args: argparse.Namespace, objects: list[dict[str, Any]]) -> str:
+    """Both objects in DIR/NAME.yaml (the agent's standalone mode reads every file of DIR)."""
+    folder: Path = args.manifests
+    if not folder.is_dir():
+        raise InvalidInput(f"--manifests: {folder} is not a directory")
+    path = folder / f"{args.name}.yaml"
+    if path.exists() and not args.update:
+        raise ApiFailure(f"{path} already exists; use --update to replace it")
+    temporary = path.with_name(f".{path.name}.tmp")  # the agent polls DIR: it must never read half a file
+    try:
+        temporary.write_text(render(objects, "yaml"), encoding="utf-8")
+        temporary.replace(path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ApiFailure(f"cannot write {path}: {exc.strerror}") from None
+    return f"{path} written"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        namespace = args.namespace or context_namespace(args) or "default"
+        # A standalone agent has no kubeconfig context: its objects are in "default" unless told otherwise.
+        namespace = args.namespace or (None if args.manifests else context_namespace(args)) or "default"
         objects = build(args, namespace)
         if args.dry_run:
             sys.stdout.write(render(objects, args.output))
+            return EXIT_OK
+        if args.manifests is not None:
+            print(write_manifest(args, objects))
             return EXIT_OK
         for line in anyio.run(apply, args, objects):
             print(line)

@@ -219,3 +219,63 @@ def test_nothing_is_created_when_one_of_the_two_exists(
         "inferenceservice.inference.llmkube.dev/tiny created",
     ]
     assert kube_api.get("Model", "tiny")["spec"]["source"] == "/m/tiny.gguf"
+
+
+def test_serving_flags_round_trip_through_the_parser_and_the_crd(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--on-demand", "--idle-timeout", "15m", "--context-size", "auto", "--min-context-size", "2048",
+             "--parallel-slots", "2", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn",
+             "--priority", "low", "--alias", "gpt-4o-mini"]  # fmt: skip
+    assert deploy("tiny", "--source", "/m.gguf", "--namespace", "default", "--dry-run", *flags) == 0
+    _, service = yaml.safe_load_all(capsys.readouterr().out)
+    assert crd_errors(service) == []
+    parsed = parse_object(service, "out")
+    assert isinstance(parsed, ServiceSpec)
+    assert (parsed.on_demand, parsed.idle_timeout, parsed.context_auto, parsed.min_context_size) == (
+        True, 900.0, True, 2048)  # fmt: skip
+    assert (parsed.parallel_slots, parsed.cache_type_k, parsed.cache_type_v, parsed.flash_attention) == (
+        2, "q8_0", "q8_0", True)  # fmt: skip
+    assert (parsed.priority, parsed.alias) == ("low", "gpt-4o-mini")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--idle-timeout", "10"], 'spec.idleTimeout: "10" is not a duration'),
+        (["--idle-timeout", "0s"], 'spec.idleTimeout: "0s" is out of range'),
+        (["--cache-type-v", "q8_0"], "cacheTypeV"),  # a quantized V cache needs flash attention
+        (["--parallel-slots", "0"], "spec.parallelSlots: 0 is outside 1..64"),
+    ],
+)
+def test_bad_serving_flags_are_refused_with_the_agents_message(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert deploy("tiny", "--source", "/m.gguf", "--dry-run", "--namespace", "default", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_context_size_must_be_a_number_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    assert deploy("tiny", "--source", "/m.gguf", "--dry-run", "--context-size", "big") == 2
+    assert "is not a number of tokens or auto" in capsys.readouterr().err
+
+
+def test_manifests_writes_a_file_the_standalone_agent_reads_and_never_overwrites_by_accident(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))  # no cluster is consulted
+    from agent.manifest import load_file
+
+    assert deploy("tiny", "--source", "/m.gguf", "--manifests", str(tmp_path), "--on-demand") == 0
+    path = tmp_path / "tiny.yaml"
+    assert capsys.readouterr().out == f"{path} written\n"
+    model, service = load_file(path)
+    assert isinstance(service, ServiceSpec) and service.on_demand and service.namespace == "default"
+    assert isinstance(model, ModelSpec) and model.source == "/m.gguf"
+    assert deploy("tiny", "--source", "/other.gguf", "--manifests", str(tmp_path)) == 1
+    assert "already exists; use --update" in capsys.readouterr().err
+    assert load_file(path)[0].source == "/m.gguf"  # type: ignore[union-attr]
+    assert deploy("tiny", "--source", "/other.gguf", "--manifests", str(tmp_path), "--update") == 0
+    assert load_file(path)[0].source == "/other.gguf"  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no temporary file left
+    assert deploy("tiny", "--source", "/m.gguf", "--manifests", str(tmp_path / "missing")) == 2
+    assert "is not a directory" in capsys.readouterr().err
