@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from agent.config import Config, ConfigError, add_config_flag, all_settings, load
+from agent.duration import format_duration
 from agent.plugin_manager import load_plugins
 from agent.quantity import format_bytes
 
@@ -72,6 +74,22 @@ def row(unit: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+def on_demand_line(unit: dict[str, Any], now: float) -> str:
+    """``default/a: on demand, Ready (context 8192); last request 12s ago; stops in 9m48s unused``."""
+    demand = unit["on_demand"]
+    context = f" (context {unit['context_size']})" if unit.get("context_size") else ""
+    last = demand["last_request"]
+    text = f"{unit['unit']}: on demand, {demand['state']}{context}; last request "
+    text += f"{format_duration(max(0.0, now - last))} ago" if last else "never"
+    if demand["in_flight"]:
+        text += f"; serving {demand['in_flight']} request(s)"
+    elif demand["stops_in_s"] is not None:
+        text += f"; stops in {format_duration(demand['stops_in_s'])} unused"
+    else:
+        text += f"; idle timeout {format_duration(demand['idle_timeout_s'])}"
+    return text
+
+
 def render(status: dict[str, Any]) -> str:
     host = status["host"]
     budget, reserved = host["budget_bytes"], host["reserved_bytes"]
@@ -86,6 +104,7 @@ def render(status: dict[str, Any]) -> str:
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip() for r in rows]
     if not status["units"]:
         lines.append("(no serving units: add Model and InferenceService manifests)")
+    lines += [on_demand_line(unit, time.time()) for unit in status["units"] if unit.get("on_demand")]
     for unit in status["units"]:
         if unit["phase"] != "Ready" and unit["message"]:
             lines.append(f"{unit['unit']}: {unit['message']}")

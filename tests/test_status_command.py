@@ -151,3 +151,22 @@ def test_run_fails_with_status_1_when_the_api_port_is_taken(tmp_path: Path) -> N
         )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(f"error: cannot serve the local API on 127.0.0.1:{port}: ")
+
+
+def test_on_demand_units_show_their_state_last_request_and_idle_timer() -> None:
+    from agent.cmd_status import on_demand_line
+
+    base = {"unit": "default/lazy", "context_size": 8192}
+    idle = {**base, "on_demand": {"state": "Idle", "in_flight": 0, "last_request": None, "idle_timeout_s": 600.0,
+                                  "stops_in_s": None}}  # fmt: skip
+    assert on_demand_line(idle, 1000.0) == (
+        "default/lazy: on demand, Idle (context 8192); last request never; idle timeout 10m"
+    )
+    ready = {**base, "on_demand": {**idle["on_demand"], "state": "Ready", "last_request": 988.0, "stops_in_s": 588}}  # type: ignore[dict-item]
+    assert on_demand_line(ready, 1000.0).endswith("Ready (context 8192); last request 12s ago; stops in 9m48s unused")
+    busy = {**base, "on_demand": {**ready["on_demand"], "in_flight": 2, "stops_in_s": None}}  # type: ignore[dict-item]
+    assert on_demand_line(busy, 1000.0).endswith("; serving 2 request(s)")
+    row = {**ready, "phase": "Ready", "reason": "Ready", "message": "", "restarts": 0, "budget": None,
+           "estimate": None, "actual": None, "pid": 7, "port": 1, "endpoint": None}  # fmt: skip
+    status = {**STATUS, "units": [*STATUS["units"], row]}  # type: ignore[list-item]
+    assert "default/lazy: on demand, Ready" in render(status)
