@@ -165,7 +165,11 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, port: int,
     """POST ``body`` to the server on ``port`` and stream its answer back as it comes."""
     headers = {name: value for name, value in request.headers.items() if name.lower() not in HOP_BY_HOP}
     url = f"http://127.0.0.1:{port}{request.rel_url}"
-    async with session.post(url, data=body, headers=headers) as upstream:
+    try:
+        upstream = await session.post(url, data=body, headers=headers)
+    except aiohttp.ServerDisconnectedError:  # a kept-alive connection the server had closed (llama-server does
+        upstream = await session.post(url, data=body, headers=headers)  # after a stream): once more, on a new one
+    async with upstream:
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():

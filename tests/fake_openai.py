@@ -1,7 +1,7 @@
 """A stand-in OpenAI-compatible inference server for proxy tests: a real process on a real port, no model.
 
 ``/health`` answers 200. A POST answers JSON naming the server (``served_by``: its port) and the ``model`` it was
-sent; with ``"stream": true`` it sends ``chunks`` SSE events ``interval`` seconds apart, and when the client goes
+sent (``close_after``: then it drops the connection that many seconds later, unannounced); with ``"stream": true`` it sends ``chunks`` SSE events ``interval`` seconds apart, and when the client goes
 away mid-stream it appends ``disconnected`` to the file given as its third argument. ``extraArgs: [N]`` makes the
 process hold N MiB more (so that its measured footprint is known).
 """
@@ -30,6 +30,8 @@ class H(http.server.BaseHTTPRequestHandler):
                                "auth": self.headers.get("Authorization")}).encode()
             self.send_response(200); self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+            if body.get("close_after"):  # keep the connection open a while, then drop it unannounced
+                self.wfile.flush(); time.sleep(float(body["close_after"])); self.close_connection = True
             return
         self.send_response(200); self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
@@ -40,6 +42,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 time.sleep(float(body.get("interval", 0.05)))
             done = b"data: [DONE]\n\n"
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done)); self.wfile.flush()
+            self.close_connection = True  # as llama-server does after a stream, without saying so in a header
         except (BrokenPipeError, ConnectionResetError):
             with open(marker, "a") as f: f.write("disconnected\n")
             self.close_connection = True

@@ -40,8 +40,12 @@ class Api:
     send: Sender
     session: aiohttp.ClientSession
 
-    async def post(self, model: str, path: str = "/v1/chat/completions", **body: Any) -> tuple[int, Any, Any]:
+    async def post(
+        self, model: str, path: str = "/v1/chat/completions", close_after: float = 0, **body: Any
+    ) -> tuple[int, Any, Any]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+        if close_after:
+            payload["close_after"] = close_after
         async with self.session.post(self.base + path, json=payload) as response:
             return response.status, await response.json(), response.headers
 
@@ -153,6 +157,15 @@ async def test_a_stream_arrives_in_chunks_and_a_client_that_leaves_cancels_upstr
         # Chunk by chunk: the first event is there long before the last (0.2 s apart at the server).
         first_event = next(t for t, c in arrivals if b'"i": 0' in c)
         assert arrivals[-1][0] - first_event > 0.5
+        for _ in range(3):  # the server closed the kept-alive connection after the stream: the relay opens another
+            status, _, _ = await a.post("chat")
+            assert status == 200
+        # The server drops a kept-alive connection just as the next request goes out on it: sent again, once.
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(a.post, "chat", "/v1/chat/completions", 0.5)
+            await anyio.sleep(0.2)  # its answer is back, its connection still open for another 0.3 s
+        status, _, _ = await a.post("chat")
+        assert status == 200
         marker = tmp_path / "marker"
         assert not marker.exists()
         slow = {"model": "chat", "stream": True, "chunks": 200, "interval": 0.05}
