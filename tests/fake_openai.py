@@ -1,9 +1,10 @@
 """A stand-in OpenAI-compatible inference server for proxy tests: a real process on a real port, no model.
 
 ``/health`` answers 200. A POST answers JSON naming the server (``served_by``: its port) and the ``model`` it was
-sent (``close_after``: then it drops the connection that many seconds later, unannounced); with ``"stream": true`` it sends ``chunks`` SSE events ``interval`` seconds apart, and when the client goes
-away mid-stream it appends ``disconnected`` to the file given as its third argument. ``extraArgs: [N]`` makes the
-process hold N MiB more (so that its measured footprint is known).
+sent (with ``close_after``, it drops the connection that many seconds later, unannounced). With ``"stream": true``
+it sends ``chunks`` SSE events ``interval`` seconds apart, then closes the connection as llama-server does; when
+the client goes away mid-stream it appends ``disconnected`` to the file given as its third argument.
+``extraArgs: [N]`` makes the process hold N MiB more (so that its measured footprint is known).
 """
 
 from __future__ import annotations
