@@ -427,7 +427,7 @@ class Agent:
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
         self.ondemand.on_status(runtime)  # waiting requests wake; a unit waiting for memory may get idle units'
         unit, _ = self.current_unit(runtime.key)
-        await self.plugins.each("report", unit=unit, status=runtime.status())
+        await self.plugins.each("report", unit=unit, status={**runtime.status(), **self.ondemand.unit_status(runtime)})
 
     def set_source_errors(self, errors: dict[str, str]) -> None:
         self.source_errors = errors

@@ -187,8 +187,19 @@ def test_everything_the_reporter_writes_is_declared_in_the_crd_and_valid() -> No
             host_endpoint=None,
         )
     )
+    idle = strip_nulls(
+        build_status(
+            {"phase": "Idle", "reason": "Idle", "message": "on demand: no server until a request names it",
+             "budget": {"bytes": 1 << 30, "source": "model-budget"}, "context_size": 8192,
+             "on_demand": {"state": "Idle", "last_request": 1_800_000_000.5, "idle_timeout_s": 600.0}},
+            written, generation=4, suspended=False, host="mac", endpoint=None, host_endpoint=None,
+        )
+    )  # fmt: skip
+    assert idle["phase"] == "Idle" and idle["memory"]["budgetBytes"] == 1 << 30 and "schedulingStatus" not in idle
+    assert idle["agent"]["onDemand"] == {"state": "Idle", "idleTimeout": "10m", "lastRequest": "2027-01-15T08:00:00Z"}
+    assert idle["agent"]["contextSize"] == 8192
     schema = schema_of("InferenceService")["properties"]["status"]
-    for status in (written, blocked):
+    for status in (written, blocked, idle):
         assert undeclared(status, schema) == []
         obj = {
             "apiVersion": "inference.llmkube.dev/v1alpha1",

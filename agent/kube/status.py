@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.duration import format_duration
 from agent.quantity import format_bytes
 from agent.shape import ModelShape
 
@@ -135,6 +136,8 @@ def build_status(
             "executor": status.get("executor"),
             "restarts": status.get("restarts") or 0,
             "endpoint": host_endpoint if phase == "Ready" else None,
+            "contextSize": status.get("context_size"),
+            "onDemand": on_demand(status.get("on_demand")),
         },
         "memory": memory(status),
         "conditions": built_conditions,
@@ -145,6 +148,18 @@ def build_status(
 def managed(status: Mapping[str, Any]) -> JSON:
     """The part of a status this agent writes: other writers' fields are never patched away."""
     return {key: value for key, value in status.items() if key in MANAGED_FIELDS}
+
+
+def on_demand(fields: Mapping[str, Any] | None) -> JSON | None:
+    """An on-demand unit's state (agent/ondemand.py) as the status holds it; None for an always-on unit."""
+    if not fields:
+        return None
+    last = fields.get("last_request")
+    return {
+        "state": fields.get("state"),
+        "idleTimeout": format_duration(float(fields.get("idle_timeout_s") or 0)),
+        "lastRequest": datetime.fromtimestamp(last, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if last else None,
+    }
 
 
 def memory(status: Mapping[str, Any]) -> JSON | None:
