@@ -87,8 +87,15 @@ class OnDemand:
 
     # -- the pipeline's questions ---------------------------------------------------------------------------
     def wanted(self, unit: ServingUnit) -> bool:
-        """Should the unit run now? Always-on units always; on-demand ones while a request activated them."""
-        return not unit.service.on_demand or self.demand(unit.key).active
+        """Should the unit run now? Always-on units always; on-demand ones while a request activated them, or when
+        a previous agent left a server for it (adopted, it then idles out as if it had just served a request)."""
+        if not unit.service.on_demand:
+            return True
+        demand = self.demand(unit.key)
+        if not demand.active and unit.key in self.agent.adoptable:
+            demand.active = True
+            demand.touch()
+        return demand.active
 
     def idle_message(self, unit: ServingUnit, budget: str) -> str:
         return (
@@ -217,15 +224,17 @@ class OnDemand:
             runtime = self.agent.runtimes.get(key)
             if unit is None or runtime is None:
                 raise Gone(f"the InferenceService {key} no longer exists")
-            if runtime.phase == "Ready" and runtime.child is not None and runtime.evict_message is None:
-                return runtime.child.port
             if not unit.wanted:
                 raise Unavailable(f"{key} is not serving: replicas is 0 or suspend is true")
             if unit.service.on_demand and not demand.active:
-                demand.active = True
-                self.metrics.cold_started(key)
-                log.info("cold start on request", unit=key)
-                runtime.notify()
+                if runtime.child is None:
+                    demand.active = True
+                    self.metrics.cold_started(key)
+                    log.info("cold start on request", unit=key)
+                    runtime.notify()
+                # else: its server is being stopped (idle, or to make room): once it is gone, it starts anew
+            elif runtime.phase == "Ready" and runtime.child is not None and runtime.evict_message is None:
+                return runtime.child.port
             elif runtime.phase == "Failed" or runtime.phase not in WAIT_PHASES | {"Ready"}:
                 raise Unavailable(f"{key} cannot start: {runtime.message}")
             remaining = deadline - time.monotonic()

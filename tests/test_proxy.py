@@ -7,6 +7,7 @@ that the budget fits exactly one of them (each holds about its estimate once loa
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -200,15 +201,22 @@ async def test_on_demand_unit_idles_cold_starts_once_for_concurrent_requests_and
         pid = a.agent.runtimes["d/lazy"].child.pid  # type: ignore[union-attr]
         unit = next(u for u in a.agent.status()["units"] if u["unit"] == "d/lazy")
         assert unit["on_demand"]["state"] == "Ready" and unit["on_demand"]["stops_in_s"] is not None
+        # A request that comes while the server is being stopped (its idle timer just ran out) is not sent to
+        # the server on its way out: it waits for it to go and starts a new one.
+        a.agent.ondemand.expire(time.monotonic() + 3600)
+        status, _, _ = await a.post("lazy")
+        assert status == 200 and await a.metric("metal_agent_cold_starts_total", unit="d/lazy") == 2
+        assert a.agent.runtimes["d/lazy"].child.pid != pid  # type: ignore[union-attr]
+        pid = a.agent.runtimes["d/lazy"].child.pid  # type: ignore[union-attr]
         # No request for its idle timeout (1 s): stopped, memory released.
         await until(lambda: phase(a.agent, "d/lazy") == "Idle", timeout=10, agent=a.agent)
         assert a.agent.ledger.used == 0 and a.agent.runtimes["d/lazy"].child is None
         import psutil
 
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        assert await a.metric("metal_agent_idle_stops_total") == 1
+        assert await a.metric("metal_agent_idle_stops_total") == 2
         status, _, _ = await a.post("lazy")  # and it comes back on the next request
-        assert status == 200 and await a.metric("metal_agent_cold_starts_total", unit="d/lazy") == 2
+        assert status == 200 and await a.metric("metal_agent_cold_starts_total", unit="d/lazy") == 3
 
 
 async def test_two_on_demand_units_in_room_for_one_swap_and_never_run_together(tmp_path: Path) -> None:
