@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_agent_e2e import API_VERSION, AgentProcess
@@ -161,3 +162,27 @@ def test_context_size_auto_picks_the_largest_context_estimate_reports(
     assert abs(unit["actual"]["kv"] - unit["estimate"]["kv_cache"]) <= 0.01 * 2**20
     listed = json.load(urllib.request.urlopen(f"http://127.0.0.1:{process.port}/v1/models"))["data"]
     assert listed[0]["context_size"] == largest
+
+
+def test_a_server_left_by_a_killed_agent_is_adopted_then_idles_out(tmp_path: Path) -> None:
+    manifests, models, state = tmp_path / "manifests", tmp_path / "models", tmp_path / "state"
+    manifests.mkdir()
+    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
+    (manifests / "a.yaml").write_text(on_demand("a", models / "a.gguf", idleTimeout="3s"))
+    first = AgentProcess(manifests, state)
+    first.wait(lambda: phase(first, "a") == "Idle")
+    assert chat(first, "a")[0] == 200
+    pid = first.unit("a")["pid"]  # type: ignore[index]
+    first.proc.kill()  # its server keeps running in its own session
+    first.proc.wait()
+    first.close()
+    second = AgentProcess(manifests, state)
+    try:
+        second.wait(lambda: (second.unit("a") or {}).get("reason") == "Adopted")
+        assert second.unit("a")["pid"] == pid  # type: ignore[index]
+        assert chat(second, "a")[0] == 200  # served by the adopted server: no cold start
+        assert metric(second, "metal_agent_cold_starts_total", unit="default/a") == 0
+        second.wait(lambda: phase(second, "a") == "Idle", timeout=20)  # then its idle timer stops it
+        second.wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+    finally:
+        second.close()
