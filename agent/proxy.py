@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from agent.manifest import ServiceSpec
 from agent.ondemand import Gone, Unavailable
 
 if TYPE_CHECKING:
@@ -64,15 +65,16 @@ def model_names(agent: Agent) -> dict[str, list[str]]:
     return {name: sorted(keys) for name, keys in names.items()}
 
 
-def listed_ids(agent: Agent) -> list[tuple[str, str]]:
-    """(id, unit key) for /v1/models: the short name where it is unique, else NAMESPACE/NAME; plus aliases."""
+def listed_ids(agent: Agent) -> list[tuple[str, str, ServiceSpec]]:
+    """(id, unit key, service) for /v1/models: the short name where it is unique, else NAMESPACE/NAME; and the
+    alias where it names only this unit."""
     names = model_names(agent)
     entries = []
     for (namespace, name), service in sorted(agent.services.items()):
         key = f"{namespace}/{name}"
-        entries.append((name if names.get(name) == [key] else key, key))
+        entries.append((name if names.get(name) == [key] else key, key, service))
         if service.alias and names.get(service.alias) == [key] and service.alias != name:
-            entries.append((service.alias, key))
+            entries.append((service.alias, key, service))
     return entries
 
 
@@ -87,9 +89,8 @@ def add_routes(app: web.Application, agent: Agent) -> None:
     async def models(_: web.Request) -> web.Response:
         statuses = {u["unit"]: u for u in agent.status()["units"]}
         data = []
-        for model_id, key in listed_ids(agent):
+        for model_id, key, service in listed_ids(agent):
             unit = statuses.get(key, {})
-            service = agent.services[tuple(key.split("/", 1))]  # type: ignore[index]
             data.append(
                 {
                     "id": model_id,
