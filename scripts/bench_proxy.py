@@ -93,7 +93,7 @@ def main(requests: int) -> None:
                 times["direct"].append(post(direct, one)[0])
                 times["proxied"].append(post(proxied, one)[0])
             rates: dict[str, list[float]] = {"direct": [], "proxied": []}
-            for _ in range(max(5, requests // 20)):
+            for _ in range(max(10, requests // 10)):
                 for name, port in (("direct", server), ("proxied", api)):
                     # llama-server closes the connection after a stream: a new one each time, on both sides
                     seconds, _ = post(http.client.HTTPConnection("127.0.0.1", port), stream)
