@@ -77,6 +77,7 @@ class OnDemand:
         self.agent = agent
         self.demands: dict[str, Demand] = {}
         self.contexts: dict[str, int] = {}  # contextSize: auto, the value chosen at the unit's last start
+        self.names: dict[str, list[str]] | None = None  # /v1 model name -> unit keys (agent/proxy.py); None: stale
         self.metrics = ServingMetrics(agent.metrics.registry)
 
     def demand(self, key: str) -> Demand:

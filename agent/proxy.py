@@ -54,7 +54,14 @@ def error(status: int, message: str, kind: str, code: str, headers: dict[str, st
 def model_names(agent: Agent) -> dict[str, list[str]]:
     """Every name a request may use -> the unit keys it names (more than one: ambiguous).
 
-    ``NAMESPACE/NAME`` always; ``NAME`` alone (ambiguous where several namespaces have it); the ``alias`` if set."""
+    ``NAMESPACE/NAME`` always; ``NAME`` alone (ambiguous where several namespaces have it); the ``alias`` if set.
+    Built once per change of the InferenceServices (the pipeline clears it), not per request."""
+    if agent.ondemand.names is None:
+        agent.ondemand.names = _names(agent)
+    return agent.ondemand.names
+
+
+def _names(agent: Agent) -> dict[str, list[str]]:
     names: dict[str, set[str]] = defaultdict(set)
     for (namespace, name), service in agent.services.items():
         key = f"{namespace}/{name}"

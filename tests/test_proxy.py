@@ -140,6 +140,13 @@ async def test_routes_by_model_lists_units_and_passes_headers_and_paths(tmp_path
         async with a.session.post(a.base + "/v1/completions?x=1", json={"model": "chat"}, headers=headers) as response:
             body = await response.json()
         assert body["auth"] == "Bearer k" and body["path"] == "/v1/completions?x=1"
+        # The alias changes: the names follow at once (they are not kept from before).
+        renamed = unit_events(tmp_path, "chat", alias="renamed")[1]
+        a.send(Event(EventType.MODIFIED, renamed.obj))
+        await until(a.send.delivered)
+        assert (await a.post("gpt-local"))[0] == 404
+        await until(lambda: phase(a.agent, "d/chat") == "Ready", agent=a.agent)
+        assert (await a.post("renamed"))[0] == 200
 
 
 async def test_a_stream_arrives_in_chunks_and_a_client_that_leaves_cancels_upstream(tmp_path: Path) -> None:
