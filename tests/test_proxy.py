@@ -289,3 +289,19 @@ async def test_a_unit_serving_a_request_is_not_stopped_to_make_room(tmp_path: Pa
             answered = anyio.current_time()
         assert status == 200 and body["model"] == "b"
         assert done and done[0] <= answered  # b started only once a's stream had ended
+
+
+async def test_a_client_that_gives_up_while_waiting_releases_its_units_place_in_the_queue(tmp_path: Path) -> None:
+    async with api(tmp_path, fraction=ONE_UNIT, request_wait=60.0) as a:
+        for event in [*unit_events(tmp_path, "always"), *unit_events(tmp_path, "lazy", on_demand=True)]:
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/always") == "Ready" and phase(a.agent, "d/lazy") == "Idle")
+        payload = {"model": "lazy", "messages": []}
+        with pytest.raises(TimeoutError):
+            timeout = aiohttp.ClientTimeout(total=0.5)
+            async with a.session.post(a.base + "/v1/chat/completions", json=payload, timeout=timeout) as response:
+                await response.read()
+        assert phase(a.agent, "d/lazy") == "Pending"  # it was waiting for memory when the client left
+        # Long before its 60 s wait would have ended: nobody wants it any more, it leaves the queue.
+        await until(lambda: phase(a.agent, "d/lazy") == "Idle", timeout=10, agent=a.agent)
+        assert a.agent.ondemand.demand("d/lazy").in_flight == 0 and "d/lazy" not in a.agent.admission.waiting
