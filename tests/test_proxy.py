@@ -305,3 +305,20 @@ async def test_a_client_that_gives_up_while_waiting_releases_its_units_place_in_
         # Long before its 60 s wait would have ended: nobody wants it any more, it leaves the queue.
         await until(lambda: phase(a.agent, "d/lazy") == "Idle", timeout=10, agent=a.agent)
         assert a.agent.ondemand.demand("d/lazy").in_flight == 0 and "d/lazy" not in a.agent.admission.waiting
+
+
+async def test_room_is_made_by_stopping_the_lower_priority_then_the_least_recently_used(tmp_path: Path) -> None:
+    # 160 MiB: three loaded servers (about 47 MiB each) and no fourth estimate (44 MiB) beside them.
+    async with api(tmp_path, fraction=160 / 512) as a:
+        for name, priority in (("a", "low"), ("b", "normal"), ("c", "normal"), ("d", "normal")):
+            for event in unit_events(tmp_path, name, on_demand=True, priority=priority):
+                a.send(event)
+        await until(lambda: all(phase(a.agent, f"d/{n}") == "Idle" for n in "abcd"), agent=a.agent)
+        for name in ("b", "c", "a"):  # a, the low-priority one, is the most recently used
+            assert (await a.post(name))[0] == 200
+        assert all(phase(a.agent, f"d/{n}") == "Ready" for n in "abc")
+        assert (await a.post("d"))[0] == 200
+        assert [phase(a.agent, f"d/{n}") for n in "abcd"] == ["Idle", "Ready", "Ready", "Ready"]  # priority first
+        assert (await a.post("a"))[0] == 200
+        assert [phase(a.agent, f"d/{n}") for n in "abcd"] == ["Ready", "Idle", "Ready", "Ready"]  # then the LRU
+        assert await a.metric("metal_agent_evictions_total", reason="MakeRoom") == 2
