@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from agent import supervisor
 from agent.admission import PRIORITY_RANK
 from agent.duration import format_duration
 from agent.quantity import format_bytes
@@ -40,6 +41,8 @@ IDLE = "Idle"
 TICK_S = 0.2  # how often the idle timer looks (cheap: a pass over the on-demand units)
 WAIT_PHASES = frozenset({"Pending", "Downloading", "Starting", "Restarting", "CrashLoop", IDLE})
 RETRY_AFTER_S = 5
+PENDING_POLL_S = 0.05
+GONE_WAIT_S = 5.0  # how long a failed connection's server is watched for going away before the 502
 
 
 class Unavailable(Exception):
@@ -194,19 +197,19 @@ class OnDemand:
 
     # -- requests -------------------------------------------------------------------------------------------
     @asynccontextmanager
-    async def serving(self, key: str) -> AsyncIterator[int]:
-        """Hold a request on ``key`` while the body runs: yields the port of its Ready server (starting it on
-        demand); raises Unavailable (or Gone) when it cannot be served within ``request_wait``."""
+    async def serving(self, key: str, avoid_pid: int | None = None) -> AsyncIterator[supervisor.Child]:
+        """Hold a request on ``key`` while the body runs: yields its Ready server (starting it on demand; not the
+        one with ``avoid_pid``, found gone); raises Unavailable (or Gone) when none is ready within ``request_wait``."""
         demand = self.demand(key)
         demand.in_flight += 1
         demand.touch()
         started = time.monotonic()
         ready = False
         try:
-            port = await self._until_ready(key, demand, started + self.agent.config.request_wait)
+            child = await self._until_ready(key, demand, started + self.agent.config.request_wait, avoid_pid)
             ready = True
             self.metrics.waited(time.monotonic() - started)
-            yield port
+            yield child
         finally:
             demand.in_flight -= 1
             demand.touch()  # the idle timer counts from the end of the last request
@@ -218,7 +221,7 @@ class OnDemand:
                 for waiting in list(self.agent.admission.waiting):  # it may be what a waiting unit needs gone
                     self.make_room(waiting)
 
-    async def _until_ready(self, key: str, demand: Demand, deadline: float) -> int:
+    async def _until_ready(self, key: str, demand: Demand, deadline: float, avoid_pid: int | None) -> supervisor.Child:
         while True:
             changed = demand.changed  # taken before looking, so no change in between is missed
             unit, _ = self.agent.current_unit(key)
@@ -234,15 +237,41 @@ class OnDemand:
                     log.info("cold start on request", unit=key)
                     runtime.notify()
                 # else: its server is being stopped (idle, or to make room): once it is gone, it starts anew
-            elif runtime.phase == "Ready" and runtime.child is not None and runtime.evict_message is None:
-                return runtime.child.port
+            elif self._serves(runtime, avoid_pid):
+                assert runtime.child is not None
+                return runtime.child
             elif runtime.phase == "Failed" or runtime.phase not in WAIT_PHASES | {"Ready"}:
                 raise Unavailable(f"{key} cannot start: {runtime.message}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(self._why_waiting(key, runtime))
-            with anyio.move_on_after(remaining):
+            # A change the worker has not applied yet (a new spec replaces the server) may end without a status
+            # change to wake us: look again soon.
+            pending = runtime.event_at is not None or avoid_pid is not None
+            with anyio.move_on_after(min(remaining, PENDING_POLL_S) if pending else remaining):
                 await changed.wait()
+
+    async def went_away(self, key: str, child: supervisor.Child) -> bool:
+        """After a connection to ``child`` failed: is it being replaced or stopped (looked at for a grace period)?"""
+        with anyio.move_on_after(min(self.agent.config.grace_period + 1.0, GONE_WAIT_S)):
+            while True:
+                runtime = self.agent.runtimes.get(key)
+                if runtime is None or runtime.child is not child or runtime.phase != "Ready" or not child.running():
+                    return True
+                await anyio.sleep(PENDING_POLL_S)
+        return False
+
+    @staticmethod
+    def _serves(runtime: UnitRuntime, avoid_pid: int | None) -> bool:
+        """Ready, with no change pending that would replace its server, and not the server found gone."""
+        child = runtime.child
+        return (
+            runtime.phase == "Ready"
+            and child is not None
+            and child.pid != avoid_pid
+            and runtime.evict_message is None
+            and runtime.event_at is None
+        )
 
     def _why_waiting(self, key: str, runtime: UnitRuntime) -> str:
         """The 503's message: the unit's own state and what holds the host budget."""

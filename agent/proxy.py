@@ -118,8 +118,14 @@ def add_routes(app: web.Application, agent: Agent) -> None:
         response: web.StreamResponse
         try:
             key, body = await _target(request, agent)
-            async with agent.ondemand.serving(key) as port:
-                response = await relay(request, app[SESSION], port, body)
+            try:
+                async with agent.ondemand.serving(key) as child:
+                    response = await relay(request, app[SESSION], child.port, body)
+            except aiohttp.ClientConnectionError:  # no answer came: if its server is going (a new spec, a restart)
+                if not await agent.ondemand.went_away(key, child):
+                    raise
+                async with agent.ondemand.serving(key, avoid_pid=child.pid) as child:  # the next one answers
+                    response = await relay(request, app[SESSION], child.port, body)
         except _Refused as refused:
             response = refused.response
         except Gone as exc:

@@ -1,10 +1,11 @@
 """A stand-in OpenAI-compatible inference server for proxy tests: a real process on a real port, no model.
 
 ``/health`` answers 200. A POST answers JSON naming the server (``served_by``: its port) and the ``model`` it was
-sent (with ``close_after``, it drops the connection that many seconds later, unannounced). With ``"stream": true``
-it sends ``chunks`` SSE events ``interval`` seconds apart, then closes the connection as llama-server does; when
-the client goes away mid-stream it appends ``disconnected`` to the file given as its third argument.
-``extraArgs: [N]`` makes the process hold N MiB more (so that its measured footprint is known).
+sent; with ``hang_up`` it closes the connection without an answer; with ``close_after`` it drops the connection
+that many seconds after answering, unannounced. With ``"stream": true`` it sends ``chunks`` SSE events
+``interval`` seconds apart, then closes the connection as llama-server does; when the client goes away
+mid-stream it appends ``disconnected`` to the file given as its third argument. ``extraArgs: [N]`` makes the
+process hold N MiB more (so that its measured footprint is known).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("hang_up"):  # no answer at all
+            self.close_connection = True
+            return
         if not body.get("stream"):
             data = json.dumps({"served_by": port, "model": body.get("model"), "path": self.path,
                                "auth": self.headers.get("Authorization")}).encode()

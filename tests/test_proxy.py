@@ -140,13 +140,19 @@ async def test_routes_by_model_lists_units_and_passes_headers_and_paths(tmp_path
         async with a.session.post(a.base + "/v1/completions?x=1", json={"model": "chat"}, headers=headers) as response:
             body = await response.json()
         assert body["auth"] == "Bearer k" and body["path"] == "/v1/completions?x=1"
+        # A server that hangs up without an answer, and stays: a 502 (after a look whether it was going away).
+        pid = a.agent.runtimes["d/chat"].child.pid  # type: ignore[union-attr]
+        status, body, _ = await a.post("chat", hang_up=True)
+        assert status == 502 and body["error"]["code"] == "upstream_error"
+        assert a.agent.runtimes["d/chat"].child.pid == pid  # type: ignore[union-attr]
         # The alias changes: the names follow at once (they are not kept from before).
         renamed = unit_events(tmp_path, "chat", alias="renamed")[1]
         a.send(Event(EventType.MODIFIED, renamed.obj))
         await until(a.send.delivered)
         assert (await a.post("gpt-local"))[0] == 404
         await until(lambda: phase(a.agent, "d/chat") == "Ready", agent=a.agent)
-        assert (await a.post("renamed"))[0] == 200
+        status, body, _ = await a.post("renamed")
+        assert status == 200, body
 
 
 async def test_a_stream_arrives_in_chunks_and_a_client_that_leaves_cancels_upstream(tmp_path: Path) -> None:
