@@ -114,7 +114,7 @@ def test_a_stream_arrives_in_chunks_and_an_idle_timeout_frees_the_memory(
     agent: tuple[AgentProcess, Path, Path],
 ) -> None:
     process, manifests, models = agent
-    (manifests / "a.yaml").write_text(on_demand("a", models / "a.gguf", idleTimeout="3s"))
+    (manifests / "a.yaml").write_text(on_demand("a", models / "a.gguf", idleTimeout="5s"))
     process.wait(lambda: phase(process, "a") == "Idle")
     connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=60)
     # 256 tokens (about 0.2 s on the tiny model): long enough that a relay which buffered would show.
@@ -133,7 +133,7 @@ def test_a_stream_arrives_in_chunks_and_an_idle_timeout_frees_the_memory(
     unit = process.unit("a")
     assert unit is not None and unit["phase"] == "Ready" and unit["reserved_bytes"] > 0
     pid = unit["pid"]
-    process.wait(lambda: phase(process, "a") == "Idle", timeout=20)  # 3 s without a request
+    process.wait(lambda: phase(process, "a") == "Idle", timeout=20)  # 5 s without a request
     unit = process.unit("a")
     assert unit is not None and unit["reserved_bytes"] == 0 and unit["pid"] is None
     assert process.status()["host"]["reserved_bytes"] == 0
@@ -168,7 +168,7 @@ def test_a_server_left_by_a_killed_agent_is_adopted_then_idles_out(tmp_path: Pat
     manifests, models, state = tmp_path / "manifests", tmp_path / "models", tmp_path / "state"
     manifests.mkdir()
     write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
-    (manifests / "a.yaml").write_text(on_demand("a", models / "a.gguf", idleTimeout="3s"))
+    (manifests / "a.yaml").write_text(on_demand("a", models / "a.gguf", idleTimeout="8s"))
     first = AgentProcess(manifests, state)
     first.wait(lambda: phase(first, "a") == "Idle")
     assert chat(first, "a")[0] == 200
@@ -182,7 +182,7 @@ def test_a_server_left_by_a_killed_agent_is_adopted_then_idles_out(tmp_path: Pat
         assert second.unit("a")["pid"] == pid  # type: ignore[index]
         assert chat(second, "a")[0] == 200  # served by the adopted server: no cold start
         assert metric(second, "metal_agent_cold_starts_total", unit="default/a") == 0
-        second.wait(lambda: phase(second, "a") == "Idle", timeout=20)  # then its idle timer stops it
+        second.wait(lambda: phase(second, "a") == "Idle", timeout=30)  # then its idle timer stops it
         second.wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
     finally:
         second.close()
