@@ -102,12 +102,16 @@ def main(requests: int) -> None:
             agent.terminate()
             agent.wait(timeout=30)
     d, p = statistics.median(times["direct"]), statistics.median(times["proxied"])
-    rd, rp = statistics.median(rates["direct"]), statistics.median(rates["proxied"])
     print(f"per request ({requests} each, median): direct {d * 1e3:.3f} ms, via /v1 {p * 1e3:.3f} ms, "
           f"overhead {(p - d) * 1e3:.3f} ms (target < 1 ms)")  # fmt: skip
-    per_token_us = (1 / rp - 1 / rd) * 1e6
-    print(f"streaming ({TOKENS} tokens, median): direct {rd:.0f} tokens/s, via /v1 {rp:.0f} tokens/s, "
-          f"overhead {(1 - rp / rd) * 100:.1f} % (target < 5 %); {per_token_us:.1f} us per token")  # fmt: skip
+    for label, pick in (("median", statistics.median), ("best", max)):
+        rd, rp = pick(rates["direct"]), pick(rates["proxied"])
+        per_token_us = (1 / rp - 1 / rd) * 1e6
+        # The tiny model streams thousands of tokens a second; a real one tens: the same cost per token weighs less.
+        at_100 = per_token_us * 100 / 1e6 * 100
+        print(f"streaming ({TOKENS} tokens, {label}): direct {rd:.0f} tokens/s, via /v1 {rp:.0f} tokens/s, "
+              f"overhead {(1 - rp / rd) * 100:.1f} % (target < 5 %); {per_token_us:.1f} us per token, "
+              f"{at_100:.2f} % of a 100 tokens/s model")  # fmt: skip
 
 
 if __name__ == "__main__":
