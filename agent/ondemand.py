@@ -133,8 +133,8 @@ class OnDemand:
         shortfall = claim.need - ledger.free_for(key)
         if shortfall <= 0:  # the ledger has room, the OS does not: what idle servers use is what it lacks
             shortfall = claim.need - self.agent.memory.available()
-        # Memory already on its way back (units deactivated, their workers still stopping them) counts.
-        shortfall -= sum(ledger.held.get(k, 0) for k, d in self.demands.items() if not d.active and k != key)
+        # Memory already on its way back (on-demand units deactivated, their workers still stopping them) counts.
+        shortfall -= sum(ledger.held.get(k, 0) for k in self._stopping() if k != key)
         if shortfall <= 0:
             return []
         chosen: list[str] = []
@@ -151,6 +151,15 @@ class OnDemand:
             self.agent.metrics.evicted("MakeRoom")
             self._deactivate(candidate)
         return chosen
+
+    def _stopping(self) -> list[str]:
+        """On-demand units no request wants that still hold memory: their workers are stopping them."""
+        stopping = []
+        for key, demand in self.demands.items():
+            unit, _ = self.agent.current_unit(key)
+            if unit is not None and unit.service.on_demand and not demand.active and key in self.agent.ledger.held:
+                stopping.append(key)
+        return stopping
 
     def _idle_candidates(self, key: str) -> list[str]:
         """Idle on-demand units holding memory, in the order they go: unprotected, lower priority, least recent."""

@@ -328,3 +328,16 @@ async def test_room_is_made_by_stopping_the_lower_priority_then_the_least_recent
         assert (await a.post("a"))[0] == 200
         assert [phase(a.agent, f"d/{n}") for n in "abcd"] == ["Ready", "Idle", "Ready", "Ready"]  # then the LRU
         assert await a.metric("metal_agent_evictions_total", reason="MakeRoom") == 2
+
+
+async def test_an_always_on_unit_that_served_requests_is_not_counted_as_memory_coming_back(tmp_path: Path) -> None:
+    # 115 MiB: two loaded servers (about 47 MiB each) and no third estimate (44 MiB) beside them.
+    async with api(tmp_path, fraction=115 / 512, request_wait=20.0) as a:
+        for event in [*unit_events(tmp_path, "always"), *unit_events(tmp_path, "a", on_demand=True),
+                      *unit_events(tmp_path, "b", on_demand=True)]:  # fmt: skip
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/always") == "Ready" and phase(a.agent, "d/b") == "Idle")
+        for model in ("always", "a", "b"):  # b needs a's memory; the always-on unit's stays where it is
+            status, body, _ = await a.post(model)
+            assert status == 200, body
+        assert [phase(a.agent, f"d/{n}") for n in ("always", "a", "b")] == ["Ready", "Idle", "Ready"]
