@@ -43,13 +43,24 @@ class Launch:
 
 
 class Executor(Protocol):
-    """Runs models of some kind. ``accepts`` says why not (a reason) or None when it can serve the unit."""
+    """Runs models of some kind. ``accepts`` says why not (a reason) or None when it can serve the unit.
+
+    An executor may also define ``check_spec(unit) -> str | None``: why the unit's spec cannot be served as
+    written (an ``extraArgs`` flag it does not allow, say), or None. The agent asks it before the unit is admitted;
+    a message makes the unit ``Failed`` with reason ``InvalidSpec`` and nothing is started.
+    """
 
     name: str
 
     def accepts(self, unit: ServingUnit) -> str | None: ...
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch: ...
+
+
+def spec_problem(executor: Executor, unit: ServingUnit) -> str | None:
+    """The executor's ``check_spec`` answer (None where it has none: the method is optional)."""
+    check = getattr(executor, "check_spec", None)
+    return check(unit) if callable(check) else None
 
 
 @hookspec

@@ -3,7 +3,8 @@
 Events update a store of objects; each event pokes the serving units it affects. Every unit has one worker
 task, so its events are handled in order, and a poke only marks the unit dirty: however many events arrive
 while the worker is busy, it then reconciles once against the latest spec. Different units run concurrently.
-Per unit: source → resolve_budget → preflight → ledger admission → download → executor command → start → report.
+Per unit: executor spec check → source → resolve_budget → preflight → ledger admission → download → executor
+command → start → report.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from agent.agent_config import AgentConfig as AgentConfig  # re-exported: caller
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
-from agent.hookspecs import Executor
+from agent.hookspecs import Executor, spec_problem
 from agent.hostmem import detect_host_memory
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.memory_guard import MemoryGuard, measure
@@ -172,6 +173,11 @@ class Agent:
 
     async def _start(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         runtime.retry_at = None
+        executor, _ = self._executor(unit)
+        if executor is not None and (problem := spec_problem(executor, unit)):  # e.g. extraArgs off the allowlist
+            self.metrics.rejected("InvalidSpec")
+            await self._set(runtime, "Failed", "InvalidSpec", f"{executor.name}: {problem}")
+            return
         try:
             files = self.fetcher.files(unit.model)
             await self.fetcher.plan(files)  # a remote model is sized from its header before any download

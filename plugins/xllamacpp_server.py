@@ -18,7 +18,8 @@ FLASH_ATTN = {"on": 1, "off": 0, "auto": -1}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xllamacpp-server", description=__doc__)
+    # allow_abbrev=False: llama-server takes no abbreviations, so neither does its stand-in (`--ctx` is an error)
+    p = argparse.ArgumentParser(prog="xllamacpp-server", description=__doc__, allow_abbrev=False)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)

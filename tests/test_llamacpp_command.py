@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.shape import ServeSettings
+from plugins.extra_args import ExtraArgsRefused
 from plugins.llamacpp import (
     ServerNotFound,
     ServerOptions,
-    UnsafeExtraArgs,
     find_llama_server,
     server_argv,
 )
@@ -37,7 +37,7 @@ def test_every_memory_setting_is_explicit() -> None:
 
 @pytest.mark.parametrize("extra", [("-c", "0"), ("--ctx-size=131072",), ("--parallel", "8"), ("--cache-ram", "8192")])
 def test_extra_args_cannot_change_memory_behind_the_budget(extra: tuple[str, ...]) -> None:
-    with pytest.raises(UnsafeExtraArgs, match="extraArgs"):
+    with pytest.raises(ExtraArgsRefused, match="extraArgs"):  # checked again when the command is built
         server_argv(["llama-server"], "/m.gguf", ServeSettings(), 1, ServerOptions(extra_args=extra))
 
 
