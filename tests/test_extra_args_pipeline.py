@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from memory_harness import model_event, running, until
 
@@ -93,3 +96,26 @@ async def test_fixing_the_spec_starts_the_unit(tmp_path: Path) -> None:
         send(Event(EventType.MODIFIED, dataclasses.replace(bad, extra_args=("--threads", "4", "--seed=7"))))
         await until(log.exists, agent=agent)
     assert log.read_text().strip().endswith("--threads 4 --seed 7")
+
+
+@pytest.mark.llama
+async def test_allowed_flags_reach_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp itself (a llama-server binary, else the xllamacpp stand-in) is given the allowed flags."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server here: the well-known dirs, then the stand-in
+    config = AgentConfig(state_dir=tmp_path / "state", startup_timeout=60, grace_period=3, model_roots=(tmp_path,))
+    agent = Agent(config, load_plugins(entry_points=False))
+    extra = ["--alias", "tiny-alias", "--temp=0.1", "--jinja", "-s", "-1", "--timeout", "30"]
+    async with running(agent) as send:
+        send(model_event(tmp_path))
+        send(Event(EventType.ADDED, service("s", extra)))
+        await until(lambda: state(agent, "s")[0] == "Ready", timeout=90, agent=agent)
+        child = agent.runtimes["d/s"].child
+        assert child is not None
+        models = await anyio.to_thread.run_sync(get_json, f"http://127.0.0.1:{child.port}/v1/models")
+    assert "tiny-alias" in [m["id"] for m in models["data"]]
+    assert child.argv[-9:] == ["--alias", "tiny-alias", "--temp", "0.1", "--jinja", "-s", "-1", "--timeout", "30"]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
