@@ -126,8 +126,9 @@ class FlagTable:
         if known is None and (abbreviated := self.abbreviates(name)):
             known = next(iter(abbreviated.values()))
         if known is not None and known.use.never_allowed:
+            label = name if name in known.names[-1:] else f"{name} ({known.names[-1]})"
             raise InvalidValue(
-                f"{where}: {name} ({known.names[-1]}) {known.reason()}; flags that change memory, the network, "
+                f"{where}: {label} {known.reason()}; flags that change memory, the network, "
                 f"files or what the agent relies on cannot be allowed for {self.server}"
             )
         if known is not None and name not in known.names:

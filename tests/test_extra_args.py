@@ -154,10 +154,10 @@ def test_operators_extend_the_allowlist(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("--ctx-size", "--ctx-size (--ctx-size) changes the server's memory behind its budget; set spec.contextSize"),
+        ("--ctx-size", "allowed: --ctx-size changes the server's memory behind its budget; set spec.contextSize"),
         ("-c", "-c (--ctx-size) changes the server's memory"),
         ("--ctx_size", "--ctx_size (--ctx-size) changes the server's memory"),
-        ("--host", "--host (--host) changes where or how the server listens"),
+        ("--host", "allowed: --host changes where or how the server listens"),
         ("--ho", "--ho (--host) changes where or how the server listens"),
         ("--model", "read or write files"),
         ("-hf", "read or write files"),
