@@ -39,7 +39,7 @@ class Use(StrEnum):
         return {
             Use.ALLOWED: "is allowed",
             Use.MEMORY: "changes the server's memory behind its budget",
-            Use.NETWORK: "changes where or how the server listens, which the agent manages",
+            Use.NETWORK: "changes where or how the server listens",
             Use.FILES: "makes the server read or write files, or fetch a model, outside what the agent checked",
             Use.MANAGED: "changes what the agent relies on to supervise the server",
             Use.OTHER: "is not allowed by default",
