@@ -36,6 +36,7 @@ def test_agent_phases_map_onto_llmkubes(phase: str, reason: str, suspended: bool
         ("Pending", "InsufficientMemory", ("False", "InsufficientMemory"), ("False", "InsufficientMemory")),
         ("Failed", "MemoryCheckFailed", ("False", "MemoryCheckFailed"), ("False", "MemoryCheckFailed")),
         ("Failed", "SpawnFailed", ("True", "Admitted"), ("False", "SpawnFailed")),
+        ("Failed", "InvalidSpec", ("False", "InvalidSpec"), ("False", "InvalidSpec")),  # e.g. a refused extraArg
         ("Starting", "Admitted", ("True", "Admitted"), ("False", "Starting")),
         ("Ready", "Adopted", ("True", "Adopted"), ("True", "Ready")),
         ("Restarting", "Failed", ("True", "Admitted"), ("False", "Restarting")),
