@@ -121,7 +121,10 @@ async def main_async(
                             state.on_reconnect = agent.metrics.watch_reconnected
                         await kube.run(send, agent.set_source_errors)
                     else:
-                        async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
+                        events = watch(
+                            args.manifests, args.poll_interval, agent.set_source_errors, synced, args.manifest_max_size
+                        )
+                        async for event in events:
                             await send.send(event)
 
             tasks.start_soon(source)

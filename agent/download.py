@@ -29,8 +29,10 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.model_store import RemoteFile, auth_headers, canonical, redact
+from agent.model_store import RemoteFile, auth_headers, canonical
 from agent.quantity import format_bytes
+from agent.redact import redact_text
+from agent.redact import redact_url as redact
 
 log = structlog.get_logger("metal_agent.download")
 CHUNK = 1 << 20
@@ -195,9 +197,10 @@ def http_error(response: aiohttp.ClientResponse, name: str) -> DownloadError:
     """Server errors and rate limits are retried; a missing or forbidden file needs a spec change."""
     status = response.status
     transient = status >= 500 or status in (408, 429)
-    reason = "SourceNotFound" if status in (404, 410) else "DownloadFailed"
-    message = f"{name}: {redact(str(response.url))} answered HTTP {status} {response.reason or ''}".rstrip()
-    return DownloadError(reason, message, transient=transient)
+    kind = "SourceNotFound" if status in (404, 410) else "DownloadFailed"
+    reason = redact_text((response.reason or "")[:100])  # the server's words: bounded, no URL secrets
+    message = f"{name}: {redact(str(response.url))} answered HTTP {status} {reason}".rstrip()
+    return DownloadError(kind, message, transient=transient)
 
 
 def _check_disk(directory: Path, need: int, margin: int, disk_free: DiskFree, name: str) -> None:
@@ -300,7 +303,7 @@ async def _fetch(
         raise DownloadError(
             "DownloadInterrupted",
             f"{name}: connection to {redact(partial.url)} failed after {format_bytes(progress.done)}: "
-            f"{type(exc).__name__}: {exc}",
+            f"{type(exc).__name__}: {redact_text(str(exc))}",
             transient=True,
         ) from exc
     if partial.total is not None and progress.done != partial.total:

@@ -32,6 +32,7 @@ from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
 from agent.preflight import Verdict
 from agent.pressure import Provider, Watchdog, system_provider
+from agent.redact import redact_text
 from agent.standalone import Event, EventType, Synced
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
@@ -190,8 +191,9 @@ class Agent:
             await self._set(runtime, "Failed", "InvalidSpec", str(exc))
             return
         verdict: Verdict = await self.plugins.first(
-            "preflight", unit=unit, model_path=model_path, budget=budget, host=host, mode=str(self.config.mode)
-        )
+            "preflight", thread=True, unit=unit, model_path=model_path, budget=budget, host=host,
+            mode=str(self.config.mode),
+        )  # fmt: skip
         runtime.verdict = verdict
         if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
             self.metrics.rejected(str(verdict.reason))
@@ -390,6 +392,7 @@ class Agent:
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
+        message = redact_text(message)  # no URL secrets in a status, a log line or an Event, whatever said it
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
         if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
             assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
