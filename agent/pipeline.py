@@ -34,9 +34,9 @@ from agent.preflight import Verdict
 from agent.pressure import Provider, Watchdog, system_provider
 from agent.redact import redact_text
 from agent.standalone import Event, EventType, Synced
+from agent.state_keeper import StateKeeper
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
-from agent.statefile import save as save_state
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
@@ -66,6 +66,7 @@ class Agent:
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
+        self.state = StateKeeper(self.state_path, self.metrics.state_save_failed)  # a failed save never stops us
         self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
         self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
@@ -75,6 +76,7 @@ class Agent:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
+            tasks.start_soon(self.state.retry_loop, self._save_state, name="state file retries")
             async for event in events:
                 if isinstance(event, Synced):
                     self.reap_unclaimed()
@@ -289,7 +291,7 @@ class Agent:
             if (c := r.child) is not None
         ]
         records += list(self.adoptable.values())  # not yet claimed: keep them on record
-        save_state(self.state_path, records)
+        self.state.save(records)
 
     def _executor(self, unit: ServingUnit) -> tuple[Executor | None, str]:
         reasons = []
@@ -432,4 +434,5 @@ class Agent:
             **({"watch": self.source_status()} if self.source_status else {}),
             **({"report": self.report_status()} if self.report_status else {}),
             **self.memory.status(),
+            **self.state.status(),
         }
