@@ -29,7 +29,7 @@ class AgentConfig:
     crash_loop_after: int = 5  # failures without a healthy start in between
     log_max_size: int = 8 << 20  # a server's log is rotated at this size (agent/logwriter.py)
     log_keep: int = 2  # rotated logs kept per server
-    server_env: tuple[str, ...] = ()  # variables servers get besides the allowlist (agent/server_env.py)
+    server_env: tuple[str, ...] | None = None  # variables servers get besides the allowlist (agent/server_env.py)
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
     kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
     model_store: Path | None = None  # downloads; None: STATE_DIR/models

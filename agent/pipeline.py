@@ -308,9 +308,9 @@ class Agent:
             taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
             port = free_port(self.config.ports, taken)
             launch = executor.command(unit, model_path, port)
-            child = supervisor.start(
-                launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
-            )
+            log_path = self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
+            logs_bound = supervisor.LogSettings(self.config.log_max_size, self.config.log_keep)
+            child = supervisor.start(launch, port, log_path, logs_bound, self.config.server_env)
         except Exception as exc:  # the plugin's message becomes the unit's reason
             self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
@@ -354,10 +354,10 @@ class Agent:
     async def _probe(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         child = runtime.child
         assert child is not None
-        supervisor.bound_log(child.log_path)
         if not child.running():
             runtime.child = None
             self.memory.release(runtime.key)
+            await supervisor.drain_log(child)
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return

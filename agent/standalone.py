@@ -78,7 +78,8 @@ class ManifestScanner:
     def __init__(self, directory: Path, max_bytes: int = MAX_MANIFEST_BYTES) -> None:
         self.directory, self.max_bytes = directory, max_bytes
         self.files: dict[str, _Parsed] = {}
-        self.parses = 0  # files parsed so far (tests and the watch status read it)
+        self.parses = 0  # files parsed so far (tests read it)
+        self.scanned = False
 
     def scan(self) -> tuple[dict[tuple[str, str, str], Obj], dict[str, str]] | None:
         """Every valid object and an error per bad file; None when nothing changed since the last scan."""
@@ -98,8 +99,8 @@ class ManifestScanner:
             parsed = self._read(path, key, old)
             changed |= old is None or parsed.digest != old.digest or parsed.error != old.error
             seen[name] = parsed
-        changed |= seen.keys() != self.files.keys()
-        self.files = seen
+        changed |= seen.keys() != self.files.keys() or not self.scanned  # the first listing counts, even empty
+        self.files, self.scanned = seen, True
         if not changed:
             return None
         objects: dict[tuple[str, str, str], Obj] = {}
