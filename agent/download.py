@@ -40,6 +40,7 @@ WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
 READ_BUFFER = 16 << 20  # the session's socket buffer: the network keeps flowing while a batch is written
 FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
 LOCK_POLL = 0.5
+MODEL_FILE_MODE = 0o640  # the default of the model_file_mode setting
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 DiskFree = Callable[[Path], int]
 
@@ -134,10 +135,15 @@ async def store_lock(path: Path, progress: Progress) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def prepare_store(directory: Path) -> None:
+def dir_mode(file_mode: int) -> int:
+    """The directory mode that matches a file mode: whoever may read the files may list and enter the directory."""
+    return 0o700 | (0o050 if file_mode & 0o040 else 0) | (0o005 if file_mode & 0o004 else 0)
+
+
+def prepare_store(directory: Path, file_mode: int = MODEL_FILE_MODE) -> None:
     """Create the store directory, or say clearly why it cannot hold a download."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=dir_mode(file_mode))
         probe = directory / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -193,6 +199,10 @@ class _Partial:
                 path.unlink()
 
 
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)  # a partial download is the agent's until it is complete and renamed
+
+
 def http_error(response: aiohttp.ClientResponse, name: str) -> DownloadError:
     """Server errors and rate limits are retried; a missing or forbidden file needs a spec change."""
     status = response.status
@@ -220,6 +230,7 @@ async def download(
     sha256: str | None = None,
     disk_free: DiskFree = free_bytes,
     margin: int = 1 << 30,
+    file_mode: int = MODEL_FILE_MODE,
 ) -> bool:
     """Fetch ``remote`` to its store path unless it is there already (and matches ``sha256`` when given).
 
@@ -229,7 +240,7 @@ async def download(
     if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
         progress.done = progress.total = path.stat().st_size
         return False
-    prepare_store(path.parent)
+    prepare_store(path.parent, file_mode)
     async with store_lock(path, progress):
         if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
             progress.done = progress.total = path.stat().st_size  # another agent finished it meanwhile
@@ -245,6 +256,7 @@ async def download(
                 f"{path.name}: sha256 {digest} does not match spec.sha256 {sha256.lower()}; the download was "
                 "removed and nothing was started",
             )
+        os.chmod(partial.path, file_mode)  # whatever the umask: models are not for every local user by default
         os.replace(partial.path, path)
         with contextlib.suppress(FileNotFoundError):
             partial.meta.unlink()
@@ -319,7 +331,7 @@ async def _write_body(
 ) -> None:
     mode = "r+b" if offset else "wb"
     try:
-        file = partial.path.open(mode)
+        file = open(partial.path, mode, opener=_private_opener)  # noqa: SIM115 (closed below)
     except OSError as exc:
         raise DownloadError("StoreNotWritable", f"{name}: cannot write {partial.path}: {exc.strerror}") from exc
     with file:

@@ -69,7 +69,9 @@ class Agent:
         self.state = StateKeeper(self.state_path, self.metrics.state_save_failed)  # a failed save never stops us
         self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
-        self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
+        self.fetcher = ModelFetcher(
+            FetchSettings(store, config.model_roots, config.min_free_disk, file_mode=config.model_file_mode)
+        )
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
