@@ -50,7 +50,8 @@ A Model's budget: spec.hardware.memoryBudget > memoryFraction > --memory-fractio
 exit status:
   0  stopped by SIGTERM or SIGINT (every server it started is stopped too)
   1  the agent failed while running (e.g. the API port is taken)
-  2  invalid flags or configuration, no manifest directory, or another agent holds the state directory
+  2  invalid flags or configuration, no manifest directory, a state directory that cannot be used (not
+     writable, state file not a regular file), or another agent holds the state directory
 """
 
 
