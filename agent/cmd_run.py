@@ -170,6 +170,9 @@ def state_dir_problem(state_dir: Path) -> str | None:
     """
     try:
         private_dir(state_dir)
+    except OSError as exc:
+        return f"cannot create {state_dir}: {exc.strerror or exc}"
+    try:
         private_dir(state_dir / "logs")
         probe = state_dir / f".write-test-{os.getpid()}"
         write_atomic(probe, b"")
