@@ -33,6 +33,7 @@ from agent.model_store import RemoteFile, auth_headers, canonical
 from agent.quantity import format_bytes
 from agent.redact import redact_text
 from agent.redact import redact_url as redact
+from agent.safe_files import open_regular, read_bytes
 
 log = structlog.get_logger("metal_agent.download")
 CHUNK = 1 << 20
@@ -40,6 +41,7 @@ WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
 READ_BUFFER = 16 << 20  # the session's socket buffer: the network keeps flowing while a batch is written
 FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
 LOCK_POLL = 0.5
+SIDECAR_BYTES = 64 << 10  # the JSON files kept beside a download are a few hundred bytes
 MODEL_FILE_MODE = 0o640  # the default of the model_file_mode setting
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 DiskFree = Callable[[Path], int]
@@ -87,7 +89,7 @@ def sidecar(path: Path, suffix: str) -> Path:
 
 def _hash_file(path: Path, limit: int | None = None) -> Any:
     hasher = hashlib.sha256()
-    with path.open("rb") as file:
+    with open_regular(path) as (fd, _), os.fdopen(os.dup(fd), "rb") as file:  # never a FIFO or a device
         left = limit if limit is not None else -1
         while left:
             block = file.read(CHUNK if left < 0 else min(CHUNK, left))
@@ -102,7 +104,7 @@ async def stored_digest(path: Path) -> str:
     """The sha256 of a complete stored file, from its sidecar or (once) by reading it."""
     digest_file = sidecar(path, ".sha256")
     with contextlib.suppress(OSError):
-        recorded = json.loads(digest_file.read_text())
+        recorded = json.loads(read_bytes(digest_file, SIDECAR_BYTES))
         if recorded["size"] == path.stat().st_size and recorded["mtime_ns"] == path.stat().st_mtime_ns:
             return str(recorded["sha256"])
     digest: str = (await anyio.to_thread.run_sync(_hash_file, path)).hexdigest()
@@ -179,7 +181,7 @@ class _Partial:
     def load(self) -> int:
         """Bytes to resume from (0 when there is nothing usable); hashes the prefix."""
         try:
-            meta = json.loads(self.meta.read_text())
+            meta = json.loads(read_bytes(self.meta, SIDECAR_BYTES))
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0

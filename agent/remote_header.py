@@ -24,6 +24,7 @@ from agent.gguf_shape import shape_from_model
 from agent.model_store import ModelFiles, RemoteFile, auth_headers, canonical
 from agent.redact import redact_text
 from agent.redact import redact_url as redact
+from agent.safe_files import read_bytes
 from agent.shape import ModelShape
 
 FIRST_RANGE = 256 << 10
@@ -63,8 +64,8 @@ def load_header(remote: RemoteFile) -> RemoteHeader | None:
     """The header saved by an earlier download of the same URL, if any and readable."""
     data, meta = _cache(remote)
     try:
-        saved = json.loads(meta.read_text())
-        prefix = data.read_bytes()
+        saved = json.loads(read_bytes(meta, 64 << 10))  # regular files only, capped: agent/safe_files.py
+        prefix = read_bytes(data, MAX_HEADER)
         if saved["url"] != canonical(remote.url):
             return None
         header = read_header_prefix(prefix, saved["file_bytes"], str(remote.path))

@@ -18,6 +18,7 @@ from typing import Any
 
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.quantity import InvalidValue
+from agent.redact import quoted
 from agent.settings import BOOLEAN, PATH, Setting
 from agent.shape import ServeSettings
 from agent.units import ServingUnit
@@ -48,7 +49,7 @@ def check_extra_args(extra: Sequence[str]) -> None:
         flag = arg.split("=", 1)[0]
         if flag in MEMORY_FLAGS:
             raise UnsafeExtraArgs(
-                f"extraArgs: {arg!r} changes what the budget was checked against; set it in the spec "
+                f"extraArgs: {quoted(arg)} changes what the budget was checked against; set it in the spec "
                 "(contextSize, parallelSlots, batchSize, uBatchSize, cacheTypeK/V, flashAttention) instead"
             )
 
@@ -132,7 +133,7 @@ class LlamaCppExecutor:
 
     def accepts(self, unit: ServingUnit) -> str | None:
         if unit.service.runtime not in ("llamacpp", "llama.cpp"):
-            return f"runtime {unit.service.runtime!r} is not llamacpp"
+            return f"runtime {quoted(unit.service.runtime)} is not llamacpp"
         if unit.model.format != "gguf":
             return f"format {unit.model.format!r} is not gguf"
         if unit.model.accelerator not in self.accelerators:
