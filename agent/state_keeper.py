@@ -30,7 +30,7 @@ class StateKeeper:
         self.error: str | None = None  # the last save's error while degraded
         self.failures = 0
         self.degraded_since: float | None = None
-        self.retry = anyio.Event()
+        self._retry: anyio.Event | None = None  # made by the retry loop, inside the event loop
 
     def save(self, records: list[ChildRecord]) -> bool:
         """Write the records; False (logged, counted, retried later) when the disk refuses."""
@@ -46,7 +46,8 @@ class StateKeeper:
             if self.degraded_since is None:
                 self.degraded_since = time.time()
             self.error = error
-            self.retry.set()
+            if self._retry is not None:
+                self._retry.set()
             return False
         if self.error is not None:
             log.info("state saved again", path=str(self.path), failed_saves=self.failures)
@@ -56,11 +57,11 @@ class StateKeeper:
     async def retry_loop(self, save: Callable[[], object], interval: float | None = None) -> None:
         """While degraded: call ``save`` (which gathers the current records) every ``interval`` seconds."""
         while True:
-            await self.retry.wait()
-            self.retry = anyio.Event()
             while self.error is not None:
                 await anyio.sleep(RETRY_SECONDS if interval is None else interval)
                 save()
+            self._retry = anyio.Event()
+            await self._retry.wait()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -43,8 +43,9 @@ def failures_metric(agent: Agent) -> float:
     return -1
 
 
-async def test_a_full_disk_degrades_the_state_and_servers_keep_running(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])  # a full disk; a disk remounted read-only
+async def test_a_failing_disk_degrades_the_state_and_servers_keep_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     monkeypatch.setattr(state_keeper, "RETRY_SECONDS", 0.1)
     config = AgentConfig(state_dir=tmp_path / "state", grace_period=1, probe_interval=0.1, startup_timeout=20,
@@ -69,7 +70,7 @@ async def test_a_full_disk_degrades_the_state_and_servers_keep_running(
     real_write = statefile.write_atomic
 
     def disk_full(path: Path, data: bytes, mode: int = 0o600) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise OSError(code, os.strerror(code), str(path))
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(agent.run, stream())
@@ -83,7 +84,7 @@ async def test_a_full_disk_degrades_the_state_and_servers_keep_running(
             await send.send(event)
         await until(lambda: phase("b") == "Ready")
         status = agent.status()
-        assert status["state"] == "degraded" and "No space left on device" in status["state_error"]
+        assert status["state"] == "degraded" and os.strerror(code) in status["state_error"]
         assert failures_metric(agent) >= 1 and status["state_save_failures"] >= 1
         assert first.running() and phase("a") == "Ready"  # untouched
         assert not [p for p in (tmp_path / "state").iterdir() if p.name.endswith(".tmp")]
