@@ -96,3 +96,14 @@ async def test_downloaded_models_get_the_configured_mode(
         await download(session, remote, Progress("m.gguf"), margin=0, file_mode=mode)
     assert stat.S_IMODE(remote.path.stat().st_mode) == mode
     assert stat.S_IMODE(remote.path.parent.stat().st_mode) == (0o750 if mode & 0o040 else 0o700)
+
+
+def test_model_file_mode_setting_refuses_modes_others_may_write() -> None:
+    from agent.quantity import InvalidValue
+    from agent.settings import FILE_MODE
+
+    assert FILE_MODE.check("0640", "models.file_mode") == 0o640
+    assert FILE_MODE.check("600", "models.file_mode") == 0o600
+    for bad in ("0666", "0602", "0040", "rw-r-----", "01777"):
+        with pytest.raises(InvalidValue, match=r"models\.file_mode"):
+            FILE_MODE.check(bad, "models.file_mode")
