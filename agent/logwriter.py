@@ -36,14 +36,21 @@ class RotatingLog:
 
     def rotate(self) -> None:
         os.close(self.fd)
-        for index in range(self.keep - 1, 0, -1):
-            older = f"{self.path}.{index}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{index + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self.fd, self.size = self._open(), 0
+        self.fd = -1
+        try:
+            for index in range(self.keep - 1, 0, -1):
+                older = f"{self.path}.{index}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{index + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        finally:  # a failed rename (the directory removed) still leaves a file to write to, if one can be made
+            self.fd, self.size = self._open(), 0
 
     def write(self, data: bytes) -> None:
+        """Append ``data``; OSError when the disk refuses (the caller drops the data, the next write tries again)."""
+        if self.fd < 0:  # the last rotation could not open a new file
+            self.fd = self._open()
+            self.size = os.fstat(self.fd).st_size
         view = memoryview(data)
         while view:
             room = self.max_bytes - self.size
@@ -64,7 +71,8 @@ class RotatingLog:
             view = view[written:]
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 def pump(source: int, log: RotatingLog) -> None:
@@ -77,8 +85,8 @@ def pump(source: int, log: RotatingLog) -> None:
             return
         try:
             log.write(data)
-        except OSError:  # a full disk: drop the output rather than block the server on a full pipe
-            continue
+        except OSError:  # a full disk, a removed directory: drop the output rather than stop reading
+            continue  # (a reader that stops would block the server on a full pipe, or kill it with SIGPIPE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,3 +117,19 @@ def test_tail_lines_refuses_a_fifo_and_redacts_urls(tmp_path: Path) -> None:
     log = tmp_path / "u.log"
     log.write_text("fetching https://user:pw@example.com/m.gguf?token=SECRET\n")
     assert supervisor.tail_lines(log) == "fetching https://example.com/m.gguf?…"
+
+
+def test_a_removed_log_directory_drops_output_and_recovers(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    log = RotatingLog(str(directory / "r.log"), 1024, 1)
+    log.write(b"a" * 1000 + b"\n")
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+    with pytest.raises(OSError):
+        log.write(b"b" * 100 + b"\n")  # rotation cannot rename: the writer's pump drops this and reads on
+    directory.mkdir()
+    log.write(b"c\n")  # the directory is back: a new file
+    log.close()
+    assert (directory / "r.log").read_bytes().endswith(b"c\n")
