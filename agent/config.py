@@ -23,10 +23,12 @@ from typing import Any
 
 from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
+from agent.safe_files import read_text
 from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes; a FIFO or a device is refused (agent/safe_files.py)
 PRECEDENCE = "flag > METAL_AGENT_* environment variable > config file > default"
 
 
@@ -102,8 +104,7 @@ def locate(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path |
 
 def read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(read_text(path, MAX_CONFIG_BYTES))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import gguf
 
+from agent.safe_files import open_regular
+
 MAX_ARRAY_VALUES = 65_536  # numeric arrays up to this length keep their values; longer ones are skipped
 MAX_KV_COUNT = 1_000_000
 MAX_TENSOR_COUNT = 1_000_000
@@ -265,8 +267,7 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         return GGUFError(f"{path_str}: {message}")
 
     try:
-        with open(path_str, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        with open_regular(path_str) as (fd, size), os.fdopen(os.dup(fd), "rb") as file:  # never a FIFO or device
             return _parse(_Cursor(file, size, fail), path_str, fail)
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc}") from exc

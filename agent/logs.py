@@ -23,6 +23,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from agent.quantity import InvalidValue, shown
+from agent.redact import redact_text
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
@@ -89,6 +90,7 @@ def configure(level: str | int = DEFAULT_LEVEL, fmt: str = DEFAULT_FORMAT) -> No
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_urls,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -134,6 +136,14 @@ def _add_unit_context(_: WrappedLogger, __: str, event_dict: EventDict) -> Event
         for key, value in live().items():
             if value is not None:
                 event_dict.setdefault(key, value)
+    return event_dict
+
+
+def _redact_urls(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """No URL in a log line keeps its user, password or query (signed URLs and tokens live there)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "://" in value:
+            event_dict[key] = redact_text(value)
     return event_dict
 
 

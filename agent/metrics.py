@@ -66,6 +66,13 @@ class Metrics:
             ["resource"],
             registry=reg,
         )
+        self.state_save_failures = Counter(
+            "metal_agent_state_save_failures",
+            "Saves of the state file that failed (read-only or full disk); servers keep running, the save is "
+            "retried and /status shows state: degraded until one succeeds.",
+            [],
+            registry=reg,
+        )
         self.pipeline_latency = Histogram(
             "metal_agent_pipeline_latency_seconds",
             "From the first event that changed a unit to the end of the reconcile that applied it (a started "
@@ -101,6 +108,9 @@ class Metrics:
 
     def watch_reconnected(self, resource: str) -> None:
         self.watch_reconnects.labels(resource).inc()
+
+    def state_save_failed(self) -> None:
+        self.state_save_failures.inc()
 
     def reconciled(self, seconds: float) -> None:
         self.pipeline_latency.observe(seconds)

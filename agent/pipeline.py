@@ -33,10 +33,11 @@ from agent.model_store import ModelFiles, SourceError
 from agent.plugin_manager import Plugins
 from agent.preflight import Verdict
 from agent.pressure import Provider, Watchdog, system_provider
+from agent.redact import redact_text
 from agent.standalone import Event, EventType, Synced
+from agent.state_keeper import StateKeeper
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
-from agent.statefile import save as save_state
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
@@ -66,15 +67,19 @@ class Agent:
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
+        self.state = StateKeeper(self.state_path, self.metrics.state_save_failed)  # a failed save never stops us
         self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
-        self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
+        self.fetcher = ModelFetcher(
+            FetchSettings(store, config.model_roots, config.min_free_disk, file_mode=config.model_file_mode)
+        )
 
     # -- events ---------------------------------------------------------------------------------------------
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
+            tasks.start_soon(self.state.retry_loop, self._save_state, name="state file retries")
             async for event in events:
                 if isinstance(event, Synced):
                     self.reap_unclaimed()
@@ -196,8 +201,9 @@ class Agent:
             await self._set(runtime, "Failed", "InvalidSpec", str(exc))
             return
         verdict: Verdict = await self.plugins.first(
-            "preflight", unit=unit, model_path=model_path, budget=budget, host=host, mode=str(self.config.mode)
-        )
+            "preflight", thread=True, unit=unit, model_path=model_path, budget=budget, host=host,
+            mode=str(self.config.mode),
+        )  # fmt: skip
         runtime.verdict = verdict
         if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
             self.metrics.rejected(str(verdict.reason))
@@ -293,7 +299,7 @@ class Agent:
             if (c := r.child) is not None
         ]
         records += list(self.adoptable.values())  # not yet claimed: keep them on record
-        save_state(self.state_path, records)
+        self.state.save(records)
 
     def _executor(self, unit: ServingUnit) -> tuple[Executor | None, str]:
         reasons = []
@@ -310,9 +316,9 @@ class Agent:
             taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
             port = free_port(self.config.ports, taken)
             launch = executor.command(unit, model_path, port)
-            child = supervisor.start(
-                launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
-            )
+            log_path = self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
+            logs_bound = supervisor.LogSettings(self.config.log_max_size, self.config.log_keep)
+            child = supervisor.start(launch, port, log_path, logs_bound, self.config.server_env)
         except Exception as exc:  # the plugin's message becomes the unit's reason
             self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
@@ -356,10 +362,10 @@ class Agent:
     async def _probe(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         child = runtime.child
         assert child is not None
-        supervisor.bound_log(child.log_path)
         if not child.running():
             runtime.child = None
             self.memory.release(runtime.key)
+            await supervisor.drain_log(child)
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return
@@ -396,6 +402,7 @@ class Agent:
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
+        message = redact_text(message)  # no URL secrets in a status, a log line or an Event, whatever said it
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
         if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
             assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
@@ -435,4 +442,5 @@ class Agent:
             **({"watch": self.source_status()} if self.source_status else {}),
             **({"report": self.report_status()} if self.report_status else {}),
             **self.memory.status(),
+            **self.state.status(),
         }

@@ -7,12 +7,14 @@ Hooks are called in pluggy's order (last registered first, so third-party plugin
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, cast
 
+import anyio.to_thread
 import pluggy
 import structlog
 
@@ -52,10 +54,15 @@ class Plugins:
                 self.failures[impl.plugin_name] = f"register_executors failed: {exc}"
         return found
 
-    async def first(self, hook_name: str, **kwargs: Any) -> Any:
-        """The first non-None result, awaiting coroutines; exceptions propagate (the caller decides)."""
+    async def first(self, hook_name: str, thread: bool = False, **kwargs: Any) -> Any:
+        """The first non-None result, awaiting coroutines; exceptions propagate (the caller decides).
+
+        ``thread``: call each implementation in a worker thread (hooks that read files, such as ``preflight``,
+        must never hold up the event loop); a coroutine it returns is still awaited on the loop.
+        """
         for impl in _call_order(self.manager, hook_name):
-            result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+            call = functools.partial(impl.function, **{name: kwargs[name] for name in impl.argnames})
+            result = await anyio.to_thread.run_sync(call) if thread else call()
             if inspect.isawaitable(result):
                 result = await result
             if result is not None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.quantity import InvalidValue
+from agent.redact import quoted
 from agent.settings import BOOLEAN, PATH, Setting
 from agent.shape import ServeSettings
 from agent.units import ServingUnit
@@ -114,7 +115,7 @@ class LlamaCppExecutor:
 
     def accepts(self, unit: ServingUnit) -> str | None:
         if unit.service.runtime not in ("llamacpp", "llama.cpp"):
-            return f"runtime {unit.service.runtime!r} is not llamacpp"
+            return f"runtime {quoted(unit.service.runtime)} is not llamacpp"
         if unit.model.format != "gguf":
             return f"format {unit.model.format!r} is not gguf"
         if unit.model.accelerator not in self.accelerators:

@@ -19,11 +19,13 @@ from agent.budget import Budget
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.hostmem import HostMemory
 from agent.preflight import Mode, Reason, Verdict, failed, judge
+from agent.safe_files import read_bytes
 from agent.settings import Setting
 from agent.shape import ModelShape
 from agent.units import ServingUnit
 from plugins.extra_args import Allowlist, FlagTable, Use, allowlist_kind, flags, use_instead
 
+MAX_CONFIG_JSON = 16 << 20
 LOW_CONFIDENCE = "mlx: estimated from config.json and safetensors sizes, not measured against MLX (lower confidence)"
 
 
@@ -33,7 +35,7 @@ class MLXError(ValueError):
 
 def mlx_shape(directory: Path) -> ModelShape:
     try:
-        config = json.loads((directory / "config.json").read_text())
+        config = json.loads(read_bytes(directory / "config.json", MAX_CONFIG_JSON))  # never a FIFO or a device
         layers = int(config["num_hidden_layers"])
         embd = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
