@@ -17,10 +17,10 @@ exit status:
 """
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "plugins",
-        help="list loaded plugins, executors and plugin settings",
+        help=help_line,
         description="List the loaded plugins with their versions, the executors in the order they are asked, the "
         "settings plugins declare, and plugins that failed to load.",
         epilog=EPILOG,

@@ -19,11 +19,13 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
 from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
+
+if TYPE_CHECKING:
+    from agent.plugin_manager import Plugins
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
@@ -242,4 +244,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
 
 def flag_settings() -> list[Setting]:
     """The agent's settings and the built-in plugins' (settings of third-party plugins have no flags)."""
+    from agent.plugin_manager import load_plugins  # the plugin machinery only for the commands that take flags
+
     return all_settings(load_plugins(entry_points=False))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import gguf
+from agent.gguf_constants import gguf
 
 MAX_ARRAY_VALUES = 65_536  # numeric arrays up to this length keep their values; longer ones are skipped
 MAX_KV_COUNT = 1_000_000
