@@ -97,8 +97,9 @@ def start(launch: Launch, port: int, log_path: Path) -> Child:
     return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path)
 
 
-async def healthy(child: Child, path: str = "/health", timeout: float = 2.0) -> bool:
-    url = f"http://127.0.0.1:{child.port}{path}"
+async def healthy(child: Child, path: str | None = None, timeout: float = 2.0) -> bool:
+    """Whether the child answers 200 on ``path``, by default its own health path (its ``Launch.health_path``)."""
+    url = f"http://127.0.0.1:{child.port}{child.health_path if path is None else path}"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
