@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from agent.plugin_manager import Plugins
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
+PLUGIN_AUTOLOAD_ENV = ENV_PREFIX + "DISABLE_PLUGIN_AUTOLOAD"  # set: only the built-in plugins load
+NOT_SETTINGS = frozenset({CONFIG_ENV, PLUGIN_AUTOLOAD_ENV})  # METAL_AGENT_* variables that are not settings
 PRECEDENCE = "flag > METAL_AGENT_* environment variable > config file > default"
 
 
@@ -75,17 +76,12 @@ class Config:
 
 
 def all_settings(plugins: Plugins | None = None) -> list[Setting]:
-    """The agent's settings and those the plugins declare; two settings may not share a name or a TOML key."""
+    """The agent's settings and those the plugins declare (checked when they load: a plugin whose setting names
+    are taken fails alone). Third-party settings have no flag: the parsers are built before such plugins load."""
     found = list(SETTINGS)
     for plugin, declared in plugins.declared_settings() if plugins else ():
         builtin = plugins is not None and plugins.versions.get(plugin) == "builtin"
-        setting = declared if builtin else dataclasses.replace(declared, flag=False)  # parsers know built-ins only
-        if setting.env in NOT_SETTINGS:
-            raise ConfigError(f"plugin {plugin}: setting name {setting.name} is reserved")
-        for other in found:
-            if setting.name == other.name or setting.dotted == other.dotted:
-                raise ConfigError(f"plugin {plugin}: setting {setting.name} ({setting.dotted}) is already declared")
-        found.append(setting)
+        found.append(declared if builtin else dataclasses.replace(declared, flag=False))
     return found
 
 

@@ -16,11 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.quantity import InvalidValue
-from agent.settings import BOOLEAN, PATH, Setting
-from agent.shape import ServeSettings
-from agent.units import ServingUnit
+from agent.plugin import BOOLEAN, PATH, Executor, InvalidValue, Launch, ServeSettings, ServingUnit, Setting, hookimpl
 
 BINARY = "llama-server"
 WELL_KNOWN_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")

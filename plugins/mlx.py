@@ -15,12 +15,20 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, Verdict, failed, judge
-from agent.shape import ModelShape
-from agent.units import ServingUnit
+from agent.plugin import (
+    Budget,
+    Executor,
+    HostMemory,
+    Launch,
+    Mode,
+    ModelShape,
+    Reason,
+    ServingUnit,
+    Verdict,
+    failed,
+    hookimpl,
+    judge,
+)
 
 LOW_CONFIDENCE = "mlx: estimated from config.json and safetensors sizes, not measured against MLX (lower confidence)"
 

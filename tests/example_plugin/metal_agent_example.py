@@ -9,8 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.units import ServingUnit
+from agent.plugin import Executor, Launch, ServingUnit, hookimpl
 
 
 class ExampleExecutor:
