@@ -271,6 +271,8 @@ def test_third_party_executor_is_listed_and_broken_plugins_are_reported(
     info = json.loads(done.stdout)
     assert {"name": "example", "version": "0.1.0"} in info["plugins"]
     assert [e["name"] for e in info["executors"]] == ["example", *BUILTIN_EXECUTORS]
+    example_setting = {"plugin": "example", "key": "executors.example.threads", "env": "METAL_AGENT_EXAMPLE_THREADS"}
+    assert {**example_setting, "flag": None} in info["settings"]
     failed = info["failed"]
     assert "no_such_module_here" in failed["broken"]
     assert failed["clashing"] == "setting mlock (executors.clashing.mlock) is already declared by plugins.llamacpp"
@@ -328,3 +330,28 @@ def test_the_public_plugin_api_exports_what_it_lists() -> None:
     assert sorted(agent.plugin.__all__) == sorted(set(agent.plugin.__all__))
     for name in agent.plugin.__all__:
         assert getattr(agent.plugin, name) is not None
+
+
+def test_the_plugin_guide_is_built_from_the_hook_specs_and_the_example() -> None:
+    """docs/plugins.md documents every hook and every name of agent.plugin, and shows the example verbatim."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import plugin_docs
+
+    page = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    assert page == plugin_docs.render(), "docs/plugins.md is out of date: run python scripts/plugin_docs.py"
+    for name in plugin_docs.specified():
+        assert f"`{name}" in page
+
+
+def test_the_example_plugin_is_short() -> None:
+    """Under 50 lines of code (docstrings, comments and blank lines not counted)."""
+    import ast
+
+    source = (EXAMPLE / "metal_agent_example.py").read_text()
+    docstrings: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node):
+            docstrings.update(range(node.body[0].lineno, (node.body[0].end_lineno or 0) + 1))
+    lines = source.splitlines()
+    code = [n for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    assert len([n for n in code if n not in docstrings]) < 50
