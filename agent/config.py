@@ -12,7 +12,6 @@ Relative paths in the file are taken relative to the file's directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import tomllib
@@ -78,11 +77,7 @@ class Config:
 def all_settings(plugins: Plugins | None = None) -> list[Setting]:
     """The agent's settings and those the plugins declare (checked when they load: a plugin whose setting names
     are taken fails alone). Third-party settings have no flag: the parsers are built before such plugins load."""
-    found = list(SETTINGS)
-    for plugin, declared in plugins.declared_settings() if plugins else ():
-        builtin = plugins is not None and plugins.versions.get(plugin) == "builtin"
-        found.append(declared if builtin else dataclasses.replace(declared, flag=False))
-    return found
+    return [*SETTINGS, *(setting for _, setting in (plugins.declared_settings() if plugins else ()))]
 
 
 def locate(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path | None:

@@ -22,6 +22,7 @@ Plugins installed in the environment load through the ``metal_agent.executors`` 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib
@@ -67,8 +68,13 @@ class Plugins:
     _broken: dict[str, str] = field(default_factory=dict)  # plugin -> why its load-time implementation failed
 
     def declared_settings(self) -> list[tuple[str, Setting]]:
-        """(plugin name, setting) for every setting the working plugins declare through ``agent_settings``."""
-        return [(plugin, setting) for plugin, setting in self.declared if plugin not in self.failures]
+        """(plugin name, setting) for every setting the working plugins declare through ``agent_settings``.
+        Only the built-in plugins' settings have flags: the parsers are built before other plugins load."""
+        return [
+            (plugin, setting if self.versions.get(plugin) == "builtin" else dataclasses.replace(setting, flag=False))
+            for plugin, setting in self.declared
+            if plugin not in self.failures
+        ]
 
     def executors(self) -> list[Executor]:
         """Every plugin's executors, in the order they are asked (third-party plugins first)."""
