@@ -50,6 +50,7 @@ _SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
 }
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_QUANT_SIZES = {int(kind): sizes for kind, sizes in gguf.GGML_QUANT_SIZES.items()}  # ggml type -> (block, bytes)
 # A tensor info after its name and dimension count: the dimensions, the ggml type and the data offset.
 _TENSOR_REST = {n: struct.Struct(f"<{n}QIQ") for n in range(1, GGML_MAX_DIMS + 1)}
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -120,7 +121,7 @@ class _Cursor:
         self._buf = b""
         self._buf_start = 0
 
-    def _window(self, n: int) -> tuple[bytes, int]:
+    def window(self, n: int) -> tuple[bytes, int]:
         """Return a buffer and the index of ``pos`` in it, holding at least ``n`` bytes from ``pos``."""
         if n > self.size - self.pos:
             raise self.fail(f"truncated: needs {n} bytes at offset {self.pos}, file has {self.size}")
@@ -137,12 +138,12 @@ class _Cursor:
         return self._buf, off
 
     def read(self, n: int) -> bytes:
-        buf, off = self._window(n)
+        buf, off = self.window(n)
         self.pos += n
         return buf[off : off + n]
 
     def unpack(self, fmt: struct.Struct) -> int:
-        buf, off = self._window(fmt.size)
+        buf, off = self.window(fmt.size)
         self.pos += fmt.size
         value: int = fmt.unpack_from(buf, off)[0]
         return value
@@ -160,7 +161,7 @@ class _Cursor:
         ends past the file fails.
         """
         while count:
-            buf, off = self._window(8)
+            buf, off = self.window(8)
             done, off = _walk_lengths(buf, off, count, self.size - self._buf_start)
             if done < count and off + 8 <= len(buf):  # the next string ends past the file
                 length = _U64.unpack_from(buf, off)[0]
@@ -253,15 +254,17 @@ def _read_tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     if not 1 <= n_dims <= GGML_MAX_DIMS:
         raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (must be 1..{GGML_MAX_DIMS})")
     layout = _TENSOR_REST[n_dims]
-    *dims, ggml_type, offset = layout.unpack(cur.read(layout.size))
+    buf, off = cur.window(layout.size)  # unpacked in place: a big model has thousands of tensor infos
+    *dims, ggml_type, offset = layout.unpack_from(buf, off)
+    cur.pos += layout.size
     return name, tuple(dims), ggml_type, offset
 
 
 def _tensor_nbytes(cur: _Cursor, name: str, dims: tuple[int, ...], ggml_type: int) -> int:
-    try:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
-        raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+    sizes = _QUANT_SIZES.get(ggml_type)
+    if sizes is None:
+        raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}")
+    block_size, type_size = sizes
     elements = 1
     for dim in dims:
         if not 0 < dim < 2**63:
