@@ -45,6 +45,7 @@ from agent.settings import ENV_PREFIX, SETTINGS, Setting
 log = structlog.get_logger("metal_agent.plugins")
 BUILTIN = ("agent.defaults", "plugins.llamacpp", "plugins.mlx", "plugins.cuda")
 LOAD_TIME_HOOKS = frozenset({"agent_settings", "register_executors"})  # one that raises fails its plugin
+_ADAPTED = "_metal_agent_adapted"  # set on an implementation's wrapper
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Plugins:
 
     async def first(self, hook_name: str, **kwargs: Any) -> Any:
         """The first answer that is not None, awaiting async ones; exceptions propagate (the caller decides)."""
-        caller = getattr(self.manager.hook, hook_name)
+        caller = self._caller(hook_name)
         while True:
             result = caller(**kwargs)
             if not isinstance(result, Pending):
@@ -102,7 +103,7 @@ class Plugins:
 
     async def each(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation; one that raises is logged and the others still run."""
-        for result in getattr(self.manager.hook, hook_name)(**kwargs):
+        for result in self._caller(hook_name)(**kwargs):
             if isinstance(result, Pending):
                 try:
                     await result.awaitable
@@ -127,13 +128,18 @@ class Plugins:
         if registered is None:
             return  # blocked
         self.versions[registered] = version
-        for caller in self.manager.get_hookcallers(plugin) or []:
-            for impl in caller.get_hookimpls():
-                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    self._adapt(impl, caller.name, bool(caller.spec and caller.spec.opts.get("firstresult")))
+
+    def _caller(self, hook_name: str) -> Any:
+        """The hook's caller, every implementation wrapped first (also those registered on ``manager`` directly,
+        such as the Kubernetes reporter): async ones answer a ``Pending``, a failure is handled by its kind."""
+        caller = getattr(self.manager.hook, hook_name)
+        firstresult = bool(caller.spec and caller.spec.opts.get("firstresult"))
+        for impl in caller.get_hookimpls():
+            if not (impl.wrapper or impl.hookwrapper or getattr(impl.function, _ADAPTED, False)):
+                self._adapt(impl, hook_name, firstresult)
+        return caller
 
     def _adapt(self, impl: Any, hook_name: str, firstresult: bool) -> None:
-        """Wrap one implementation: async ones answer a ``Pending``, and a failure is handled by its kind."""
         function, name = impl.function, impl.plugin_name
 
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -153,6 +159,7 @@ class Plugins:
                 self._answers[name] = result
             return result
 
+        setattr(call, _ADAPTED, True)
         impl.function = call
 
     def _failed_in(self, name: str, hook_name: str, exc: Exception) -> None:
@@ -164,7 +171,7 @@ class Plugins:
     def _call_at_load(self, hook_name: str, **kwargs: Any) -> dict[str, Any]:
         """Each plugin's answer to a load-time hook, async ones run to completion; a plugin that raises fails."""
         self._answers, self._broken = {}, {}
-        for result in getattr(self.manager.hook, hook_name)(**kwargs):
+        for result in self._caller(hook_name)(**kwargs):
             if isinstance(result, Pending):
                 self._calling = result.plugin_name
                 try:

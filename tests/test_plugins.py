@@ -171,6 +171,16 @@ async def test_a_failing_reporter_does_not_stop_the_others() -> None:
     assert recorder.seen == [{"phase": "Ready"}]
 
 
+@pytest.mark.anyio
+async def test_a_reporter_registered_on_the_manager_directly_is_isolated_too() -> None:
+    """The Kubernetes reporter registers itself after loading; its failures must not stop other reporters."""
+    recorder = Recorder()
+    plugins = load_plugins(extra=[recorder], entry_points=False)
+    plugins.manager.register(BrokenReporter(), name="late")
+    await plugins.each("report", unit=None, status={"phase": "Ready"})
+    assert recorder.seen == [{"phase": "Ready"}]
+
+
 def test_async_register_executors_registers_in_pluggy_order() -> None:
     plugins = load_plugins(extra=[AsyncExecutors(), SyncExecutors()], entry_points=False)
     names = [e.name for e in plugins.executors()]
