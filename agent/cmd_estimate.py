@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.budget import Budget, resolve_budget
-from agent.cmd_run import default_model_store
 from agent.config import ConfigError, add_config_flag, all_settings, load
-from agent.download import DownloadError
 from agent.gguf_header import GGUFError
 from agent.hostmem import HostMemory, detect_host_memory
 from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
-from agent.model_fetch import plan_remote
-from agent.model_store import SourceError, remote_url
+from agent.model_store import SourceError, default_model_store, remote_url
 from agent.plugin_manager import load_plugins
 from agent.preflight import Reason, Verdict, preflight
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
@@ -34,10 +31,10 @@ class UsageError(Exception):
     """Invalid input: printed as one ``error:`` line, exit status 2."""
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "estimate",
-        help="estimate a model's memory and check it against its budget",
+        help=help_line,
         description=(
             "Estimate what llama.cpp will allocate for MODEL (a GGUF file, the first shard of a split model, or a "
             "Model manifest in YAML whose hardware fields apply) and check it against the budget. Budget "
@@ -72,7 +69,7 @@ def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | Non
     A remote model (a URL, or a manifest naming one) is sized from its header, fetched by HTTP Range.
     """
     if remote_url(source) is not None:
-        return plan_remote(source, default_model_store()), None, None
+        return _plan_remote(source), None, None
     path = Path(source)
     if path.suffix.lower() not in (".yaml", ".yml"):
         return path, None, None
@@ -84,8 +81,19 @@ def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | Non
     service = next((o for o in objects if isinstance(o, ServiceSpec) and o.model_ref == model.name), None)
     local = model.local_path()
     if local is None:
-        return plan_remote(model.source, default_model_store()), model, service
+        return _plan_remote(model.source), model, service
     return local, model, service
+
+
+def _plan_remote(source: str) -> Path:
+    """Where a remote model will be, its header fetched; the HTTP client is imported only for remote models."""
+    from agent.download import DownloadError
+    from agent.model_fetch import plan_remote
+
+    try:
+        return plan_remote(source, default_model_store())
+    except DownloadError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _settings(args: argparse.Namespace, service: ServiceSpec | None) -> ServeSettings:
@@ -132,7 +140,7 @@ def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
 def run(args: argparse.Namespace) -> int:
     try:
         verdict, target, host = evaluate(args)
-    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError, SourceError, DownloadError) as exc:
+    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError, SourceError) as exc:
         return _error(str(exc))
     except RuntimeError as exc:  # host memory could not be detected: fail closed
         return _error(f"cannot check memory: {exc}")

@@ -32,6 +32,7 @@ from agent.kube import flags as kube_flags
 from agent.kube.report import start_reporter
 from agent.kube.source import ConfigError as KubeConfigError
 from agent.kube.source import KubeSource, load_configuration
+from agent.model_store import default_model_store
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
@@ -55,10 +56,10 @@ exit status:
 """
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "run",
-        help="run the agent",
+        help=help_line,
         description=(
             "Run the agent on a directory of Model and InferenceService manifests (standalone mode), or with "
             "--kube on the objects of a Kubernetes cluster: every serving unit is checked against its budget and "
@@ -74,12 +75,6 @@ def add_parser(subparsers: Any) -> None:
 
 class AgentFailed(RuntimeError):
     """The agent cannot go on (exit status 1); the message says why."""
-
-
-def default_model_store() -> Path:
-    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
-    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
-    return Path(data_home).expanduser() / "metal-agent" / "models"
 
 
 def config_from(config: Config) -> AgentConfig:

@@ -27,10 +27,10 @@ exit status:
 COLUMNS = ("MODEL", "PHASE", "REASON", "BUDGET (SOURCE)", "ESTIMATE", "ACTUAL", "PID", "PORT", "ENDPOINT", "RESTARTS")
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "status",
-        help="show the running agent's units and memory",
+        help=help_line,
         description="Show the running agent's host memory, budget and every serving unit, as a table or JSON.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

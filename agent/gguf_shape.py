@@ -11,8 +11,7 @@ import os
 import re
 from collections.abc import Sequence
 
-import gguf
-
+from agent.gguf_constants import gguf
 from agent.gguf_header import ArrayInfo, GGUFError, GGUFModel, Scalar, read_model
 from agent.shape import ModelShape
 

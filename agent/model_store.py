@@ -28,6 +28,12 @@ _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_SHARDS = 1000
 
 
+def default_model_store() -> Path:
+    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
+    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "metal-agent" / "models"
+
+
 class SourceError(ValueError):
     """A source the agent will not use; ``reason`` is the unit's status reason."""
 

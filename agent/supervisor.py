@@ -138,8 +138,9 @@ async def drain_log(child: Child, timeout: float = 2.0) -> None:
             await anyio.to_thread.run_sync(writer.wait, timeout)
 
 
-async def healthy(child: Child, path: str = "/health", timeout: float = 2.0) -> bool:
-    url = f"http://127.0.0.1:{child.port}{path}"
+async def healthy(child: Child, path: str | None = None, timeout: float = 2.0) -> bool:
+    """Whether the child answers 200 on ``path``, by default its own health path (its ``Launch.health_path``)."""
+    url = f"http://127.0.0.1:{child.port}{child.health_path if path is None else path}"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,

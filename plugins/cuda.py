@@ -14,12 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, Verdict, failed
-from agent.preflight import preflight as check
-from agent.units import ServingUnit
+from agent.plugin import (
+    Budget,
+    Executor,
+    HostMemory,
+    Launch,
+    Mode,
+    Reason,
+    ServingUnit,
+    Verdict,
+    check_gguf,
+    failed,
+    hookimpl,
+)
 from plugins.llamacpp import LlamaCppExecutor, executor_arguments
 
 MiB = 1 << 20
@@ -95,7 +102,7 @@ def preflight(unit: ServingUnit, model_path: Path, budget: Budget, host: HostMem
         gpu, _ = gpu_memory(unit)
     except NoGPU as exc:
         return failed(Reason.MEMORY_CHECK_FAILED, str(exc), Mode(mode), settings=unit.settings)
-    return check(model_path, unit.settings, budget, gpu, Mode(mode))
+    return check_gguf(model_path, unit.settings, budget, gpu, Mode(mode))
 
 
 class CUDAExecutor(LlamaCppExecutor):

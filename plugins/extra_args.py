@@ -15,8 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from agent.quantity import InvalidValue, shown
-from agent.settings import Kind, string_list
+from agent.plugin import InvalidValue, Kind, shown, string_list
 
 EXTEND_HINT = "an operator can allow more with extra_args_allowed in the agent's config"
 

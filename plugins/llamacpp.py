@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.quantity import InvalidValue
-from agent.redact import quoted
-from agent.settings import BOOLEAN, PATH, Setting
-from agent.shape import ServeSettings
-from agent.units import ServingUnit
+from agent.plugin import (
+    BOOLEAN,
+    PATH,
+    Executor,
+    InvalidValue,
+    Launch,
+    ServeSettings,
+    ServingUnit,
+    Setting,
+    hookimpl,
+    quoted,
+)
 from plugins.extra_args import Allowlist, allowlist_kind
 from plugins.llama_flags import LLAMA_SERVER
 

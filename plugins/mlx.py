@@ -15,14 +15,22 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, Verdict, failed, judge
-from agent.safe_files import read_bytes
-from agent.settings import Setting
-from agent.shape import ModelShape
-from agent.units import ServingUnit
+from agent.plugin import (
+    Budget,
+    Executor,
+    HostMemory,
+    Launch,
+    Mode,
+    ModelShape,
+    Reason,
+    ServingUnit,
+    Setting,
+    Verdict,
+    failed,
+    hookimpl,
+    judge,
+    read_bytes,
+)
 from plugins.extra_args import Allowlist, FlagTable, Use, allowlist_kind, flags, use_instead
 
 MAX_CONFIG_JSON = 16 << 20
