@@ -43,7 +43,12 @@ class Launch:
 
 
 class Executor(Protocol):
-    """Runs models of some kind. ``accepts`` says why not (a reason) or None when it can serve the unit."""
+    """Runs models of some kind. ``accepts`` says why not (a reason) or None when it can serve the unit.
+
+    An executor may also define ``measure(pid, log_path) -> agent.footprint.Footprint``: what its server really
+    uses, per kind of memory (host, device per GPU), each figure with its source. Without it the agent measures
+    the process's host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's log.
+    """
 
     name: str
 

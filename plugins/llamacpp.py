@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.footprint import Footprint, measure_process
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.quantity import InvalidValue
 from agent.settings import BOOLEAN, PATH, Setting
@@ -37,6 +38,10 @@ MEMORY_FLAGS = frozenset(
      "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn", "--cache-ram", "-cram", "--kv-unified",
      "-kvu", "--swa-full", "-m", "--model", "--port", "--host"}
 )  # fmt: skip
+
+
+# llama-server prints its buffer sizes (what the agent measures a server by) only at verbosity 4 and above.
+LOG_VERBOSITY = 4
 
 
 class UnsafeExtraArgs(ValueError):
@@ -109,6 +114,7 @@ def server_argv(
         "--cache-ram", str(settings.cache_ram_bytes >> 20),
         "--n-gpu-layers", str(gpu_layers),
         "--metrics",
+        "-lv", str(LOG_VERBOSITY),
     ]  # fmt: skip
     if settings.kv_unified:
         argv.append("--kv-unified")
@@ -145,6 +151,10 @@ class LlamaCppExecutor:
         )
         argv = server_argv(find_llama_server(self.binary), model_path, unit.settings, port, options)
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
+
+    def measure(self, pid: int, log_path: Path | None = None) -> Footprint:
+        """Host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's buffer report."""
+        return measure_process(pid, log_path)
 
 
 def _executable(value: str, where: str) -> Path:
