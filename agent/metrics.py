@@ -44,7 +44,8 @@ class Metrics:
             "metal_agent_rejections",
             "Units refused a start, by reason (InsufficientMemory: does not fit its own budget; WaitingForMemory: "
             "waits for the host budget or the OS to free memory; MemoryCheckFailed, InvalidSpec, UnsupportedSource, "
-            "NoExecutor). Counted once each time a unit enters the state, not on every retry while it waits.",
+            "NoExecutor, ExceedsBudget: stopped after load for exceeding its budget). Counted once each time a "
+            "unit enters the state, not on every retry while it waits.",
             ["reason"],
             registry=reg,
         )

@@ -17,14 +17,14 @@ from typing import Any
 import anyio
 import structlog
 
-from agent import logs, supervisor
+from agent import gpus, logs, supervisor
 from agent.admission import EVICTED, Admission, Outcome
 from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
 from agent.footprint import Footprint, keep_report, measure_process
-from agent.gpus import CONTEXT_OVERHEAD, NoGPU, list_gpus
+from agent.gpus import NoGPU, list_gpus
 from agent.hookspecs import Executor
 from agent.hostmem import detect_host_memory
 from agent.manifest import ModelSpec, ServiceSpec
@@ -480,5 +480,5 @@ class Agent:
             **({"watch": self.source_status()} if self.source_status else {}),
             **({"report": self.report_status()} if self.report_status else {}),
             **self.memory.status(),
-            "cuda_context_overhead": CONTEXT_OVERHEAD.status(),
+            "cuda_context_overhead": gpus.CONTEXT_OVERHEAD.status(),
         }

@@ -12,8 +12,16 @@ from typing import Any
 import anyio
 
 from agent import supervisor
+from agent.estimator import Estimate
 from agent.footprint import Footprint
 from agent.preflight import Verdict
+
+
+def _split(est: Estimate) -> dict[str, int]:
+    """A GPU estimate's device and host parts."""
+    if est.device_bytes is None or est.host_bytes is None:
+        return {}
+    return {"device": est.device_bytes, "host": est.host_bytes}
 
 
 @dataclass
@@ -63,7 +71,7 @@ class UnitRuntime:
             "reason": self.reason,
             "message": self.message,
             "budget": {"bytes": budget.bytes, "source": budget.source} if budget else None,
-            "estimate": {**est.components(), "total": est.total_bytes} if est else None,
+            "estimate": {**est.components(), "total": est.total_bytes, **_split(est)} if est else None,
             "actual": self.actual or None,
             "measured": self.footprint.status() if self.footprint else None,
             "pid": child.pid if child else None,
