@@ -473,7 +473,16 @@ class Agent:
                 "budget_source": "agent" if self.config.memory_fraction else "adaptive",
             },
             "units": [
-                {**runtime.status(), "reserved_bytes": self.ledger.held.get(runtime.key, 0)}
+                {
+                    **runtime.status(),
+                    "reserved_bytes": self.ledger.held.get(runtime.key, 0),
+                    "reserved_gpu_bytes": {
+                        str(index): ledger.held[runtime.key]
+                        for index, ledger in sorted(self.admission.gpu_ledgers.items())
+                        if runtime.key in ledger.held
+                    }
+                    or None,
+                }
                 for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)
             ],
             "manifest_errors": dict(self.source_errors),

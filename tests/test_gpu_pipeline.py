@@ -87,6 +87,12 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
         assert measured["llama_buffers"]["CUDA0"] == REPORTED_DEVICE  # printed because the agent passed -lv 4
         # The GPU ledger holds what the GPU really holds, not the host RSS; the host ledger the host part.
         assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
+        status = agent.status()
+        assert status["units"][0]["reserved_gpu_bytes"] == {"0": 700 * MiB}
+        assert status["admission"]["gpus"]["0"] == {
+            "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
+        }  # fmt: skip
+        assert status["units"][0]["estimate"]["device"] > 600 * MiB  # the estimate's split is shown too
         assert agent.ledger.held["d/s"] == measured["host"]["bytes"] < 700 * MiB
         learned = agent.status()["cuda_context_overhead"]["learned_bytes"]
         assert learned == {"0": 700 * MiB - REPORTED_DEVICE}
