@@ -354,8 +354,11 @@ class Admission:
 
     def _reserve_gpus(self, claim: Claim) -> None:
         chosen = self._gpus_for(claim) or ()
-        for index in chosen:
-            self.gpu_ledgers[index].set(claim.key, claim.share)
+        for index, ledger in self.gpu_ledgers.items():
+            if index in chosen:
+                ledger.set(claim.key, claim.share)
+            else:
+                ledger.release(claim.key)  # admitted again (just before launch) onto other GPUs: nothing stale
         claim.gpus = chosen
 
     # -- internals ------------------------------------------------------------------------------------------

@@ -77,3 +77,16 @@ def test_a_footprint_over_the_gpu_budget_is_chosen_for_eviction_by_the_usual_ord
 def test_without_gpus_known_the_device_need_is_not_checked() -> None:
     admission = Admission(64 * GiB)
     assert admission.request("u", GiB, "normal", False, PLENTY, device_need=10**15).outcome is Outcome.ADMITTED
+
+
+def test_a_grant_checked_again_before_launch_holds_one_share_per_gpu_only() -> None:
+    admission = gpu_admission(24 * GiB, 24 * GiB)
+    admission.request("a", GiB, "normal", False, PLENTY, device_need=20 * GiB)
+    admission.request("b", GiB, "normal", False, PLENTY, device_need=10 * GiB)  # on the other GPU
+    first = admission.holders["b"].gpus
+    admission.forget("a")
+    # Its worker asks again with a bigger estimate; wherever it lands, only those GPUs hold it.
+    assert admission.request("b", GiB, "normal", False, PLENTY, device_need=22 * GiB).outcome is Outcome.ADMITTED
+    holding = {i for i, ledger in admission.gpu_ledgers.items() if "b" in ledger.held}
+    assert holding == set(admission.holders["b"].gpus) and len(holding) == 1 and first
+    assert sum(ledger.used for ledger in admission.gpu_ledgers.values()) == 22 * GiB
