@@ -3,7 +3,8 @@
 Every starting or running server holds a reservation in the ``Ledger``; a unit is admitted only if the sum of
 reservations plus its estimate stays within the host budget *and* the OS has the memory available now (less
 what units that are still loading have been promised but not yet touched), so a foreign process eating RAM is
-noticed. The admitted estimate is replaced by the measured footprint once the server has loaded.
+noticed. Once the server has loaded the measured footprint replaces the estimate where the measurement is
+authoritative (else the ledger holds the larger of the two).
 
 Units that do not fit wait in a queue ordered by priority (critical > high > normal > low > batch), then
 arrival. Rule for a small unit behind a big one: **backfill within a priority level, never past a higher
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from agent import gpu_ledgers
 from agent.eviction import Candidate, choose_victims
 from agent.footprint import Footprint
 from agent.ledger import Ledger
@@ -68,7 +70,7 @@ class Claim:
     @property
     def share(self) -> int:
         """What it asks of each of its GPUs."""
-        return -(-self.device_need // max(1, self.gpu_count))
+        return gpu_ledgers.share(self.device_need, self.gpu_count)
 
 
 @dataclass(frozen=True)
@@ -245,20 +247,11 @@ class Admission:
         return self.ledger.held[key]
 
     def _settle_gpus(self, claim: Claim, trusted: bool, footprint: Footprint | None, high_water: bool) -> None:
-        if footprint is None or not footprint.uses_device or not self.gpu_ledgers:
-            return
-        measured = {i: f.bytes for i, f in footprint.devices.items()}
-        for index in set(claim.gpus) | set(measured):
-            ledger = self.gpu_ledgers.get(index)
-            if ledger is None:
-                continue
-            value = measured.get(index, 0)
-            if not trusted and index in claim.gpus:
-                value = max(value, claim.share)
-            if high_water:
-                value = max(value, ledger.held.get(claim.key, 0))
-            ledger.set(claim.key, value)
-        claim.gpus = tuple(sorted(set(claim.gpus) | {i for i in measured if i in self.gpu_ledgers}))
+        if footprint is not None and footprint.uses_device:
+            measured = {i: f.bytes for i, f in footprint.devices.items()}
+            claim.gpus = gpu_ledgers.settle(
+                self.gpu_ledgers, claim.key, claim.gpus, claim.share, measured, trusted, high_water
+            )
 
     def forget(self, key: str) -> int:
         """The unit is gone, failed or stopped: leave the queue and release what it held."""
@@ -330,36 +323,13 @@ class Admission:
                 "fit on this host (reduce its context or slots, quantize the KV cache, or raise the agent's "
                 "memory fraction)"
             )
-        if device_need <= 0 or not self.gpu_ledgers:
-            return ""
-        share = -(-device_need // max(1, gpu_count))
-        roomy = sorted((ledger.capacity for ledger in self.gpu_ledgers.values()), reverse=True)
-        if len(roomy) < gpu_count or roomy[gpu_count - 1] < share:
-            largest = format_bytes(roomy[0])
-            return (
-                f"needs {format_bytes(device_need)} of GPU memory ({format_bytes(share)} on each of {gpu_count} "
-                f"GPU(s)) but the largest GPU budget is {largest}: it can never fit on this host's GPUs (reduce "
-                "its context or slots, quantize the KV cache, use more GPUs, or raise the GPU budget)"
-            )
-        return ""
+        return gpu_ledgers.never_fits(self.gpu_ledgers, device_need, gpu_count)
 
     def _gpus_for(self, claim: Claim) -> tuple[int, ...] | None:
-        """The GPUs ``claim`` would go to (those with the most room), or None if its share fits too few of them."""
-        if claim.device_need <= 0 or not self.gpu_ledgers:
-            return ()
-        share = claim.share
-        room = sorted(((ledger.free_for(claim.key), index) for index, ledger in self.gpu_ledgers.items()), reverse=True)
-        chosen = [index for free, index in room[: claim.gpu_count] if free >= share]
-        return tuple(sorted(chosen)) if len(chosen) == claim.gpu_count else None
+        return gpu_ledgers.place(self.gpu_ledgers, claim.key, claim.device_need, claim.gpu_count)
 
     def _reserve_gpus(self, claim: Claim) -> None:
-        chosen = self._gpus_for(claim) or ()
-        for index, ledger in self.gpu_ledgers.items():
-            if index in chosen:
-                ledger.set(claim.key, claim.share)
-            else:
-                ledger.release(claim.key)  # admitted again (just before launch) onto other GPUs: nothing stale
-        claim.gpus = chosen
+        claim.gpus = gpu_ledgers.reserve(self.gpu_ledgers, claim.key, claim.share, self._gpus_for(claim) or ())
 
     # -- internals ------------------------------------------------------------------------------------------
     def _enqueue(self, claim: Claim) -> None:
@@ -404,12 +374,7 @@ class Admission:
 
     def _why_not(self, claim: Claim, free: int, headroom: int) -> str:
         if claim.need <= free and claim.need <= headroom and self._gpus_for(claim) is None:
-            return (
-                f"needs {format_bytes(claim.share)} of GPU memory on each of {claim.gpu_count} GPU(s); "
-                + ", ".join(f"GPU {i} has {format_bytes(max(0, gpu.free_for(claim.key)))} free"
-                            for i, gpu in sorted(self.gpu_ledgers.items()))
-                + "; it starts when GPU memory frees"
-            )  # fmt: skip
+            return gpu_ledgers.why_waiting(self.gpu_ledgers, claim.key, claim.share, claim.gpu_count)
         if claim.need > free:
             others = len([k for k in self.ledger.held if k != claim.key])
             return (
@@ -428,8 +393,5 @@ class Admission:
             "waiting": [c.key for c in sorted(self.waiting.values(), key=lambda c: (c.rank, c.seq))],
             "blocked": self.blocked,
             "counts": {name: self.counts[name] for name in ("admitted", "queued", "rejected", "evicted")},
-            "gpus": {
-                str(index): {"budget_bytes": ledger.capacity, "reserved_bytes": ledger.used, "held": dict(ledger.held)}
-                for index, ledger in sorted(self.gpu_ledgers.items())
-            },
+            "gpus": gpu_ledgers.status(self.gpu_ledgers),
         }
