@@ -196,3 +196,12 @@ def keep_report(new: Footprint, old: Footprint | None) -> Footprint:
     if old is None or new.buffers or new.report or not (old.buffers or old.report):
         return new
     return Footprint(new.host, new.devices, new.device_source, new.uses_device, old.buffers, old.report, new.rss)
+
+
+def measure_with(executor: object, pid: int, log_path: Path | None) -> Footprint:
+    """The executor's own measurement (``Executor.measure``) where it has one, else the default for the host."""
+    measure = getattr(executor, "measure", None)
+    if callable(measure):
+        footprint: Footprint = measure(pid, log_path)
+        return footprint
+    return measure_process(pid, log_path)

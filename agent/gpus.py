@@ -82,6 +82,14 @@ def list_gpus(run: Run | None = None) -> list[GPU]:
     return gpus
 
 
+def budgets(budget_of: Callable[[int], int]) -> dict[int, int]:
+    """Each GPU's device-memory budget (``budget_of`` its total); none where no GPU answers."""
+    try:
+        return {gpu.index: budget_of(gpu.total_bytes) for gpu in list_gpus()}
+    except NoGPU:
+        return {}
+
+
 @dataclass(frozen=True)
 class ProcessMemory:
     """Device memory of one process, by GPU index, and where the figures came from."""

@@ -23,8 +23,7 @@ from agent.agent_config import AgentConfig as AgentConfig  # re-exported: caller
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
-from agent.footprint import Footprint, keep_report, measure_process
-from agent.gpus import NoGPU, list_gpus
+from agent.footprint import keep_report, measure_with
 from agent.hookspecs import Executor
 from agent.hostmem import detect_host_memory
 from agent.manifest import ModelSpec, ServiceSpec
@@ -62,7 +61,8 @@ class Agent:
             self.admission, watchdog, self.runtimes, self._host_budget, config.eviction, config.mode,
             config.budget_tolerance,
         )  # fmt: skip
-        self.admission.set_gpus(self._gpu_budgets())
+        if any(getattr(executor, "uses_device", False) for executor in self.executors):
+            self.admission.set_gpus(gpus.budgets(self._host_budget))  # a GPU's total by the host's fraction
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
@@ -90,16 +90,6 @@ class Agent:
 
     def _host_budget(self, total_bytes: int) -> int:
         return resolve_budget(total_bytes, None, None, self.config.memory_fraction).bytes
-
-    def _gpu_budgets(self) -> dict[int, int]:
-        """Each GPU's device-memory budget (its total by the same fraction as the host's); none without a GPU or a
-        GPU executor."""
-        if not any(getattr(executor, "uses_device", False) for executor in self.executors):
-            return {}
-        try:
-            return {gpu.index: self._host_budget(gpu.total_bytes) for gpu in list_gpus()}
-        except NoGPU:
-            return {}
 
     def apply(self, event: Event) -> None:
         obj = event.obj
@@ -371,11 +361,7 @@ class Agent:
     def _measure(self, runtime: UnitRuntime, child: supervisor.Child) -> None:
         """Ask the server's executor what it really uses (host, GPU, llama.cpp's buffers)."""
         executor = next((e for e in self.executors if e.name == runtime.executor), None)
-        measure = getattr(executor, "measure", None)
-        footprint: Footprint = (
-            measure(child.pid, child.log_path) if callable(measure) else measure_process(child.pid, child.log_path)
-        )
-        runtime.footprint = keep_report(footprint, runtime.footprint)
+        runtime.footprint = keep_report(measure_with(executor, child.pid, child.log_path), runtime.footprint)
         runtime.actual = runtime.footprint.actual()
 
     async def _exceeds_budget(self, runtime: UnitRuntime) -> None:
