@@ -45,6 +45,14 @@ log = structlog.get_logger("metal_agent.pipeline")
 CHILD_PHASES = ("Starting", "Ready")  # phases in which a unit has a process on record
 
 
+def _reserved_from(runtime: UnitRuntime) -> str:
+    """What the ledger holds for a unit: its estimate, its measurement, or the larger of the two."""
+    footprint = runtime.footprint
+    if footprint is None:
+        return "estimate"
+    return "measured" if footprint.authoritative else "max(estimate, measured)"
+
+
 class Agent:
     def __init__(self, config: AgentConfig, plugins: Plugins, memory: Provider | None = None) -> None:
         self.config, self.plugins = config, plugins
@@ -462,6 +470,7 @@ class Agent:
                 {
                     **runtime.status(),
                     "reserved_bytes": self.ledger.held.get(runtime.key, 0),
+                    "reserved_from": _reserved_from(runtime),
                     "reserved_gpu_bytes": {
                         str(index): ledger.held[runtime.key]
                         for index, ledger in sorted(self.admission.gpu_ledgers.items())

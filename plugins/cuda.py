@@ -90,7 +90,9 @@ class CUDAExecutor(LlamaCppExecutor):
         """Host memory, the process's memory on each GPU (NVML, else nvidia-smi) and llama.cpp's buffers; the
         first server on a GPU teaches the agent that GPU's CUDA context overhead."""
         device = gpus.process_memory(pid)
-        found = (device.by_gpu, device.source) if device is not None else None
+        # A loaded CUDA server always holds GPU memory: none listed for its pid means the tools cannot see it (a
+        # container's own PID namespace), not that it uses none; the ledger then keeps the estimate.
+        found = (device.by_gpu, device.source) if device is not None and device.by_gpu else None
         footprint = measure_process(pid, log_path, uses_device=True, device=found)
         reported = {k: v for k, v in footprint.buffers.items() if is_device_backend(k)}
         if device is not None and len(device.by_gpu) == 1 and len(reported) == 1:

@@ -89,6 +89,7 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
         assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
         status = agent.status()
         assert status["units"][0]["reserved_gpu_bytes"] == {"0": 700 * MiB}
+        assert status["units"][0]["reserved_from"] == "measured"
         assert status["admission"]["gpus"]["0"] == {
             "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
         }  # fmt: skip
@@ -133,12 +134,15 @@ async def test_warn_mode_keeps_it_running_with_a_warning(tmp_path: Path, monkeyp
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("why", ["not supported", "pid not visible"])
 async def test_without_a_device_figure_the_ledger_keeps_the_estimate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
     nvml = server_usage({"now": 100})
 
     def unavailable(handle: int) -> list[object]:
+        if why == "pid not visible":  # a container's PID namespace: NVML lists host pids, none of them ours
+            return []
         raise nvml.NVMLError("Not Supported")
 
     nvml.nvmlDeviceGetComputeRunningProcesses = unavailable  # type: ignore[method-assign]
@@ -153,6 +157,7 @@ async def test_without_a_device_figure_the_ledger_keeps_the_estimate(
         assert runtime.verdict and runtime.verdict.estimate and runtime.verdict.estimate.device_bytes
         measured = agent.status()["units"][0]["measured"]
         assert not measured["authoritative"] and measured["device_source"] == "llama.cpp log"
+        assert agent.status()["units"][0]["reserved_from"] == "max(estimate, measured)"
         # llama.cpp's buffers (23.5 MiB) miss the CUDA context: the ledger keeps the device estimate.
         assert agent.admission.gpu_ledgers[0].held["d/s"] == runtime.verdict.estimate.device_bytes > 600 * MiB
         assert not agent.status()["cuda_context_overhead"]["learned_bytes"]
