@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from fake_gpu import GiB, MiB
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.admission import Admission, Outcome
 from agent.footprint import Figure, Footprint
@@ -90,3 +93,75 @@ def test_a_grant_checked_again_before_launch_holds_one_share_per_gpu_only() -> N
     holding = {i for i, ledger in admission.gpu_ledgers.items() if "b" in ledger.held}
     assert holding == set(admission.holders["b"].gpus) and len(holding) == 1 and first
     assert sum(ledger.used for ledger in admission.gpu_ledgers.values()) == 22 * GiB
+
+
+KEYS = ("a", "b", "c", "d", "e")
+
+
+class GPUAdmissionMachine(RuleBasedStateMachine):
+    """Random arrivals, re-checks before launch, measurements and deletions on two GPUs: a new admission never
+    takes a GPU over its budget, only the GPUs a unit holds carry it, and a deleted unit leaves nothing behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admission = gpu_admission(100, 100, host=10**6)
+        self.units: dict[str, tuple[int, int]] = {}  # key -> (device need, gpu count) of units not deleted
+
+    def _check_admitted(self, key: str, outcome: Outcome) -> None:
+        if outcome is Outcome.ADMITTED:
+            for index in self.admission.holders[key].gpus:  # measured units may be over; admissions never are
+                assert self.admission.gpu_ledgers[index].used <= 100
+
+    @rule(key=st.sampled_from(KEYS), need=st.integers(1, 250), count=st.integers(1, 2))
+    def arrive(self, key: str, need: int, count: int) -> None:
+        if key in self.units:
+            return
+        decision = self.admission.request(key, 1, "normal", False, PLENTY, need, count)
+        if decision.outcome is not Outcome.NEVER_FITS:
+            self.units[key] = (need, count)
+        else:
+            assert -(-need // count) > 100
+        self._check_admitted(key, decision.outcome)
+
+    @rule(key=st.sampled_from(KEYS), grow=st.integers(-40, 40))
+    def worker_comes_back(self, key: str, grow: int) -> None:
+        if key not in self.admission.holders or key not in self.admission.loading:
+            return
+        need, count = self.units[key]
+        need = max(1, need + grow)
+        self.units[key] = (need, count)
+        decision = self.admission.request(key, 1, "normal", False, PLENTY, need, count)
+        if decision.outcome is Outcome.NEVER_FITS:
+            del self.units[key]
+        self._check_admitted(key, decision.outcome)
+
+    @rule(key=st.sampled_from(KEYS), used=st.integers(0, 150), trusted=st.booleans())
+    def loaded(self, key: str, used: int, trusted: bool) -> None:
+        claim = self.admission.holders.get(key)
+        if claim is None or key not in self.admission.loading or not claim.gpus:
+            return
+        footprint = device_footprint(dict.fromkeys(claim.gpus, used), "nvml" if trusted else None)
+        self.admission.settle(key, 1, footprint.authoritative, footprint)
+        for index in claim.gpus:
+            held = self.admission.gpu_ledgers[index].held[key]
+            assert held == used if trusted else held >= claim.share
+
+    @rule(key=st.sampled_from(KEYS))
+    def deleted(self, key: str) -> None:
+        if key not in self.units:
+            return
+        self.admission.forget(key)
+        del self.units[key]
+        self.admission.grant(PLENTY)
+        assert all(key not in ledger.held for ledger in self.admission.gpu_ledgers.values())
+
+    @invariant()
+    def only_holders_hold_and_only_on_their_gpus(self) -> None:
+        for index, ledger in self.admission.gpu_ledgers.items():
+            for key in ledger.held:
+                assert key in self.admission.holders and index in self.admission.holders[key].gpus
+            assert ledger.used == sum(ledger.held.values())
+
+
+GPUAdmissionMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_gpu_admission_machine = GPUAdmissionMachine.TestCase
