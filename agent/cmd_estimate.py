@@ -167,11 +167,12 @@ def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
     override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else agent["host_memory"]
     host = detect_host_memory(override)
     spec = _model(args, target, model)
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--gpu-count", args.gpu_count)):
+        if value is not None and spec.accelerator != "cuda":
+            raise UsageError(f"{flag} applies to --accelerator cuda (the model's accelerator is {spec.accelerator})")
     if args.gpu_memory is not None:
         each = parse_quantity(args.gpu_memory, "--gpu-memory")
         gpus.PRETEND = [gpus.GPU(i, each, 0) for i in range(max(1, spec.gpu_count or 1))]
-    elif args.gpu_count is not None and spec.accelerator != "cuda":
-        raise UsageError("--gpu-count applies to --accelerator cuda")
     plugins.settings = agent.values()
     plugins.executors()  # plugins take their settings (the CUDA context overhead)
     unit = ServingUnit(service=_service(settings, service, spec), model=spec)

@@ -70,6 +70,11 @@ def test_cuda_without_a_gpu_is_an_error_not_a_guess(
     assert "no NVIDIA GPU" in capsys.readouterr().err
     assert main(["estimate", str(llama8b), "--accelerator", "cpu", "--gpu-count", "2"]) == 2
     assert "--gpu-count" in capsys.readouterr().err
+    assert main(["estimate", str(llama8b), "--accelerator", "metal", "--gpu-memory", "24Gi"]) == 2
+    assert "--gpu-memory applies to --accelerator cuda" in capsys.readouterr().err
+    for bad in (["--gpu-count", "0"], ["--gpu-memory", "lots"]):
+        assert main(["estimate", str(llama8b), "--accelerator", "cuda", *bad]) == 2
+        assert capsys.readouterr().err.startswith("error: --gpu-")
 
 
 def test_the_manifest_accelerator_applies(
