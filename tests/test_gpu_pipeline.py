@@ -94,6 +94,9 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
             "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
         }  # fmt: skip
         assert status["units"][0]["estimate"]["device"] > 600 * MiB  # the estimate's split is shown too
+        scraped = agent.metrics.registry
+        assert scraped.get_sample_value("metal_agent_gpu_reserved_bytes", {"gpu": "0"}) == 700 * MiB
+        assert scraped.get_sample_value("metal_agent_gpu_budget_bytes", {"gpu": "0"}) == int(8 * GiB * 0.9)
         assert agent.ledger.held["d/s"] == measured["host"]["bytes"] < 700 * MiB
         learned = agent.status()["cuda_context_overhead"]["learned_bytes"]
         assert learned == {"0": 700 * MiB - REPORTED_DEVICE}
