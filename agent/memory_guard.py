@@ -182,48 +182,56 @@ class MemoryGuard:
         measured = ledger_bytes(footprint)
         if measured <= 0 and not footprint.uses_device:
             return Measured.FINE
+        verdict = runtime.verdict
+        budget = verdict.budget.bytes if verdict is not None and verdict.budget is not None else None
+        used = budgeted_bytes(footprint)
+        over_budget = ""
+        if budget is not None and used > budget * (1 + self.tolerance):
+            over_budget = (
+                f"measured footprint {format_bytes(used)} ({describe_sources(footprint)}) exceeds its budget "
+                f"{format_bytes(budget)} by {format_bytes(used - budget)} (tolerance {self.tolerance:.0%}); "
+                + EXCEEDS_BUDGET_HINT
+            )
+            log.warning("footprint exceeds budget", unit=runtime.key, measured=used, budget=budget, mode=self.mode)
+            if self.mode is Mode.ENFORCE:  # stopped next, which frees what it holds: nobody is evicted for it
+                runtime.exceeded = over_budget
+                return Measured.EXCEEDS_BUDGET
         trusted = footprint.authoritative
         if loaded:
             self.admission.settle(runtime.key, measured, trusted, footprint)
             self.memory_freed()  # the estimate may have been generous
         else:
             self.admission.observe(runtime.key, measured, trusted, footprint)
-        self.evict_if_over(runtime.key)
-        verdict = runtime.verdict
-        budget = verdict.budget.bytes if verdict is not None and verdict.budget is not None else None
-        used = budgeted_bytes(footprint)
-        if budget is not None and used > budget * (1 + self.tolerance):
-            over = (
-                f"measured footprint {format_bytes(used)} ({describe_sources(footprint)}) exceeds its budget "
-                f"{format_bytes(budget)} by {format_bytes(used - budget)} (tolerance {self.tolerance:.0%})"
-            )
-            log.warning("footprint exceeds budget", unit=runtime.key, measured=used, budget=budget, mode=self.mode)
-            if self.mode is Mode.ENFORCE:
-                runtime.exceeded = f"{over}; {EXCEEDS_BUDGET_HINT}"
-                return Measured.EXCEEDS_BUDGET
+        self.evict_if_over()
+        if over_budget:  # warn mode
             if runtime.warning is None or runtime.warning["reason"] != "ExceedsBudget":
-                runtime.warning = {"reason": "ExceedsBudget", "message": f"{over}; {EXCEEDS_BUDGET_HINT}"}
+                runtime.warning = {"reason": "ExceedsBudget", "message": over_budget}
                 return Measured.WARNED
-        if measured > claim.need and runtime.warning is None:
-            over_by = measured - claim.need
-            message = (
-                f"measured footprint {format_bytes(measured)} exceeds its reservation {format_bytes(claim.need)} "
-                f"by {format_bytes(over_by)}; the ledger now holds the measured footprint"
-            )
-            runtime.warning = {"reason": "ExceedsReservation", "message": message}
-            log.warning("footprint exceeds reservation", unit=runtime.key, measured=measured, reserved=claim.need)
-            return Measured.WARNED
+            return Measured.FINE
+        reservations = [("", measured, claim.need)]
+        if footprint.uses_device and claim.device_need > 0:
+            reservations.append(("GPU ", footprint.device_bytes, claim.device_need))
+        for kind, figure, reserved in reservations:
+            if figure > reserved and runtime.warning is None:
+                message = (
+                    f"measured {kind}footprint {format_bytes(figure)} exceeds its {kind}reservation "
+                    f"{format_bytes(reserved)} by {format_bytes(figure - reserved)}; the ledger now holds the "
+                    "measured footprint"
+                )
+                runtime.warning = {"reason": "ExceedsReservation", "message": message}
+                log.warning("footprint exceeds reservation", unit=runtime.key, measured=figure, reserved=reserved)
+                return Measured.WARNED
         return Measured.FINE
 
-    def evict_if_over(self, key: str) -> None:
-        """Holdings over a budget (a footprint above its reservation): evict by the usual order until they fit."""
+    def evict_if_over(self) -> None:
+        """Holdings over a budget (footprints above their reservations): evict by the usual order until they fit."""
         for ledger, what in self.admission.ledgers():
             staying = ledger.used - sum(ledger.held.get(k, 0) for k in self.admission.evicting)
             if staying > ledger.capacity:
                 victims = self.admission.evict_for(staying - ledger.capacity, ledger)
                 self.evict(
                     victims,
-                    f"{key}'s measured footprint took the {what} ledger over its budget "
+                    f"measured footprints took the {what} ledger to {format_bytes(staying)}, over its budget "
                     f"{format_bytes(ledger.capacity)}",
                     "OverBudget",
                 )

@@ -3,6 +3,7 @@ and one whose footprint takes the host ledger over the host budget evicts by the
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,5 +68,20 @@ async def test_a_footprint_over_the_host_budget_evicts_by_priority(tmp_path: Pat
         await until(lambda: phase(agent, "low")[0] == "Ready", agent=agent)
         send(Event(EventType.ADDED, service("high", "high", ballast_mib=220)))  # far above its reservation
         await until(lambda: phase(agent, "low") == ("Pending", "Evicted"), agent=agent)
-        assert "ledger over its budget" in agent.runtimes["d/low"].message
+        assert "took the host ledger to" in agent.runtimes["d/low"].message
         assert phase(agent, "high")[0] == "Ready"
+
+
+@pytest.mark.anyio
+async def test_a_server_stopped_for_its_own_budget_evicts_nobody(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, 4096 * MiB, 0.06)  # a 245 MiB host budget
+    async with running(agent) as send:
+        send(model(tmp_path, "512Mi"))
+        small = write_tiny_gguf(tmp_path / "g.gguf", TinyShape())
+        send(Event(EventType.ADDED, ModelSpec(name="g", namespace="d", source=str(small), memory_budget="64Mi")))
+        send(Event(EventType.ADDED, service("low", "low")))
+        await until(lambda: phase(agent, "low")[0] == "Ready", agent=agent)
+        greedy = dataclasses.replace(service("greedy", "high", ballast_mib=220), model_ref="g")
+        send(Event(EventType.ADDED, greedy))  # over its own 64 MiB and over the host ledger
+        await until(lambda: phase(agent, "greedy") == ("Failed", "ExceedsBudget"), agent=agent)
+        assert phase(agent, "low") == ("Ready", "Ready") and agent.admission.counts["evicted"] == 0

@@ -90,6 +90,10 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
         status = agent.status()
         assert status["units"][0]["reserved_gpu_bytes"] == {"0": 700 * MiB}
         assert status["units"][0]["reserved_from"] == "measured"
+        warning = agent.runtimes["d/s"].warning  # 700 MiB is above the device estimate it was admitted with
+        assert (
+            warning is not None and warning["reason"] == "ExceedsReservation" and "GPU footprint" in warning["message"]
+        )
         assert status["admission"]["gpus"]["0"] == {
             "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
         }  # fmt: skip
