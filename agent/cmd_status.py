@@ -64,7 +64,7 @@ def row(unit: dict[str, Any]) -> tuple[str, ...]:
         unit["reason"] or "-",
         f"{_size(budget['bytes'])} ({budget['source']})" if budget else "-",
         _size((unit["estimate"] or {}).get("total")),
-        _size((unit["actual"] or {}).get("rss")),
+        _size((unit.get("measured") or {}).get("total_bytes") or (unit["actual"] or {}).get("rss")),
         str(unit["pid"] or "-"),
         str(unit.get("port") or "-"),
         unit["endpoint"] or "-",
@@ -79,6 +79,10 @@ def render(status: dict[str, Any]) -> str:
         f"host: {format_bytes(host['total_bytes'])} total, {format_bytes(host['available_bytes'])} available; "
         f"budget {format_bytes(budget)} ({host['budget_source']}), reserved {format_bytes(reserved)} "
         f"({reserved / budget:.0%})",
+        *(
+            f"GPU {index}: budget {format_bytes(gpu['budget_bytes'])}, reserved {format_bytes(gpu['reserved_bytes'])}"
+            for index, gpu in (status.get("admission") or {}).get("gpus", {}).items()
+        ),
         "",
     ]
     rows = [COLUMNS, *(row(unit) for unit in status["units"])]

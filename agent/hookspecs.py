@@ -67,6 +67,10 @@ class Executor(Protocol):
     An executor may also define ``check_spec(unit) -> str | None``: why the unit's spec cannot be served as
     written (an ``extraArgs`` flag it does not allow, say), or None. The agent asks it before the unit is admitted;
     a message makes the unit ``Failed`` with reason ``InvalidSpec`` and nothing is started.
+
+    An executor may also define ``measure(pid, log_path) -> agent.footprint.Footprint``: what its server really
+    uses, per kind of memory (host, device per GPU), each figure with its source. Without it the agent measures
+    the process's host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's log.
     """
 
     name: str

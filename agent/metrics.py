@@ -44,7 +44,8 @@ class Metrics:
             "metal_agent_rejections",
             "Units refused a start, by reason (InsufficientMemory: does not fit its own budget; WaitingForMemory: "
             "waits for the host budget or the OS to free memory; MemoryCheckFailed, InvalidSpec, UnsupportedSource, "
-            "NoExecutor). Counted once each time a unit enters the state, not on every retry while it waits.",
+            "NoExecutor, ExceedsBudget: stopped after load for exceeding its budget). Counted once each time a "
+            "unit enters the state, not on every retry while it waits.",
             ["reason"],
             registry=reg,
         )
@@ -157,8 +158,8 @@ class StateCollector(Collector):
         budget = GaugeMetricFamily("metal_agent_unit_budget_bytes", "A unit's own memory budget.", labels=labels)
         actual = GaugeMetricFamily(
             "metal_agent_unit_actual_bytes",
-            "Memory of a unit's server once ready: rss of the process and what llama.cpp reports it allocated "
-            "(model, kv, output, compute, total).",
+            "Memory of a unit's server once ready: rss of the process, the measured host (and GPU: device) memory "
+            "and what llama.cpp reports it allocated (model, kv, output, compute, total).",
             labels=[*labels, "component"],
         )
         phase = GaugeMetricFamily(
@@ -176,3 +177,13 @@ class StateCollector(Collector):
             for name in PHASES:
                 phase.add_metric([unit["unit"], name], int(unit["phase"] == name))
         yield from (reserved, estimated, budget, actual, phase)
+        gpu_budget = GaugeMetricFamily(
+            "metal_agent_gpu_budget_bytes", "Device memory the agent may give to units on a GPU.", labels=["gpu"]
+        )
+        gpu_reserved = GaugeMetricFamily(
+            "metal_agent_gpu_reserved_bytes", "Device memory starting and running units hold on a GPU.", labels=["gpu"]
+        )
+        for index, gpu in ((status.get("admission") or {}).get("gpus") or {}).items():
+            gpu_budget.add_metric([index], gpu["budget_bytes"])
+            gpu_reserved.add_metric([index], gpu["reserved_bytes"])
+        yield from (gpu_budget, gpu_reserved)

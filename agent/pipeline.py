@@ -9,6 +9,7 @@ command → start → report.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
@@ -17,16 +18,17 @@ from typing import Any
 import anyio
 import structlog
 
-from agent import logs, supervisor
+from agent import gpus, logs, supervisor
 from agent.admission import EVICTED, Admission, Outcome
 from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
+from agent.footprint import keep_report, measure_with
 from agent.hookspecs import Executor, spec_problem
 from agent.hostmem import detect_host_memory
 from agent.manifest import ModelSpec, ServiceSpec
-from agent.memory_guard import MemoryGuard, measure
+from agent.memory_guard import Measured, MemoryGuard
 from agent.metrics import Metrics
 from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.model_store import ModelFiles, SourceError
@@ -45,6 +47,14 @@ log = structlog.get_logger("metal_agent.pipeline")
 CHILD_PHASES = ("Starting", "Ready")  # phases in which a unit has a process on record
 
 
+def _reserved_from(runtime: UnitRuntime) -> str:
+    """What the ledger holds for a unit: its estimate, its measurement, or the larger of the two."""
+    footprint = runtime.footprint
+    if footprint is None:
+        return "estimate"
+    return "measured" if footprint.authoritative else "max(estimate, measured)"
+
+
 class Agent:
     def __init__(self, config: AgentConfig, plugins: Plugins, memory: Provider | None = None) -> None:
         self.config, self.plugins = config, plugins
@@ -57,7 +67,12 @@ class Agent:
         self.admission = Admission(self._host_budget(memory().total_bytes))
         self.ledger = self.admission.ledger
         watchdog = Watchdog(memory, config.thresholds(), config.pressure_interval)
-        self.memory = MemoryGuard(self.admission, watchdog, self.runtimes, self._host_budget, config.eviction)
+        self.memory = MemoryGuard(
+            self.admission, watchdog, self.runtimes, self._host_budget, config.eviction, config.mode,
+            config.budget_tolerance,
+        )  # fmt: skip
+        if any(getattr(executor, "uses_device", False) for executor in self.executors):
+            self.admission.set_gpus(gpus.budgets(self._host_budget))  # a GPU's total by the host's fraction
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
@@ -209,14 +224,19 @@ class Agent:
             self.metrics.rejected(str(verdict.reason))
             await self._set(runtime, "Failed", str(verdict.reason), verdict.message)
             return
-        need = verdict.estimate.total_bytes if verdict.estimate else budget.bytes
+        estimate = verdict.estimate
+        need = estimate.total_bytes if estimate else budget.bytes
+        device_need = 0
+        if estimate is not None and estimate.device_bytes is not None:  # a GPU server: host and device ledgers
+            need, device_need = estimate.host_bytes or 0, estimate.device_bytes
         if await self._adopt(runtime, unit, need):  # its memory is in use already: it does not queue
             self.metrics.admitted()
             return
         spec = unit.service
         decision = self.admission.request(
-            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available()
-        )
+            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available(), device_need,
+            max(1, unit.model.gpu_count or 1),
+        )  # fmt: skip
         self.memory.wake_granted()  # units ahead of this one may have been admitted too
         if decision.outcome is Outcome.NEVER_FITS:
             self.metrics.rejected(decision.reason)
@@ -274,6 +294,8 @@ class Agent:
         if record.spec_hash == unit.spec_hash() and record.is_ours():
             self.admission.hold(runtime.key, need, unit.service.priority, unit.service.eviction_protection)
             runtime.child = child
+            adopting, _ = self._executor(unit)
+            runtime.executor = adopting.name if adopting else None  # it measures the server
             await self._set(runtime, "Starting", "Adopted", f"adopting pid {child.pid} on port {child.port}")
             if await self._until_ready(runtime, record.health_path):
                 await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
@@ -316,6 +338,10 @@ class Agent:
             taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
             port = free_port(self.config.ports, taken)
             launch = executor.command(unit, model_path, port)
+            claim = self.admission.holders.get(runtime.key)
+            if claim is not None and claim.gpus:  # the GPUs admission reserved its device memory on
+                env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, claim.gpus))}
+                launch = dataclasses.replace(launch, env=env)
             log_path = self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
             logs_bound = supervisor.LogSettings(self.config.log_max_size, self.config.log_keep)
             child = supervisor.start(launch, port, log_path, logs_bound, self.config.server_env)
@@ -346,9 +372,25 @@ class Agent:
         if runtime.evict_message is not None:
             return False  # the worker stops it next
         runtime.failures = runtime.unhealthy = 0
-        runtime.actual = measure(child)
-        self.memory.measured(runtime, loaded=True)
+        self._measure(runtime, child)
+        if self.memory.measured(runtime, loaded=True) is Measured.EXCEEDS_BUDGET:
+            await self._exceeds_budget(runtime)
+            return False
         return True
+
+    def _measure(self, runtime: UnitRuntime, child: supervisor.Child) -> None:
+        """Ask the server's executor what it really uses (host, GPU, llama.cpp's buffers)."""
+        executor = next((e for e in self.executors if e.name == runtime.executor), None)
+        runtime.footprint = keep_report(measure_with(executor, child.pid, child.log_path), runtime.footprint)
+        runtime.actual = runtime.footprint.actual()
+
+    async def _exceeds_budget(self, runtime: UnitRuntime) -> None:
+        """Enforce mode: a server over its own budget is stopped; only a spec change starts it again."""
+        message = runtime.exceeded or "its measured footprint exceeds its budget"
+        await self._teardown(runtime)
+        runtime.retry_at = None
+        self.metrics.rejected("ExceedsBudget")
+        await self._set(runtime, "Failed", "ExceedsBudget", message)
 
     async def _failed_run(self, runtime: UnitRuntime, message: str) -> None:
         runtime.failures += 1
@@ -371,8 +413,11 @@ class Agent:
             return
         if await supervisor.healthy(child):
             runtime.unhealthy = 0
-            runtime.actual = measure(child)
-            if self.memory.measured(runtime, loaded=False):  # a new warning: reporters turn it into an Event
+            self._measure(runtime, child)
+            judged = self.memory.measured(runtime, loaded=False)
+            if judged is Measured.EXCEEDS_BUDGET:
+                await self._exceeds_budget(runtime)
+            elif judged is Measured.WARNED:  # a new warning: reporters turn it into an Event
                 await self._set(runtime, runtime.phase, runtime.reason, runtime.message)
             return
         runtime.unhealthy += 1
@@ -385,7 +430,7 @@ class Agent:
         if runtime.child is not None:
             await supervisor.stop(runtime.child, self.config.grace_period)
             runtime.child = None
-        runtime.actual, runtime.warning = {}, None
+        runtime.actual, runtime.warning, runtime.footprint = {}, None, None
         if evicted is not None and claim is not None:
             self.admission.forget(runtime.key)
             self.admission.requeue(claim, EVICTED, evicted)  # it waits again, keeping its place
@@ -435,7 +480,17 @@ class Agent:
                 "budget_source": "agent" if self.config.memory_fraction else "adaptive",
             },
             "units": [
-                {**runtime.status(), "reserved_bytes": self.ledger.held.get(runtime.key, 0)}
+                {
+                    **runtime.status(),
+                    "reserved_bytes": self.ledger.held.get(runtime.key, 0),
+                    "reserved_from": _reserved_from(runtime),
+                    "reserved_gpu_bytes": {
+                        str(index): ledger.held[runtime.key]
+                        for index, ledger in sorted(self.admission.gpu_ledgers.items())
+                        if runtime.key in ledger.held
+                    }
+                    or None,
+                }
                 for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)
             ],
             "manifest_errors": dict(self.source_errors),
@@ -443,4 +498,5 @@ class Agent:
             **({"report": self.report_status()} if self.report_status else {}),
             **self.memory.status(),
             **self.state.status(),
+            "cuda_context_overhead": gpus.CONTEXT_OVERHEAD.status(),
         }

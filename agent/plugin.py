@@ -14,6 +14,9 @@ complete example package; agent/hookspecs.py documents each hook's arguments and
   ``Mode`` is enforce or warn.
 - A plugin's own settings: ``Setting`` rows of a ``Kind`` (``BOOLEAN``, ``PATH``, ``integer(...)``, ...), which
   raise ``InvalidValue`` for a bad value; ``format_bytes`` and ``parse_quantity`` read and write sizes.
+- Measuring a server: ``measure_process`` (host memory, llama.cpp's buffer report) gives a ``Footprint``; on
+  NVIDIA GPUs ``list_gpus``, ``gpu_process_memory`` and the learned ``CONTEXT_OVERHEAD`` per GPU, and
+  ``gpu_estimate`` (an estimator for ``check_gguf`` that splits device and host memory).
 - Handling user input: ``quoted`` and ``shown`` quote it (bounded) in messages; ``read_bytes`` reads a file
   without blocking on a FIFO or a device, capped in size.
 """
@@ -21,6 +24,10 @@ complete example package; agent/hookspecs.py documents each hook's arguments and
 from __future__ import annotations
 
 from agent.budget import Budget
+from agent.device_estimate import gpu_estimate
+from agent.footprint import Footprint, is_device_backend, measure_process
+from agent.gpus import CONTEXT_OVERHEAD, DEFAULT_CONTEXT_OVERHEAD, GPU, NoGPU, list_gpus
+from agent.gpus import process_memory as gpu_process_memory
 from agent.hookspecs import ENTRY_POINT_GROUP, Executor, Launch, hookimpl
 from agent.hostmem import HostMemory
 from agent.manifest import ModelSpec, ServiceSpec
@@ -49,14 +56,18 @@ from agent.units import ServingUnit
 
 __all__ = [
     "BOOLEAN",
+    "CONTEXT_OVERHEAD",
+    "DEFAULT_CONTEXT_OVERHEAD",
     "ENTRY_POINT_GROUP",
     "FRACTION",
+    "GPU",
     "HOST",
     "PATH",
     "PORT",
     "QUANTITY",
     "Budget",
     "Executor",
+    "Footprint",
     "HostMemory",
     "InvalidValue",
     "Kind",
@@ -64,6 +75,7 @@ __all__ = [
     "Mode",
     "ModelShape",
     "ModelSpec",
+    "NoGPU",
     "Reason",
     "ServeSettings",
     "ServiceSpec",
@@ -73,9 +85,14 @@ __all__ = [
     "check_gguf",
     "failed",
     "format_bytes",
+    "gpu_estimate",
+    "gpu_process_memory",
     "hookimpl",
     "integer",
+    "is_device_backend",
     "judge",
+    "list_gpus",
+    "measure_process",
     "parse_quantity",
     "quoted",
     "read_bytes",

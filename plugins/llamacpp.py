@@ -21,12 +21,14 @@ from agent.plugin import (
     BOOLEAN,
     PATH,
     Executor,
+    Footprint,
     InvalidValue,
     Launch,
     ServeSettings,
     ServingUnit,
     Setting,
     hookimpl,
+    measure_process,
     quoted,
 )
 from plugins.extra_args import Allowlist, allowlist_kind
@@ -39,6 +41,10 @@ INSTALL_HINT = (
     "llama-server was not found: install llama.cpp (macOS: `brew install llama.cpp`), set its path in the "
     "config, or install the fallback with `pip install 'metal-agent[xllamacpp]'`"
 )
+
+
+# llama-server prints its buffer sizes (what the agent measures a server by) only at verbosity 4 and above.
+LOG_VERBOSITY = 4
 
 
 class ServerNotFound(RuntimeError):
@@ -98,6 +104,7 @@ def server_argv(
         "--cache-ram", str(settings.cache_ram_bytes >> 20),
         "--n-gpu-layers", str(gpu_layers),
         "--metrics",
+        "-lv", str(LOG_VERBOSITY),
     ]  # fmt: skip
     if settings.kv_unified:
         argv.append("--kv-unified")
@@ -137,6 +144,10 @@ class LlamaCppExecutor:
         )
         argv = server_argv(find_llama_server(self.binary), model_path, unit.settings, port, options)
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
+
+    def measure(self, pid: int, log_path: Path | None = None) -> Footprint:
+        """Host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's buffer report."""
+        return measure_process(pid, log_path)
 
 
 def _executable(value: str, where: str) -> Path:

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlock", action="store_true", help="accepted for compatibility; the wheel does not expose it")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("-t", "--threads", type=int, default=0)
-    p.add_argument("-v", "--verbosity", type=int, default=4)
+    p.add_argument("-v", "-lv", "--verbosity", "--log-verbosity", type=int, default=4)
     # The options of extraArgs' default allowlist that a stand-in is most often given, spelled as llama-server does.
     p.add_argument("-a", "--alias")
     p.add_argument("--temp", "--temperature", type=float)

@@ -66,3 +66,41 @@ class Executors:
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         for executor in self.executors:
             register(executor)
+
+
+# A stand-in for a CUDA llama-server: takes llama-server's flags, prints llama.cpp's buffer report (only at
+# -lv 4 and above, as the real one does) with sizes from FAKE_LLAMA_* variables, and answers /health. What it
+# "uses" on the GPU is whatever the test's fake NVML says: it can lie in both directions.
+FAKE_LLAMA_SERVER = """
+import http.server, os, sys
+args = sys.argv[1:]
+def flag(*names, default=None):
+    for i, a in enumerate(args):
+        if a in names and i + 1 < len(args):
+            return args[i + 1]
+    return default
+port, verbosity = int(flag("--port")), int(flag("-lv", "--verbosity", "--log-verbosity", default="3"))
+env = lambda name: float(os.environ.get("FAKE_LLAMA_" + name, "0"))
+ballast = b"x" * (int(env("HOST_MIB")) << 20)
+if verbosity >= 4:
+    print("load_tensors: loading model tensors, this can take a while... (mmap = true)")
+    print(f"load_tensors:   CPU_Mapped model buffer size = {env('EMBD_MIB'):10.2f} MiB")
+    print(f"load_tensors:        CUDA0 model buffer size = {env('MODEL_MIB'):10.2f} MiB")
+    print(f"llama_kv_cache:      CUDA0 KV buffer size = {env('KV_MIB'):10.2f} MiB")
+    print(f"sched_reserve:      CUDA0 compute buffer size = {env('COMPUTE_MIB'):10.2f} MiB")
+    print(f"sched_reserve:  CUDA_Host compute buffer size = {env('HOST_COMPUTE_MIB'):10.2f} MiB")
+sys.stdout.flush()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def write_fake_llama_server(directory: Path) -> Path:
+    """An executable ``llama-server`` stand-in in ``directory`` (see ``FAKE_LLAMA_SERVER``)."""
+    path = directory / "fake-llama-server"
+    path.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
+    path.chmod(0o755)
+    return path

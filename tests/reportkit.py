@@ -68,6 +68,7 @@ def status(phase: str, reason: str, message: str = "", port: int | None = None, 
         "executor": "llamacpp" if running else None,
         "download": None,
         "warning": None,
+        "measured": None,
     }
 
 

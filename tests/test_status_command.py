@@ -151,3 +151,12 @@ def test_run_fails_with_status_1_when_the_api_port_is_taken(tmp_path: Path) -> N
         )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(f"error: cannot serve the local API on 127.0.0.1:{port}: ")
+
+
+def test_table_shows_gpu_ledgers_and_the_measured_gpu_footprint() -> None:
+    gpu_unit = {**STATUS["units"][0], "measured": {"total_bytes": 9 << 30}}  # type: ignore[index]
+    status = {**STATUS, "units": [gpu_unit], "admission": {"gpus": {"0": {"budget_bytes": 100 << 30,
+                                                                            "reserved_bytes": 9 << 30}}}}  # fmt: skip
+    text = render(status)
+    assert "GPU 0: budget 100.0 GiB, reserved 9.0 GiB" in text
+    assert table(text)[0]["ACTUAL"] == "9.0 GiB"  # host plus GPU memory, not the RSS alone

@@ -161,7 +161,9 @@ def memory(status: Mapping[str, Any]) -> JSON | None:
             estimateBreakdown={ESTIMATE_KEYS.get(k, k): v for k, v in estimate.items() if k != "total"},
         )
     if actual:
-        out.update(actualBytes=actual.get("total") or actual.get("rss"), actual=dict(actual))
+        measured = status.get("measured") or {}
+        figure = measured.get("total_bytes") or actual.get("total") or actual.get("rss")
+        out.update(actualBytes=figure, actual=dict(actual))
     return out
 
 
