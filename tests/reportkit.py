@@ -18,6 +18,7 @@ from agent.units import ServingUnit
 API_VERSION = "inference.llmkube.dev/v1alpha1"
 FAST = Retry(attempts=3, base=0.01, cap=0.05, timeout=5)
 GiB = 1 << 30
+HOST_IP = "192.0.2.10"  # TEST-NET-1: routable as far as an API server can tell (it refuses loopback)
 
 
 def model_obj(name: str = "llama", budget: str = "8Gi") -> dict[str, Any]:
@@ -73,7 +74,7 @@ def status(phase: str, reason: str, message: str = "", port: int | None = None, 
 
 def settings(**changes: Any) -> ReporterSettings:
     return ReporterSettings(
-        **{"host_name": "mac-1", "host_ip": "127.0.0.1", "retry": FAST, "retry_after": 0.05, **changes}
+        **{"host_name": "mac-1", "host_ip": HOST_IP, "retry": FAST, "retry_after": 0.05, "retry_cap": 0.5, **changes}
     )
 
 

@@ -60,7 +60,7 @@ def agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
         "--agent-name",
         "e2e-host",
         "--advertise-address",
-        "127.0.0.1",
+        "192.0.2.10",  # TEST-NET-1: an API server refuses a loopback address in an EndpointSlice
     )
     yield process
     process.close()
@@ -83,7 +83,7 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
     agent.wait(lambda: phase(kube_api, "a") == "Ready", timeout=60)
     status = kube_api.get("InferenceService", "a")["status"]
     port = agent.unit("a")["port"]  # type: ignore[index]
-    assert status["readyReplicas"] == 1 and status["agent"]["endpoint"] == f"http://127.0.0.1:{port}"
+    assert status["readyReplicas"] == 1 and status["agent"]["endpoint"] == f"http://192.0.2.10:{port}"
     assert status["endpoint"] == "http://a.default.svc:8080" and status["agent"]["host"] == "e2e-host"
     assert status["memory"]["actual"]["kv"] == status["memory"]["estimateBreakdown"]["kvCache"]
     agent.wait(lambda: kube_api.get("EndpointSlice", "a-metal-agent", api_version=SLICE) is not None)
@@ -104,7 +104,7 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
     assert all(r.content_type == MERGE_PATCH and r.status == 200 for r in status_writes(kube_api, "a"))
     assert kube_api.get("InferenceService", "a")["metadata"]["generation"] == 1
     report = agent.status()["report"]
-    assert report["host"] == "e2e-host" and report["address"] == "127.0.0.1" and report["endpoint_conflicts"] == []
+    assert report["host"] == "e2e-host" and report["address"] == "192.0.2.10" and report["endpoint_conflicts"] == []
     assert report["status_writes"] >= 3 and report["events"]["sent"] >= 4 and report["events"]["dropped"] == 0
 
     agent.close()  # SIGTERM: servers stop, endpoints go, the status says so

@@ -188,6 +188,8 @@ async def test_label_selector_on_list_and_watch_with_transitions(
 async def test_cluster_wide_list_and_watch_cover_every_namespace(
     kube_api: KubeAPI, api: client.CustomObjectsApi
 ) -> None:
+    kube_api.create_namespace("one")
+    kube_api.create_namespace("two")
     await create(api, model("a", namespace="one"))
     await create(api, model("b", namespace="two"))
     listing = await api.list_cluster_custom_object(GROUP, VERSION, "models")
@@ -241,7 +243,7 @@ async def test_generation_counts_spec_changes_only_and_the_main_endpoint_ignores
     noop = await api.patch_namespaced_custom_object(*args, {"spec": {"contextSize": 4096}}, _content_type=MERGE)
     assert noop["metadata"]["resourceVersion"] == same_rv
     replaced = await api.replace_namespaced_custom_object(*args, {**respec, "spec": {"source": "/n"}})
-    assert replaced["metadata"]["generation"] == 3 and replaced["spec"] == {"source": "/n"}
+    assert replaced["metadata"]["generation"] == 3 and replaced["spec"] == {"source": "/n", "format": "gguf"}
     with pytest.raises(client.ApiException) as stale:
         await api.replace_namespaced_custom_object(*args, respec)
     assert stale.value.status == 409
@@ -255,13 +257,16 @@ async def test_core_and_discovery_resources(kube_api: KubeAPI) -> None:
     async with client.ApiClient(kube_api.configuration()) as api_client:
         core, events_v1 = client.CoreV1Api(api_client), client.EventsV1Api(api_client)
         discovery = client.DiscoveryV1Api(api_client)
+        kube_api.create_namespace("ns")
         svc = await core.create_namespaced_service("ns", {"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}})
         assert svc.metadata.namespace == "ns" and kube_api.requests[-1].status == 201
         await core.patch_namespaced_service("s", "ns", {"metadata": {"labels": {"a": "b"}}})  # strategic: accepted
         assert (await core.read_namespaced_service("s", "ns")).metadata.labels == {"a": "b"}
         await core.create_namespaced_event("ns", {"metadata": {"name": "e1"}, "involvedObject": {"name": "s"}})
-        await events_v1.create_namespaced_event("ns", {"metadata": {"name": "e2"}, "eventTime": "2026-01-01T00:00:00Z",
-                                                       "reason": "Ready", "action": "Serve"})  # fmt: skip
+        await events_v1.create_namespaced_event("ns", {"metadata": {"name": "e2"}, "type": "Normal",
+                                                       "eventTime": "2026-01-01T00:00:00.000000Z", "reason": "Ready",
+                                                       "action": "Serve", "reportingController": "x/y",
+                                                       "reportingInstance": "y"})  # fmt: skip
         assert kube_api.get("Event", "e1", "ns") and kube_api.get("Event", "e2", "ns", api_version="events.k8s.io/v1")
         slice_ = {"metadata": {"name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
                   "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}]}  # fmt: skip

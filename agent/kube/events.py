@@ -19,7 +19,7 @@ import anyio
 import structlog
 from kubernetes_asyncio.client import EventsV1Api
 
-from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Retry, call
+from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.manifest import API_VERSION
 
 log = structlog.get_logger("metal_agent.kube.events")
@@ -69,8 +69,10 @@ class EventRecorder:
         queue_size: int = 256,
         series_window: float = 600.0,
         retry: Retry = DEFAULT_RETRY,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.api: Any = EventsV1Api(api_client)  # Any: the bundled stubs omit _content_type and dict bodies
+        self.on_refused = on_refused or (lambda reason: None)
         self.instance, self.uid_of, self.series_window, self.retry = instance[:128], uid_of, series_window, retry
         self._send, self._receive = anyio.create_memory_object_stream[Event](queue_size)
         self.series: OrderedDict[tuple[str, ...], _Series] = OrderedDict()
@@ -119,6 +121,9 @@ class EventRecorder:
                 )
             except NotFound:  # expired (events have a TTL) or deleted: start a new one
                 done = None
+            except Refused as exc:  # logged; a new event is still worth sending
+                self.on_refused(exc.reason)
+                done = None
             if done is not None:
                 self.aggregated += 1
                 return
@@ -147,6 +152,9 @@ class EventRecorder:
                 self.retry,
             )
         except NotFound:  # the namespace is gone
+            created = None
+        except Refused as exc:  # logged; an Event is never sent twice
+            self.on_refused(exc.reason)
             created = None
         if created is None:
             self.failed += 1
