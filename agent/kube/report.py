@@ -30,10 +30,11 @@ from kubernetes_asyncio.client import CustomObjectsApi
 
 from agent.hookspecs import hookimpl
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
-from agent.kube.endpoints import CONFLICT, OK, REFUSED, Endpoints, Target, detect_host_ip, label_value, routable
+from agent.kube.endpoints import Endpoints, label_value
 from agent.kube.events import Event, EventRecorder
 from agent.kube.model_status import ModelFacts
 from agent.kube.reconcile import Outcome, Reconciler
+from agent.kube.registration import Registration
 from agent.kube.status import SCHEDULING_REASONS, TERMINATING, build_status, managed, merge_patch, strip_nulls
 from agent.manifest import GROUP, VERSION
 from agent.pipeline import AgentConfig
@@ -45,11 +46,6 @@ PLURAL = "inferenceservices"
 DELETED = "Deleted"  # the phase the pipeline reports when the InferenceService is gone (or being deleted)
 WARNING_PHASES = frozenset({"Failed", "CrashLoop", "Restarting"})
 ACTIONS = {"Pending": "Admit", "Starting": "Start", "Ready": "Serve", "Restarting": "Restart", "Stopped": "Stop"}
-NO_ROUTE = (
-    "this host's address on its route to the API server is {address}, which the cluster cannot reach (the API "
-    "server refuses it in an EndpointSlice): no Service endpoint is registered. Set --advertise-address to this "
-    "host's address on the cluster's network, or --no-endpoints"
-)
 
 
 def default_host_name() -> str:
@@ -96,8 +92,6 @@ class KubeReporter:
         self.host = label_value(settings.host_name)
         # Any: the bundled stubs omit the generated methods' keyword arguments (_content_type).
         self.custom: Any = CustomObjectsApi(api_client)
-        self.host_ip = settings.host_ip
-        self.no_route = False  # no address the cluster can reach: endpoints are not registered
         self._api_url: str = getattr(getattr(api_client, "configuration", None), "host", "") or ""
         self.refusals: Counter[str] = Counter()  # permanent failures by the API's reason
         self._on_refused = on_refused
@@ -106,6 +100,9 @@ class KubeReporter:
             api_client, f"metal-agent-{self.host}", self._uid, settings.event_queue, retry=settings.retry,
             on_refused=self._refused,
         )  # fmt: skip
+        self.registration = Registration(
+            self.endpoints, self.events, self.host, settings.host_ip, settings.endpoints, settings.events
+        )
         self.reconciler = Reconciler(
             self._sync, concurrency=settings.concurrency, backoff_base=settings.retry_after,
             backoff_cap=settings.retry_cap,
@@ -114,8 +111,6 @@ class KubeReporter:
         self.written: dict[str, dict[str, Any]] = {}  # the status on the server, as far as this agent knows
         self.uids: dict[str, str] = {}
         self.models = ModelFacts(self.custom, settings.retry, self._refused)
-        self.swept: set[str] = set()  # units whose leftover endpoints (from a killed agent) were removed
-        self.warned: set[str] = set()  # units told (by an Event) that they get no endpoint
         self.last_event: dict[str, tuple[str, str, str]] = {}
         self.status_writes = 0
 
@@ -144,27 +139,8 @@ class KubeReporter:
         why = "CrashLoop" if phase == "CrashLoop" else (reason or phase)
         action = ACTIONS.get(phase, "Admit" if reason in SCHEDULING_REASONS else "Start")
         namespace, name = key.split("/", 1)
-        note = self._cluster_text(key, status)
+        note = self.registration.cluster_text(key, status)
         self.events.emit(Event(namespace, name, "Warning" if warning else "Normal", why, action, note))
-
-    def _cluster_text(self, key: str, status: dict[str, Any]) -> str:
-        """The status message with the server's local URL replaced by the one the cluster uses."""
-        message, port = str(status.get("message") or ""), status.get("port")
-        if not port:
-            return message
-        outside = self._cluster_url(key, int(port))
-        for local in (status.get("endpoint"), f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
-            if local and local in message:
-                message = message.replace(local, outside)
-        return message
-
-    def _cluster_url(self, key: str, port: int) -> str:
-        namespace, name = key.split("/", 1)
-        if self.settings.endpoints and not self.no_route:
-            return self.endpoints.url(namespace, name)
-        if self.host_ip and routable(self.host_ip):
-            return self._host_url(port)
-        return f"port {port} on {self.host} (no address the cluster can reach)"
 
     async def _uid(self, namespace: str, name: str) -> str | None:
         """The InferenceService's uid (for Events' ``regarding``), read once if the status writer has not yet."""
@@ -189,12 +165,7 @@ class KubeReporter:
     # -- the background writer ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Write statuses and endpoints, and send Events, until cancelled."""
-        if self.host_ip is None:
-            self.host_ip = await anyio.to_thread.run_sync(detect_host_ip, self._api_url)
-            log.info("advertising this host's address", address=self.host_ip, host=self.host)
-        if self.settings.endpoints and not routable(self.host_ip):
-            self.no_route = True
-            log.warning(NO_ROUTE.format(address=self.host_ip))
+        await self.registration.resolve_address(self._api_url)
         async with anyio.create_task_group() as tasks:
             if self.settings.events:
                 tasks.start_soon(self.events.run)
@@ -205,9 +176,8 @@ class KubeReporter:
         events = self.events
         return {
             "host": self.host,
-            "address": self.host_ip,
-            "endpoints": "disabled" if not self.settings.endpoints else "no routable address" if self.no_route
-            else "registered",
+            "address": self.registration.host_ip,
+            "endpoints": self.registration.mode,
             "status_writes": self.status_writes,
             "pending": self.reconciler.busy,
             "backing_off": self.reconciler.backing_off,
@@ -232,8 +202,7 @@ class KubeReporter:
             del self.desired[key]
         for table in (self.written, self.uids, self.last_event):
             table.pop(key, None)
-        self.swept.discard(key)
-        self.warned.discard(key)
+        self.registration.forget(key)
 
     async def _sync(self, key: str) -> Outcome:
         """Bring one InferenceService's status and endpoints up to date."""
@@ -254,20 +223,20 @@ class KubeReporter:
                 return Outcome.GONE
             if not found:
                 return Outcome.RETRY
-        endpoint, registration, condition = await self._endpoints(key, desired)
+        endpoint, registration, condition = await self.registration.sync(key, desired.status, self.uids.get(key))
         if desired.unit is not None:
             await self.models.write(desired.unit)
         unit = desired.unit
         port = desired.status.get("port")
         new = strip_nulls(
             build_status(
-                {**desired.status, "message": self._cluster_text(key, desired.status)},
+                {**desired.status, "message": self.registration.cluster_text(key, desired.status)},
                 self.written[key],
                 generation=unit.service.generation if unit else None,
                 suspended=bool(unit and unit.service.suspend),
                 host=self.host,
                 endpoint=endpoint,
-                host_endpoint=self._host_url(port) if port else None,
+                host_endpoint=self.registration.host_url(port) if port else None,
                 endpoint_condition=condition,
             )
         )
@@ -347,51 +316,6 @@ class KubeReporter:
                 return Outcome.RETRY
         self._forget(key, desired)
         return Outcome.GONE
-
-    def _host_url(self, port: int) -> str:
-        ip = self.host_ip or "127.0.0.1"
-        return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
-
-    async def _endpoints(self, key: str, desired: _Desired) -> tuple[str | None, Outcome, tuple[str, str, str] | None]:
-        """Register (or unregister) the unit's endpoint: the URL to report, how it went, and the
-        ``EndpointRegistered`` condition (status, reason, message; None while no server runs)."""
-        namespace, name = key.split("/", 1)
-        phase, port = desired.status.get("phase"), desired.status.get("port")
-        if not self.settings.endpoints:
-            return (self._host_url(port) if port else None), Outcome.DONE, None
-        if phase == "Stopped":
-            await self.endpoints.remove(namespace, name)
-            return None, Outcome.DONE, None
-        if self.no_route or (not port and (namespace, name) not in self.endpoints.applied):
-            if key not in self.swept:  # a previous agent, killed, may have left this unit's endpoint marked ready
-                self.swept.add(key)
-                await self.endpoints.remove(namespace, name)
-            if not port:
-                return None, Outcome.DONE, None
-            if key not in self.warned and self.settings.events:
-                self.warned.add(key)
-                note = NO_ROUTE.format(address=self.host_ip)
-                self.events.emit(Event(namespace, name, "Warning", "NoRoutableAddress", "Register", note))
-            return None, Outcome.DONE, ("False", "NoRoutableAddress", NO_ROUTE.format(address=self.host_ip))
-        # No server now (a restart, a budget too small): the Service and its ClusterIP stay, the address goes.
-        ready = phase == "Ready" and bool(port)
-        ip = self.host_ip or "127.0.0.1"
-        target = Target(namespace, name, ip, int(port) if port else None, ready, self.uids.get(key))
-        conflicted = (namespace, name) in self.endpoints.conflicts
-        result = await self.endpoints.ensure(target)
-        url = self.endpoints.url(namespace, name)
-        if result == OK:
-            condition = ("True", "Registered", f"{url} points at {ip}:{port}") if port else None
-            return url, Outcome.DONE, condition
-        if result == CONFLICT:
-            note = f"a Service or EndpointSlice named for {name} exists and is not metal-agent's on {self.host}"
-            if not conflicted and self.settings.events:
-                self.events.emit(Event(namespace, name, "Warning", "EndpointConflict", "Register", note))
-            return None, Outcome.REFUSED, ("False", "EndpointConflict", note)
-        if result == REFUSED:
-            why = self.endpoints.refused[(namespace, name)][1]
-            return None, Outcome.REFUSED, ("False", "RegistrationRefused", f"the API server refused {url}: {why}")
-        return None, Outcome.RETRY, ("Unknown", "Registering", f"registering {url}: the API server did not answer")
 
     # -- stop ------------------------------------------------------------------------------------------------
     async def _stopped(self, key: str, limiter: anyio.CapacityLimiter) -> None:
