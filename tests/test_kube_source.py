@@ -399,6 +399,11 @@ def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
         (["--kube", "--accelerators", "tpu"], "error: --accelerators: 'tpu' is not one of"),
         (["--kube", "--label-selector", "a=("], "error: --label-selector"),
         (["--kube", "--kubeconfig", "/nonexistent/kubeconfig"], "error: --kubeconfig /nonexistent/kubeconfig"),
+        # An API server refuses these in an EndpointSlice: refused at start, not retried in a loop.
+        (["--kube", "--advertise-address", "127.0.0.1"], "error: --advertise-address: 127.0.0.1 cannot be reached"),
+        (["--kube", "--advertise-address", "::1", "--no-endpoints"], "error: --advertise-address: ::1 cannot be"),
+        (["--kube", "--advertise-address", "169.254.1.2"], "error: --advertise-address: 169.254.1.2 cannot be"),
+        (["--kube", "--advertise-address", "0.0.0.0"], "error: --advertise-address: 0.0.0.0 cannot be reached"),
     ],
 )
 def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
@@ -407,7 +412,8 @@ def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
     from agent.cli import main
 
     assert main(["run", "--state-dir", str(tmp_path), *argv]) == 2
-    assert capsys.readouterr().err.startswith(message)
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1  # one line
 
 
 @pytest.mark.anyio

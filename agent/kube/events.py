@@ -77,11 +77,13 @@ class EventRecorder:
         self._send, self._receive = anyio.create_memory_object_stream[Event](queue_size)
         self.series: OrderedDict[tuple[str, ...], _Series] = OrderedDict()
         self.sent = self.aggregated = self.dropped = self.failed = 0
+        self.queued = self.handled = 0  # every event put on the queue, and those whose delivery has ended
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks and never raises (a full queue drops it)."""
         try:
             self._send.send_nowait(event)
+            self.queued += 1
         except anyio.WouldBlock:
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # log the 1st, 2nd, 4th, 8th... drop, not every one
@@ -93,6 +95,11 @@ class EventRecorder:
     def pending(self) -> int:
         return self._receive.statistics().current_buffer_used
 
+    @property
+    def idle(self) -> bool:
+        """Every queued event has been sent or has failed (none waits or is being sent)."""
+        return self.handled == self.queued
+
     async def run(self) -> None:
         """Send queued events until cancelled."""
         async with self._receive:
@@ -102,6 +109,8 @@ class EventRecorder:
                 except Exception:  # a bug here must not end event delivery, let alone the agent
                     self.failed += 1
                     log.exception("event not sent", reason=event.reason, object=f"{event.namespace}/{event.name}")
+                finally:
+                    self.handled += 1
 
     async def _deliver(self, event: Event) -> None:
         now = time.monotonic()

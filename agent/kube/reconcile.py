@@ -120,6 +120,7 @@ class Reconciler:
             while True:
                 version = worker.version
                 worker.state = _State.BUSY
+                self._update_idle()
                 async with self.limiter:
                     try:
                         outcome = await self.sync(key)
