@@ -320,3 +320,123 @@ def test_patch_helpers_follow_the_rfcs() -> None:
     with pytest.raises(ApiError) as bad:
         json_patch(doc, {"a": 1})
     assert bad.value.code == 400
+
+
+# ---------------------------------------------------------------- as strict as kube-apiserver v1.36.2
+# Each answer below was measured against a real API server (shared/reference/kube-apiserver-answers.md).
+
+ISVC = f"/apis/{GROUP}/{VERSION}/namespaces/default/inferenceservices"
+EVENTS = "/apis/events.k8s.io/v1/namespaces/default/events"
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+
+
+async def send(kube_api: KubeAPI, method: str, path: str, body: Any = None, content_type: str = "application/json"
+               ) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        headers = {"Content-Type": content_type}
+        async with session.request(method, kube_api.url + path, json=body, headers=headers) as response:
+            return response.status, await response.json(), dict(response.headers)
+
+
+def isvc(name: str = "chat", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService", "metadata": {"name": name},
+            "spec": {"modelRef": "llama", **spec}}  # fmt: skip
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    body = {"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "type": "Normal",
+            "eventTime": "2026-11-30T10:00:00.123456Z", "reportingController": "llmkube.dev/metal-agent",
+            "reportingInstance": "metal-agent-mac-1", "action": "Serve", "reason": "Ready", "note": "ok",
+            "regarding": {"kind": "InferenceService", "name": "chat", "namespace": "default"}}  # fmt: skip
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "says"),
+    [
+        (f"/apis/{GROUP}/{VERSION}/namespaces/default/models", model("m", hardware={"memoryFraction": 1.5}), 422,
+         "spec.hardware.memoryFraction"),
+        (f"/apis/{GROUP}/{VERSION}/namespaces/default/models", model("m", hardware={"memoryBudget": "24GB"}), 422,
+         "spec.hardware.memoryBudget"),
+        (ISVC, isvc(contextSize=64, priority="urgent"), 422, "spec.contextSize"),
+        (ISVC, isvc(contextSize=64, priority="urgent"), 422, "spec.priority"),
+        (ISVC, isvc(cacheTypeV="q8_0"), 422, "needs flashAttention true"),
+        (f"/apis/{GROUP}/{VERSION}/namespaces/no-such-ns/inferenceservices", isvc(), 404,
+         'namespaces "no-such-ns" not found'),
+        (SLICES, {"metadata": {"name": "s"}, "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"]}]},
+         422, "may not be in the loopback range (127.0.0.0/8, ::1/128)"),
+        (SLICES, {"metadata": {"name": "s"}, "addressType": "IPv6", "endpoints": [{"addresses": ["::1"]}]},
+         422, "may not be in the loopback range"),
+        (EVENTS, event(reportingInstance=None, action=None), 422, "reportingInstance: Required value"),
+        (EVENTS, event(reportingInstance=None, action=None), 422, "action: Required value"),
+        (EVENTS, event(eventTime="2026-11-30T10:00:00Z"), 400, 'cannot parse "Z" as ".000000"'),
+        (EVENTS, event(note="x" * 1025), 422, "can have at most 1024 characters"),
+        (EVENTS, event(series={"count": 1, "lastObservedTime": "2026-11-30T10:00:01.000000Z"}), 422,
+         "series.count: Invalid value"),
+    ],
+)  # fmt: skip
+async def test_creates_a_real_server_refuses_are_refused(
+    kube_api: KubeAPI, path: str, body: dict[str, Any], code: int, says: str
+) -> None:
+    answered, status, _ = await send(kube_api, "POST", path, body)
+    assert (answered, status["kind"]) == (code, "Status") and says in status["message"], status
+
+
+async def test_what_a_real_server_accepts_is_accepted_with_its_defaults(kube_api: KubeAPI) -> None:
+    answered, stored, _ = await send(kube_api, "POST", ISVC, isvc())
+    assert answered == 201
+    assert {k: stored["spec"][k] for k in ("priority", "replicas", "runtime")} == {
+        "priority": "normal", "replicas": 1, "runtime": "llamacpp"}  # fmt: skip
+    slice_ = {"metadata": {"name": "s"}, "addressType": "IPv4", "endpoints": [{"addresses": ["192.0.2.10"]}]}
+    assert (await send(kube_api, "POST", SLICES, slice_))[0] == 201
+    answered, created, _ = await send(kube_api, "POST", EVENTS, event())
+    assert answered == 201
+    series = {"series": {"count": 2, "lastObservedTime": "2026-11-30T10:00:01.000000Z"}}
+    assert (await send(kube_api, "PATCH", f"{EVENTS}/e", series, MERGE))[0] == 200
+    answered, refused, _ = await send(kube_api, "PATCH", f"{EVENTS}/e", {"note": "changed"}, MERGE)
+    assert answered == 422 and "field is immutable" in refused["message"]
+    service = {"metadata": {"name": "svc"}, "spec": {"ports": [{"name": "http", "port": 8080}]}}
+    answered, svc, _ = await send(kube_api, "POST", "/api/v1/namespaces/default/services", service)
+    assert answered == 201 and svc["spec"]["clusterIP"] and svc["spec"]["ports"][0]["targetPort"] == 8080
+    assert (svc["spec"]["sessionAffinity"], svc["spec"]["internalTrafficPolicy"]) == ("None", "Cluster")
+    assert svc["spec"]["ipFamilies"] == ["IPv4"] and svc["spec"]["type"] == "ClusterIP"
+
+
+async def test_status_is_pruned_of_undeclared_fields_and_validated(kube_api: KubeAPI) -> None:
+    await send(kube_api, "POST", ISVC, isvc())
+    patch = {"status": {"phase": "Ready", "foo": 1}}
+    answered, stored, headers = await send(kube_api, "PATCH", f"{ISVC}/chat/status", patch, MERGE)
+    assert answered == 200 and stored["status"] == {"phase": "Ready"}
+    assert headers["Warning"] == '299 - "unknown field \\"status.foo\\""'
+    maybe = {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}}
+    answered, refused, _ = await send(kube_api, "PATCH", f"{ISVC}/chat/status", maybe, MERGE)
+    assert answered == 422 and "status.conditions" in refused["message"] and "'Maybe'" in refused["message"]
+    assert kube_api.get("InferenceService", "chat")["status"] == {"phase": "Ready"}
+
+
+async def test_delete_preconditions_and_finalizers(kube_api: KubeAPI) -> None:
+    service = {"metadata": {"name": "svc"}, "spec": {"ports": [{"port": 80}]}}
+    _, svc, _ = await send(kube_api, "POST", "/api/v1/namespaces/default/services", service)
+    wrong = {"preconditions": {"uid": "00000000-0000-0000-0000-000000000000"}}
+    answered, refused, _ = await send(kube_api, "DELETE", "/api/v1/namespaces/default/services/svc", wrong)
+    assert answered == 409 and "does not match the UID in record" in refused["message"]
+    right = {"preconditions": {"uid": svc["metadata"]["uid"]}}
+    assert (await send(kube_api, "DELETE", "/api/v1/namespaces/default/services/svc", right))[0] == 200
+    held = isvc()
+    held["metadata"]["finalizers"] = ["example.com/keep"]
+    await send(kube_api, "POST", ISVC, held)
+    answered, marked, _ = await send(kube_api, "DELETE", f"{ISVC}/chat")
+    assert answered == 200 and marked["metadata"]["deletionTimestamp"]
+    assert kube_api.get("InferenceService", "chat")["metadata"]["deletionTimestamp"]
+    answered, _, _ = await send(kube_api, "PATCH", f"{ISVC}/chat", {"metadata": {"finalizers": None}}, MERGE)
+    assert answered == 200 and kube_api.get("InferenceService", "chat") is None
+    kinds = [(c.type, bool(c.obj["metadata"].get("deletionTimestamp"))) for c in kube_api.store.history[-3:]]
+    assert kinds == [("ADDED", False), ("MODIFIED", True), ("DELETED", True)]
+
+
+async def test_an_injected_429_says_what_a_restarting_server_says(kube_api: KubeAPI) -> None:
+    kube_api.fail_next(1, status=429)
+    answered, status, _ = await send(kube_api, "GET", ISVC)
+    assert answered == 429 and status["reason"] == "TooManyRequests"
+    assert "storage is (re)initializing" in status["message"]
