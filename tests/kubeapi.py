@@ -38,10 +38,11 @@ stateful `KubernetesEmulator` lacks what a watch client depends on, so this hand
   addresses, Event required fields / time format / note length / series count / immutability, 404 for a
   namespace that does not exist (`create_namespace`; `apply` creates it), uid and resourceVersion preconditions
   on delete, and finalizers: a delete of an object with finalizers only sets `deletionTimestamp`, and removing the
-  last finalizer (`remove_finalizers`) completes it; an injected 429 says `storage is (re)initializing`.
+  last finalizer (`remove_finalizers`) completes it; an injected 429 says `storage is (re)initializing`;
+  `Accept: ...;as=Table` answers a Table of the CRD's printer columns.
 
-Not emulated (not needed by the agent): list pagination (`limit` is ignored), server-side apply (415), Table
-output, authentication.
+Not emulated (not needed by the agent): list pagination (`limit` is ignored), server-side apply (415),
+authentication.
 
 Layout: `kubeapi_store.py` (objects, resourceVersions, history, selectors, patches), `kubeapi_handler.py` (the
 kmock handler: HTTP verbs, watch streams, faults, request log) and this module (the `KubeAPI` fixture object).

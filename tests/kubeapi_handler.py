@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 from kmock import Request, Response
+from kubeapi_rules import table, wants_table
 from kubeapi_store import (
     BY_PATH,
     JSON,
@@ -170,8 +171,11 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         name, sub = request.name, request.subresource
         if sub not in (None, "status") or (sub == "status" and not resource.status_subresource):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({sub})")
+        as_table = wants_table(request.headers.get("Accept"))
         if verb == "list":
             items, rv = self.store.list(resource, request.namespace, _filter(params, name))
+            if as_table:
+                return table(resource, items, str(rv)), 200
             return {"apiVersion": resource.api_version, "kind": f"{resource.kind}List",
                     "metadata": {"resourceVersion": str(rv)}, "items": items}, 200  # fmt: skip
         if verb == "watch":
@@ -182,7 +186,8 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
             return self.store.create(resource, namespace, request.data, warnings), 201
         assert name is not None
         if verb == "get":
-            return self.store.get(resource, namespace, name), 200
+            obj = self.store.get(resource, namespace, name)
+            return (table(resource, [obj]) if as_table else obj), 200
         if verb == "delete":
             options = request.data if isinstance(request.data, dict) else {}
             return self.store.delete(resource, namespace, name, options.get("preconditions")), 200

@@ -10,12 +10,14 @@ forever against a real server while every test passed). The rules here follow
 - Services get the server's defaults (clusterIP, targetPort, ipFamilies, sessionAffinity, internalTrafficPolicy);
 - EndpointSlice addresses must be routable (no loopback, unspecified or link-local address) → 422;
 - events.k8s.io/v1 Events: required fields (422), ``eventTime`` with microseconds (400), a note of at most 1024
-  characters, ``series.count`` of at least 2, and only ``series`` may change afterwards (422 immutable).
+  characters, ``series.count`` of at least 2, and only ``series`` may change afterwards (422 immutable);
+- ``Accept: ...;as=Table`` answers a ``Table`` built from the CRD's printer columns (what kubectl shows).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import ipaddress
 import itertools
 import re
@@ -189,3 +191,55 @@ def _event(resource: Resource, obj: JSON, previous: JSON | None, name: str) -> N
                                               'cannot parse "Z" as ".000000"')  # fmt: skip
     if causes:
         raise invalid(resource, name, causes)
+
+
+# ---------------------------------------------------------------- Table output (kubectl get)
+
+
+def wants_table(accept: str | None) -> bool:
+    """`Accept: application/json;as=Table;v=v1;g=meta.k8s.io`, as kubectl sends it."""
+    return bool(accept) and "as=Table" in str(accept)
+
+
+def table(resource: Resource, items: list[JSON], resource_version: str | None = None) -> JSON:
+    """A meta.k8s.io/v1 Table: Name, then the CRD's printer columns (Age only for built-in kinds)."""
+    columns: list[JSON] = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                            "description": "Name must be unique within a namespace."}]  # fmt: skip
+    printer = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    if resource.custom:
+        printer = crdschema.crds()[resource.kind]["spec"]["versions"][0].get("additionalPrinterColumns", [])
+    for column in printer:
+        defaults = {"format": "", "description": "", "priority": 0}
+        columns.append({**defaults, **{k: v for k, v in column.items() if k != "jsonPath"}})
+    rows = []
+    for obj in items:
+        cells: list[Any] = [obj["metadata"]["name"]]
+        for column in printer:
+            value = _json_path(obj, column["jsonPath"])
+            cells.append(_age(value) if column["type"] == "date" else value)
+        meta = {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion") if k in obj["metadata"]}
+        rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                                "metadata": meta}})  # fmt: skip
+    meta_out = {"resourceVersion": resource_version} if resource_version else {}
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta_out, "columnDefinitions": columns,
+            "rows": rows}  # fmt: skip
+
+
+def _json_path(obj: JSON, path: str) -> Any:
+    value: Any = obj
+    for part in path.strip(".").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _age(stamp: Any) -> str:
+    """A timestamp as kubectl's age (`42s`, `5m`, `3h`, `2d`); `<unknown>` without one."""
+    try:
+        then = datetime.datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return "<unknown>"
+    seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"

@@ -439,3 +439,17 @@ async def test_an_injected_429_says_what_a_restarting_server_says(kube_api: Kube
     answered, status, _ = await send(kube_api, "GET", ISVC)
     assert answered == 429 and status["reason"] == "TooManyRequests"
     assert "storage is (re)initializing" in status["message"]
+
+
+async def test_table_output_has_the_printer_columns(kube_api: KubeAPI) -> None:
+    await send(kube_api, "POST", ISVC, isvc())
+    await send(kube_api, "PATCH", f"{ISVC}/chat/status", {"status": {"phase": "Ready"}}, MERGE)
+    async with aiohttp.ClientSession() as session:
+        accept = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+        async with session.get(kube_api.url + ISVC, headers=accept) as response:
+            listed = await response.json()
+    assert listed["kind"] == "Table"
+    names = [c["name"] for c in listed["columnDefinitions"]]
+    assert names == ["Name", "Model", "Phase", "Reason", "Budget", "Estimate", "Endpoint", "Age"]
+    (row,) = listed["rows"]
+    assert row["cells"][:3] == ["chat", "llama", "Ready"] and row["cells"][-1].endswith("s")
