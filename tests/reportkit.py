@@ -79,9 +79,11 @@ def settings(**changes: Any) -> ReporterSettings:
 
 
 @asynccontextmanager
-async def running(kube_api: KubeAPI, **changes: Any) -> AsyncIterator[KubeReporter]:
+async def running(
+    kube_api: KubeAPI, on_refused: Callable[[str], None] | None = None, **changes: Any
+) -> AsyncIterator[KubeReporter]:
     async with ApiClient(kube_api.configuration()) as api_client:
-        reporter = KubeReporter(api_client, settings(**changes))
+        reporter = KubeReporter(api_client, settings(**changes), on_refused)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(reporter.run)
             yield reporter

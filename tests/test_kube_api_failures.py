@@ -12,6 +12,8 @@ import pytest
 from kubeapi import KubeAPI
 from reportkit import applied, events_in, running, service_obj, settle, status, status_of, unit_of, until
 
+from agent.metrics import Metrics
+
 pytestmark = pytest.mark.anyio
 SLICE = "discovery.k8s.io/v1"
 WINDOW = 1.0  # seconds over which requests are counted; the test backoff starts at 0.05 s (reportkit.settings)
@@ -67,10 +69,9 @@ async def test_a_loopback_route_registers_no_endpoint_says_why_once_and_keeps_se
 async def test_a_refused_endpoint_slice_is_not_retried_until_its_target_changes(kube_api: KubeAPI) -> None:
     applied(kube_api, service_obj())
     unit = unit_of(kube_api)
-    refused: list[str] = []
+    metrics = Metrics(lambda: {})  # the agent's: /metrics serves its registry
     kube_api.fail_next(1000, status=422, when=lambda r: r.resource == "endpointslices" and r.verb == "create")
-    async with running(kube_api) as reporter:
-        reporter._on_refused = refused.append
+    async with running(kube_api, on_refused=metrics.kube_refused) as reporter:
         reporter.report(unit, status("Ready", "Ready", port=18080))
         await settle(reporter)
         assert requests_to(kube_api, "endpointslices", "create") == 1
@@ -82,7 +83,9 @@ async def test_a_refused_endpoint_slice_is_not_retried_until_its_target_changes(
         registered = condition(kube_api, "EndpointRegistered")
         assert (registered["status"], registered["reason"]) == ("False", "RegistrationRefused")
         assert "HTTP 422" in registered["message"]
-        assert reporter.stats()["refused"] == {"Invalid": 1} and refused == ["Invalid"]
+        assert reporter.stats()["refused"] == {"Invalid": 1}
+        refusals = metrics.registry.get_sample_value("metal_agent_kube_api_refusals_total", {"reason": "Invalid"})
+        assert refusals == 1
         kube_api.clear_faults()
         reporter.report(unit, status("Ready", "Ready", port=18081))  # a new target: tried again, and it works
         await settle(reporter)

@@ -293,7 +293,10 @@ class KubeReporter:
             await self.endpoints.remove(namespace, name)
         try:
             obj = await self._get(key, namespace, name)
-        except (NotFound, Refused):
+        except NotFound:
+            obj = {}
+        except Refused as exc:  # unreadable for good: nothing more can be said about it
+            self._refused(exc.reason)
             obj = {}
         if obj is None:
             return Outcome.RETRY
