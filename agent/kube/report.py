@@ -241,9 +241,12 @@ class KubeReporter:
             )
         )
         written = await self._patch_status(key, desired, new)
-        if written is not Outcome.DONE:
+        if written is Outcome.GONE:
             return written
-        return registration
+        for outcome in (Outcome.RETRY, Outcome.REFUSED):  # a transient failure anywhere is tried again
+            if outcome in (written, registration):
+                return outcome
+        return Outcome.DONE
 
     async def _patch_status(self, key: str, desired: _Desired, new: dict[str, Any]) -> Outcome:
         patch = merge_patch(self.written[key], new)
