@@ -226,6 +226,11 @@ class KubeAPI:
     def requests(self) -> list[RecordedRequest]:
         return list(self.handler.recorded)
 
+    def clear_requests(self) -> None:
+        """Forget the request log (a test's setup is not what it counts)."""
+        with self.store.lock:
+            self.handler.recorded.clear()
+
     def requests_where(self, **fields: Any) -> list[RecordedRequest]:
         return [r for r in self.requests if all(getattr(r, k) == v for k, v in fields.items())]
 
