@@ -15,7 +15,8 @@ stateful `KubernetesEmulator` lacks what a watch client depends on, so this hand
 - **410 Gone**: a watch from a resourceVersion older than the retained history gets an `ERROR` event carrying a
   Status with code 410 (reason `Expired`), as a real API server sends it; the history is bounded
   (`history_limit`) and `compact()` forgets it at once; `gone_next_watch(mode="event"|"http")` forces it
-  (`http`: an HTTP 410 answer);
+  (`http`: an HTTP 410 answer); `restart()` plays an API server restart after a compaction (watches dropped,
+  429 `storage is (re)initializing` for a few requests, then 410 for an old resourceVersion);
 - **allowWatchBookmarks** → `BOOKMARK` events (every `bookmark_interval` seconds, before a `timeoutSeconds`
   end, and on `send_bookmarks()`), whose resourceVersion never skips an undelivered event;
 - **timeoutSeconds** ends the stream cleanly;
@@ -263,6 +264,18 @@ class KubeAPI:
     def compact(self) -> None:
         """Forget the event history: a watch from any resourceVersion older than the current one gets 410 Gone."""
         self.store.compact()
+
+    def restart(self, unavailable: int = 3) -> None:
+        """What a kube-apiserver restart after an etcd compaction looks like to clients: open watches drop, the
+        next `unavailable` requests answer 429 `storage is (re)initializing`, and a watch resumed from an old
+        resourceVersion gets 410 Expired."""
+        self.compact()
+        self.fail_next(unavailable, status=429)
+        with self.store.lock:
+            watched = [watch.resource.plural for watch in self.handler.watches]
+        for plural in watched:  # each watch resumes from a resourceVersion now compacted
+            self.gone_next_watch(1, resource=plural)
+        self.disconnect_watches()
 
     def send_bookmarks(self) -> int:
         return self.handler.post_all("bookmark")

@@ -436,3 +436,31 @@ async def test_an_unreachable_server_is_retried_not_fatal() -> None:
                 await anyio.sleep(0.01)
         tasks.cancel_scope.cancel()
     assert not state.connected and not source.synced and "Connect" in (state.last_error or "")
+
+
+@pytest.mark.anyio
+async def test_an_api_server_restart_after_compaction_is_429_then_410_then_a_relist(
+    populated: KubeAPI, running: Running
+) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    populated.restart(unavailable=3)
+    populated.apply(model("b", memoryBudget="1Gi"))  # changed while the server was away
+    assert summary(await running.take(1)) == [("MODIFIED", "ModelSpec", "b")]  # type: ignore[arg-type]
+    answered = [r.status for r in populated.requests if r.resource in ("models", "inferenceservices")]
+    assert answered.count(429) == 3 and len(verbs(populated, "list")) >= 3  # re-listed after the 410
+    await running.until(lambda: populated.open_watches == 2)
+
+
+@pytest.mark.anyio
+async def test_a_delete_held_by_a_finalizer_stops_the_service_at_once(populated: KubeAPI, running: Running) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    held = service("a")
+    held["metadata"]["finalizers"] = ["example.com/keep"]
+    populated.apply(held)
+    populated.delete("InferenceService", "a")  # only marks it: deletionTimestamp
+    assert summary(await running.take(1)) == [("DELETED", "ServiceSpec", "a")]  # type: ignore[arg-type]
+    populated.remove_finalizers("InferenceService", "a")  # now really gone: nothing more to tell the pipeline
+    populated.apply(model("b", memoryBudget="1Gi"))
+    assert summary(await running.take(1)) == [("MODIFIED", "ModelSpec", "b")]  # type: ignore[arg-type]
