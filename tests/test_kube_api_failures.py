@@ -53,6 +53,7 @@ async def test_a_loopback_route_registers_no_endpoint_says_why_once_and_keeps_se
     assert requests_to(kube_api, "endpointslices", "create") == 0 and requests_to(kube_api, "services", "create") == 0
     written = status_of(kube_api)
     assert written["phase"] == "Ready" and written["readyReplicas"] == 1 and "endpoint" not in written
+    assert "endpoint" not in written["agent"]  # the loopback URL means nothing to the cluster
     registered = condition(kube_api, "EndpointRegistered")
     assert (registered["status"], registered["reason"]) == ("False", "NoRoutableAddress")
     assert "--advertise-address" in registered["message"] and "--no-endpoints" in registered["message"]

@@ -58,8 +58,11 @@ class Registration:
         self.swept.discard(key)
         self.warned.discard(key)
 
-    def host_url(self, port: int) -> str:
-        ip = self.host_ip or "127.0.0.1"
+    def host_url(self, port: int) -> str | None:
+        """The server's URL at the advertised address; None when the cluster cannot reach that address."""
+        ip = self.host_ip
+        if ip is None or not routable(ip):
+            return None
         return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
 
     def cluster_url(self, key: str, port: int) -> str:
@@ -67,9 +70,7 @@ class Registration:
         namespace, name = key.split("/", 1)
         if self.enabled and not self.no_route:
             return self.endpoints.url(namespace, name)
-        if self.host_ip and routable(self.host_ip):
-            return self.host_url(port)
-        return f"port {port} on {self.host} (no address the cluster can reach)"
+        return self.host_url(port) or f"port {port} on {self.host} (no address the cluster can reach)"
 
     def cluster_text(self, key: str, status: dict[str, Any]) -> str:
         """The status message with the server's local URL replaced by the one the cluster uses."""
