@@ -86,7 +86,9 @@ async def test_transient_failures_back_off_and_the_worker_is_idle_meanwhile() ->
         assert reconciler.backing_off == ["a"]
         await until(lambda: script.calls["a"] >= 3)
         script.answers["a"] = Outcome.DONE
-        await until(lambda: reconciler.backing_off == [])
+        await until(lambda: reconciler.backing_off == [])  # the next try has begun
+        with anyio.fail_after(5):
+            await reconciler.wait_idle()  # and converged
         calls = script.calls["a"]
         await anyio.sleep(0.3)
         assert script.calls["a"] == calls  # converged: no more syncs
