@@ -89,7 +89,8 @@ async def main_async(
         runner = await serve(agent, args.api_host, args.api_port)
     except OSError as exc:
         raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
-    reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
+    # The status back to the API server; its permanent refusals counted in /metrics.
+    reporter = start_reporter(agent.plugins, kube.configuration, config, agent.metrics.kube_refused) if kube else None
     agent.report_status = reporter.stats if reporter else None
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}

@@ -74,6 +74,14 @@ class Metrics:
             [],
             registry=reg,
         )
+        self.kube_refusals = Counter(
+            "metal_agent_kube_api_refusals",
+            "Requests of the Kubernetes reporter the API server refused for good, by the API's reason (Invalid, "
+            "Forbidden, BadRequest, NotFound, Conflict: a name another owner holds). Not retried until the "
+            "object's desired state changes.",
+            ["reason"],
+            registry=reg,
+        )
         self.pipeline_latency = Histogram(
             "metal_agent_pipeline_latency_seconds",
             "From the first event that changed a unit to the end of the reconcile that applied it (a started "
@@ -112,6 +120,9 @@ class Metrics:
 
     def state_save_failed(self) -> None:
         self.state_save_failures.inc()
+
+    def kube_refused(self, reason: str) -> None:
+        self.kube_refusals.labels(reason).inc()
 
     def reconciled(self, seconds: float) -> None:
         self.pipeline_latency.observe(seconds)

@@ -387,7 +387,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent_name", "kubernetes", "agent_name", HOST, None,
             "this agent in its objects' labels and in Events (default: the host name)", example="mac-studio-1"),
     Setting("advertise_address", "kubernetes", "advertise_address", IP_ADDRESS, None,
-            "the IP address put in EndpointSlices (default: this host's address on the route to the API server)",
+            "the IP address put in EndpointSlices, reachable from the cluster (default: this host's address on the "
+            "route to the API server; no endpoint when that is loopback)",
             example="192.0.2.10"),
     Setting("endpoints", "kubernetes", "endpoints", BOOLEAN, True,
             "register a Service and an EndpointSlice for each served unit", field="register_endpoints"),
