@@ -20,6 +20,7 @@ class AgentConfig:
     memory_fraction: float | None = None
     mode: Mode = Mode.ENFORCE
     host_memory: int | None = None  # override of the detected total
+    budget_tolerance: float = 0.02  # enforce: a measured footprint this far over its budget stops the server
     startup_timeout: float = 120.0
     grace_period: float = 10.0
     probe_interval: float = 5.0
@@ -27,11 +28,15 @@ class AgentConfig:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     crash_loop_after: int = 5  # failures without a healthy start in between
+    log_max_size: int = 8 << 20  # a server's log is rotated at this size (agent/logwriter.py)
+    log_keep: int = 2  # rotated logs kept per server
+    server_env: tuple[str, ...] | None = None  # variables servers get besides the allowlist (agent/server_env.py)
     ports: range | None = None  # fixed ports for servers (firewall rules, bookmarks); None: kernel-assigned
     kube: KubeSettings | None = None  # Kubernetes mode (run --kube): objects come from the API server
     model_store: Path | None = None  # downloads; None: STATE_DIR/models
     model_roots: tuple[Path, ...] = ()  # directories local model paths may lie in (besides the store)
     min_free_disk: int = 1 << 30  # a download must leave this much disk free
+    model_file_mode: int = 0o640  # permissions of downloaded model files
     # Kubernetes mode (agent/kube/report.py): how this host appears in the cluster.
     agent_name: str | None = None  # host label, Events' reportingInstance; None: the host name
     advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server

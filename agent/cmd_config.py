@@ -28,10 +28,10 @@ exit status:
 """
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "config",
-        help="show the effective configuration, or print a sample config file",
+        help=help_line,
         description=f"Settings come from a TOML file, METAL_AGENT_* variables and flags: {PRECEDENCE}.",
     )
     actions = p.add_subparsers(dest="config_command", metavar="ACTION")

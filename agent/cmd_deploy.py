@@ -55,10 +55,10 @@ class ApiFailure(Exception):
     """Printed as one ``error:`` line; exit status 1."""
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "deploy",
-        help="create a Model and an InferenceService in the cluster",
+        help=help_line,
         description=(
             "Create the Model NAME and the InferenceService NAME that serves it, after checking them with the "
             "agent's own rules (quantities such as 24Gi, fractions 0 < F <= 1, context 128..2097152). With "

@@ -12,21 +12,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget, resolve_budget
-from agent.cmd_run import default_model_store
+import anyio
+
+from agent import gpus
+from agent.budget import Budget
 from agent.config import ConfigError, add_config_flag, all_settings, load
-from agent.download import DownloadError
 from agent.gguf_header import GGUFError
 from agent.hostmem import HostMemory, detect_host_memory
+from agent.kube.settings import default_accelerators
+from agent.kvcache import InvalidSettings, validate_settings
 from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
-from agent.model_fetch import plan_remote
-from agent.model_store import SourceError, remote_url
-from agent.plugin_manager import load_plugins
-from agent.preflight import Reason, Verdict, preflight
+from agent.model_store import SourceError, default_model_store, remote_url
+from agent.plugin_manager import Plugins, load_plugins
+from agent.preflight import Mode, Reason, Verdict
 from agent.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 from agent.shape import KV_CACHE_TYPES, ServeSettings
+from agent.units import ServingUnit
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID = 0, 1, 2
+ACCELERATORS = ("metal", "cpu", "cuda")
 AGENT_FRACTION_ENV = "METAL_AGENT_MEMORY_FRACTION"
 
 
@@ -34,10 +38,10 @@ class UsageError(Exception):
     """Invalid input: printed as one ``error:`` line, exit status 2."""
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "estimate",
-        help="estimate a model's memory and check it against its budget",
+        help=help_line,
         description=(
             "Estimate what llama.cpp will allocate for MODEL (a GGUF file, the first shard of a split model, or a "
             "Model manifest in YAML whose hardware fields apply) and check it against the budget. Budget "
@@ -61,6 +65,14 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--memory-budget", metavar="Q", help="the Model's memoryBudget, e.g. 24Gi")
     group.add_argument("--memory-fraction", metavar="F", help="the Model's memoryFraction, 0 < F <= 1")
     p.add_argument("--host-memory", metavar="Q", help="pretend the host has this much memory, e.g. 64Gi")
+    p.add_argument(
+        "--accelerator",
+        choices=ACCELERATORS,
+        help="what the model runs on (default: the manifest's, else this host's: metal on macOS, cuda where an "
+        "NVIDIA GPU is found, else cpu); cuda budgets GPU memory and splits the estimate into device and host",
+    )
+    p.add_argument("--gpu-memory", metavar="Q", help="cuda: pretend each GPU has this much memory, e.g. 24Gi")
+    p.add_argument("--gpu-count", type=int, metavar="N", help="cuda: GPUs the model is split over (default: 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_flag(p)
     p.set_defaults(handler=run)
@@ -72,7 +84,7 @@ def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | Non
     A remote model (a URL, or a manifest naming one) is sized from its header, fetched by HTTP Range.
     """
     if remote_url(source) is not None:
-        return plan_remote(source, default_model_store()), None, None
+        return _plan_remote(source), None, None
     path = Path(source)
     if path.suffix.lower() not in (".yaml", ".yml"):
         return path, None, None
@@ -84,8 +96,19 @@ def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | Non
     service = next((o for o in objects if isinstance(o, ServiceSpec) and o.model_ref == model.name), None)
     local = model.local_path()
     if local is None:
-        return plan_remote(model.source, default_model_store()), model, service
+        return _plan_remote(model.source), model, service
     return local, model, service
+
+
+def _plan_remote(source: str) -> Path:
+    """Where a remote model will be, its header fetched; the HTTP client is imported only for remote models."""
+    from agent.download import DownloadError
+    from agent.model_fetch import plan_remote
+
+    try:
+        return plan_remote(source, default_model_store())
+    except DownloadError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _settings(args: argparse.Namespace, service: ServiceSpec | None) -> ServeSettings:
@@ -101,38 +124,86 @@ def _settings(args: argparse.Namespace, service: ServiceSpec | None) -> ServeSet
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _budget(
-    args: argparse.Namespace, model: ModelSpec | None, host: HostMemory, agent_fraction: float | None
-) -> Budget:
+def _model(args: argparse.Namespace, target: Path, model: ModelSpec | None) -> ModelSpec:
+    """The Model the agent would see: the manifest's (or one for a bare file), with this command's overrides."""
+    spec = model or ModelSpec(name="estimate", namespace="default", source=str(target), accelerator=_host_accelerator())
     if args.memory_budget is not None or args.memory_fraction is not None:
-        budget, fraction = args.memory_budget, args.memory_fraction
-        if fraction is not None:
-            fraction = parse_fraction(fraction, "--memory-fraction")
-        if budget is not None:
-            parse_quantity(budget, "--memory-budget")
-    elif model is not None:
-        budget, fraction = model.memory_budget, model.memory_fraction
-    else:
-        budget = fraction = None
-    return resolve_budget(host.total_bytes, budget, fraction, agent_fraction)
+        fraction = None if args.memory_fraction is None else parse_fraction(args.memory_fraction, "--memory-fraction")
+        if args.memory_budget is not None:
+            parse_quantity(args.memory_budget, "--memory-budget")
+        spec = dataclasses.replace(spec, memory_budget=args.memory_budget, memory_fraction=fraction)
+    if args.accelerator is not None:
+        spec = dataclasses.replace(spec, accelerator=args.accelerator)
+    if args.gpu_count is not None:
+        if args.gpu_count < 1:
+            raise UsageError(f"--gpu-count: {args.gpu_count} is not a number of GPUs (1 or more)")
+        spec = dataclasses.replace(spec, gpu_count=args.gpu_count)
+    return spec
+
+
+def _host_accelerator() -> str:
+    """What this host serves by default: metal on macOS, cuda where an NVIDIA GPU answers, else cpu."""
+    return default_accelerators()[0]
+
+
+def _service(settings: ServeSettings, service: ServiceSpec | None, model: ModelSpec) -> ServiceSpec:
+    base = service or ServiceSpec(name=model.name, namespace=model.namespace, model_ref=model.name)
+    return dataclasses.replace(
+        base,
+        context_size=settings.ctx_size,
+        parallel_slots=settings.parallel,
+        cache_type_k=settings.cache_type_k,
+        cache_type_v=settings.cache_type_v,
+        flash_attention=settings.flash_attn,
+        batch_size=settings.n_batch,
+        ubatch_size=settings.n_ubatch,
+    )
 
 
 def evaluate(args: argparse.Namespace) -> tuple[Verdict, Path, HostMemory]:
+    """The agent's own decision: the same ``resolve_budget`` and ``preflight`` hooks (plugins included)."""
     target, model, service = _load_target(args.model)
     settings = _settings(args, service)
+    try:
+        validate_settings(settings)  # before they become a spec, whose zeros mean "the default"
+    except InvalidSettings as exc:
+        raise UsageError(str(exc)) from None
+    plugins = load_plugins()
     # The agent's own settings (config file, METAL_AGENT_*): its fraction and host memory apply here too. Only
     # --config is passed on: this command's --memory-fraction is the Model's, not the agent's.
-    agent = load(argparse.Namespace(config=args.config), all_settings(load_plugins()))
+    agent = load(argparse.Namespace(config=args.config), all_settings(plugins))
     override = parse_quantity(args.host_memory, "--host-memory") if args.host_memory else agent["host_memory"]
     host = detect_host_memory(override)
-    budget = _budget(args, model, host, agent["memory_fraction"])
-    return preflight(target, settings, budget, host), target, host
+    spec = _model(args, target, model)
+    for flag, value in (("--gpu-memory", args.gpu_memory), ("--gpu-count", args.gpu_count)):
+        if value is not None and spec.accelerator != "cuda":
+            raise UsageError(f"{flag} applies to --accelerator cuda (the model's accelerator is {spec.accelerator})")
+    if args.gpu_memory is not None:
+        each = parse_quantity(args.gpu_memory, "--gpu-memory")
+        gpus.PRETEND = [gpus.GPU(i, each, 0) for i in range(max(1, spec.gpu_count or 1))]
+    plugins.settings = agent.values()
+    plugins.executors()  # plugins take their settings (the CUDA context overhead)
+    unit = ServingUnit(service=_service(settings, service, spec), model=spec)
+    try:
+        return anyio.run(_decide, plugins, unit, target, host, agent["memory_fraction"]), target, host
+    finally:
+        gpus.PRETEND = None
+
+
+async def _decide(
+    plugins: Plugins, unit: ServingUnit, target: Path, host: HostMemory, agent_fraction: float | None
+) -> Verdict:
+    budget: Budget = await plugins.first("resolve_budget", unit=unit, host=host, agent_fraction=agent_fraction)
+    verdict: Verdict = await plugins.first(
+        "preflight", unit=unit, model_path=target, budget=budget, host=host, mode=str(Mode.ENFORCE)
+    )
+    return verdict
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         verdict, target, host = evaluate(args)
-    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError, SourceError, DownloadError) as exc:
+    except (UsageError, ManifestError, InvalidValue, GGUFError, ConfigError, SourceError) as exc:
         return _error(str(exc))
     except RuntimeError as exc:  # host memory could not be detected: fail closed
         return _error(f"cannot check memory: {exc}")
@@ -177,6 +248,9 @@ def to_json(verdict: Verdict, target: Path, host: HostMemory) -> dict[str, Any]:
             "compute_bytes": est.compute_bytes,
             "overhead_bytes": est.overhead_bytes,
             "total_bytes": est.total_bytes,
+            **(
+                {"device_bytes": est.device_bytes, "host_bytes": est.host_bytes} if est.device_bytes is not None else {}
+            ),
             "kv_cells": est.kv_cells,
             "fallback": est.fallback,
             "notes": list(est.notes),
@@ -213,6 +287,11 @@ def render(verdict: Verdict, target: Path, host: HostMemory) -> str:
         ),
         ("overhead", est.overhead_bytes, "output buffer, runtime"),
         ("total", est.total_bytes, ""),
+        *(
+            [("GPU", est.device_bytes, "what nvidia-smi will show for the server"), ("host", est.host_bytes or 0, "")]
+            if est.device_bytes is not None
+            else []
+        ),
         ("limit", verdict.limit_bytes, verdict.binding or ""),
     ]
     lines = [

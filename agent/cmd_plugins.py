@@ -9,18 +9,20 @@ from typing import Any
 from agent.plugin_manager import load_plugins
 
 EPILOG = """\
-Plugins load from the metal_agent.executors entry point group; third-party executors come before the
-built-in ones. A plugin's settings live in its own TOML table ([executors.NAME]) and METAL_AGENT_* variables.
+Plugins load from the metal_agent.executors entry point group (METAL_AGENT_DISABLE_PLUGIN_AUTOLOAD=1: only the
+built-in ones); third-party executors come before the built-in ones. A plugin's settings live in its own TOML
+table ([executors.NAME]) and METAL_AGENT_* variables. A plugin that cannot be imported, has an unknown hook,
+declares a setting that is taken or raises while loading is left out, and listed with the reason.
 
 exit status:
   0  listed (plugins that failed to load are listed too, with the reason)
 """
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "plugins",
-        help="list loaded plugins, executors and plugin settings",
+        help=help_line,
         description="List the loaded plugins with their versions, the executors in the order they are asked, the "
         "settings plugins declare, and plugins that failed to load.",
         epilog=EPILOG,

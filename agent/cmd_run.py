@@ -32,9 +32,11 @@ from agent.kube import flags as kube_flags
 from agent.kube.report import start_reporter
 from agent.kube.source import ConfigError as KubeConfigError
 from agent.kube.source import KubeSource, load_configuration
+from agent.model_store import default_model_store
 from agent.pipeline import Agent, AgentConfig
 from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
+from agent.safe_files import private_dir, write_atomic
 from agent.settings import port_range as port_range  # re-exported: the --ports parser
 from agent.standalone import SYNCED, Event, Synced, watch
 
@@ -49,14 +51,15 @@ A Model's budget: spec.hardware.memoryBudget > memoryFraction > --memory-fractio
 exit status:
   0  stopped by SIGTERM or SIGINT (every server it started is stopped too)
   1  the agent failed while running (e.g. the API port is taken)
-  2  invalid flags or configuration, no manifest directory, or another agent holds the state directory
+  2  invalid flags or configuration, no manifest directory, a state directory that cannot be used (not
+     writable, state file not a regular file), or another agent holds the state directory
 """
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "run",
-        help="run the agent",
+        help=help_line,
         description=(
             "Run the agent on a directory of Model and InferenceService manifests (standalone mode), or with "
             "--kube on the objects of a Kubernetes cluster: every serving unit is checked against its budget and "
@@ -74,12 +77,6 @@ class AgentFailed(RuntimeError):
     """The agent cannot go on (exit status 1); the message says why."""
 
 
-def default_model_store() -> Path:
-    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
-    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
-    return Path(data_home).expanduser() / "metal-agent" / "models"
-
-
 def config_from(config: Config) -> AgentConfig:
     return AgentConfig(**config.fields(f.name for f in dataclasses.fields(AgentConfig)))
 
@@ -92,7 +89,8 @@ async def main_async(
         runner = await serve(agent, args.api_host, args.api_port)
     except OSError as exc:
         raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
-    reporter = start_reporter(agent.plugins, kube.configuration, config) if kube else None  # status back to the API
+    # The status back to the API server; its permanent refusals counted in /metrics.
+    reporter = start_reporter(agent.plugins, kube.configuration, config, agent.metrics.kube_refused) if kube else None
     agent.report_status = reporter.stats if reporter else None
     log = structlog.get_logger("metal_agent")
     where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
@@ -121,7 +119,10 @@ async def main_async(
                             state.on_reconnect = agent.metrics.watch_reconnected
                         await kube.run(send, agent.set_source_errors)
                     else:
-                        async for event in watch(args.manifests, args.poll_interval, agent.set_source_errors, synced):
+                        events = watch(
+                            args.manifests, args.poll_interval, agent.set_source_errors, synced, args.manifest_max_size
+                        )
+                        async for event in events:
                             await send.send(event)
 
             tasks.start_soon(source)
@@ -157,6 +158,29 @@ def effective_config(args: argparse.Namespace, plugins: Plugins) -> tuple[Config
     return settings, config
 
 
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why the state directory cannot serve (one line), or None; it is made private (0700) on the way.
+
+    Checked once at start, so that a read-only or foreign directory is an ``error:`` line and exit 2, not a
+    traceback; while running, a failed save only degrades the state (agent/state_keeper.py).
+    """
+    try:
+        private_dir(state_dir)
+    except OSError as exc:
+        return f"cannot create {state_dir}: {exc.strerror or exc}"
+    try:
+        private_dir(state_dir / "logs")
+        probe = state_dir / f".write-test-{os.getpid()}"
+        write_atomic(probe, b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"{state_dir} is not a writable directory: {exc.strerror or exc}"
+    state_file = state_dir / "children.json"
+    if os.path.lexists(state_file) and not state_file.is_file():
+        return f"{state_file} is not a regular file; remove it (the agent writes it)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     plugins = load_plugins()
     try:
@@ -179,18 +203,18 @@ def run(args: argparse.Namespace) -> int:
         if not root.is_dir():
             print(f"error: {settings.where('model_root')}: {root} is not a directory", file=sys.stderr)
             return 2
-    try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(
-            f"error: {settings.where('state_dir')}: cannot create {config.state_dir}: {exc.strerror}", file=sys.stderr
-        )
+    problem = state_dir_problem(config.state_dir)
+    if problem:
+        print(f"error: {settings.where('state_dir')}: {problem}", file=sys.stderr)
         return 2
     lock = InstanceLock(config.state_dir)
     try:
         lock.acquire()
     except AlreadyRunning as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {settings.where('state_dir')}: cannot lock {lock.path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
         anyio.run(main_async, args, config, plugins, kube)

@@ -29,10 +29,10 @@ exit status:
 COLUMNS = ("MODEL", "PHASE", "REASON", "BUDGET (SOURCE)", "ESTIMATE", "ACTUAL", "PID", "PORT", "ENDPOINT", "RESTARTS")
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, help_line: str) -> None:
     p = subparsers.add_parser(
         "status",
-        help="show the running agent's units and memory",
+        help=help_line,
         description="Show the running agent's host memory, budget and every serving unit, as a table or JSON.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,7 +66,7 @@ def row(unit: dict[str, Any]) -> tuple[str, ...]:
         unit["reason"] or "-",
         f"{_size(budget['bytes'])} ({budget['source']})" if budget else "-",
         _size((unit["estimate"] or {}).get("total")),
-        _size((unit["actual"] or {}).get("rss")),
+        _size((unit.get("measured") or {}).get("total_bytes") or (unit["actual"] or {}).get("rss")),
         str(unit["pid"] or "-"),
         str(unit.get("port") or "-"),
         unit["endpoint"] or "-",
@@ -97,6 +97,10 @@ def render(status: dict[str, Any]) -> str:
         f"host: {format_bytes(host['total_bytes'])} total, {format_bytes(host['available_bytes'])} available; "
         f"budget {format_bytes(budget)} ({host['budget_source']}), reserved {format_bytes(reserved)} "
         f"({reserved / budget:.0%})",
+        *(
+            f"GPU {index}: budget {format_bytes(gpu['budget_bytes'])}, reserved {format_bytes(gpu['reserved_bytes'])}"
+            for index, gpu in (status.get("admission") or {}).get("gpus", {}).items()
+        ),
         "",
     ]
     rows = [COLUMNS, *(row(unit) for unit in status["units"])]

@@ -12,21 +12,25 @@ Relative paths in the file are taken relative to the file's directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
+from agent.safe_files import read_text
 from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
 
+if TYPE_CHECKING:
+    from agent.plugin_manager import Plugins
+
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
+PLUGIN_AUTOLOAD_ENV = ENV_PREFIX + "DISABLE_PLUGIN_AUTOLOAD"  # set: only the built-in plugins load
+NOT_SETTINGS = frozenset({CONFIG_ENV, PLUGIN_AUTOLOAD_ENV})  # METAL_AGENT_* variables that are not settings
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes; a FIFO or a device is refused (agent/safe_files.py)
 PRECEDENCE = "flag > METAL_AGENT_* environment variable > config file > default"
 
 
@@ -73,18 +77,9 @@ class Config:
 
 
 def all_settings(plugins: Plugins | None = None) -> list[Setting]:
-    """The agent's settings and those the plugins declare; two settings may not share a name or a TOML key."""
-    found = list(SETTINGS)
-    for plugin, declared in plugins.declared_settings() if plugins else ():
-        builtin = plugins is not None and plugins.versions.get(plugin) == "builtin"
-        setting = declared if builtin else dataclasses.replace(declared, flag=False)  # parsers know built-ins only
-        if setting.env in NOT_SETTINGS:
-            raise ConfigError(f"plugin {plugin}: setting name {setting.name} is reserved")
-        for other in found:
-            if setting.name == other.name or setting.dotted == other.dotted:
-                raise ConfigError(f"plugin {plugin}: setting {setting.name} ({setting.dotted}) is already declared")
-        found.append(setting)
-    return found
+    """The agent's settings and those the plugins declare (checked when they load: a plugin whose setting names
+    are taken fails alone). Third-party settings have no flag: the parsers are built before such plugins load."""
+    return [*SETTINGS, *(setting for _, setting in (plugins.declared_settings() if plugins else ()))]
 
 
 def locate(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path | None:
@@ -102,8 +97,7 @@ def locate(explicit: Path | None, env: Mapping[str, str] = os.environ) -> Path |
 
 def read_file(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(read_text(path, MAX_CONFIG_BYTES))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -242,4 +236,6 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
 
 def flag_settings() -> list[Setting]:
     """The agent's settings and the built-in plugins' (settings of third-party plugins have no flags)."""
+    from agent.plugin_manager import load_plugins  # the plugin machinery only for the commands that take flags
+
     return all_settings(load_plugins(entry_points=False))

@@ -29,8 +29,11 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.model_store import RemoteFile, auth_headers, canonical, redact
+from agent.model_store import RemoteFile, auth_headers, canonical
 from agent.quantity import format_bytes
+from agent.redact import redact_text
+from agent.redact import redact_url as redact
+from agent.safe_files import open_regular, read_bytes
 
 log = structlog.get_logger("metal_agent.download")
 CHUNK = 1 << 20
@@ -38,6 +41,8 @@ WRITE_BATCH = 8 << 20  # bytes gathered before a write + hash in a worker thread
 READ_BUFFER = 16 << 20  # the session's socket buffer: the network keeps flowing while a batch is written
 FLUSH_SECONDS = 1.0  # ... or this long: a killed agent loses at most a second of a slow download
 LOCK_POLL = 0.5
+SIDECAR_BYTES = 64 << 10  # the JSON files kept beside a download are a few hundred bytes
+MODEL_FILE_MODE = 0o640  # the default of the model_file_mode setting
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 DiskFree = Callable[[Path], int]
 
@@ -84,7 +89,7 @@ def sidecar(path: Path, suffix: str) -> Path:
 
 def _hash_file(path: Path, limit: int | None = None) -> Any:
     hasher = hashlib.sha256()
-    with path.open("rb") as file:
+    with open_regular(path) as (fd, _), os.fdopen(os.dup(fd), "rb") as file:  # never a FIFO or a device
         left = limit if limit is not None else -1
         while left:
             block = file.read(CHUNK if left < 0 else min(CHUNK, left))
@@ -99,7 +104,7 @@ async def stored_digest(path: Path) -> str:
     """The sha256 of a complete stored file, from its sidecar or (once) by reading it."""
     digest_file = sidecar(path, ".sha256")
     with contextlib.suppress(OSError):
-        recorded = json.loads(digest_file.read_text())
+        recorded = json.loads(read_bytes(digest_file, SIDECAR_BYTES))
         if recorded["size"] == path.stat().st_size and recorded["mtime_ns"] == path.stat().st_mtime_ns:
             return str(recorded["sha256"])
     digest: str = (await anyio.to_thread.run_sync(_hash_file, path)).hexdigest()
@@ -132,10 +137,15 @@ async def store_lock(path: Path, progress: Progress) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def prepare_store(directory: Path) -> None:
+def dir_mode(file_mode: int) -> int:
+    """The directory mode that matches a file mode: whoever may read the files may list and enter the directory."""
+    return 0o700 | (0o050 if file_mode & 0o040 else 0) | (0o005 if file_mode & 0o004 else 0)
+
+
+def prepare_store(directory: Path, file_mode: int = MODEL_FILE_MODE) -> None:
     """Create the store directory, or say clearly why it cannot hold a download."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=dir_mode(file_mode))
         probe = directory / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -171,7 +181,7 @@ class _Partial:
     def load(self) -> int:
         """Bytes to resume from (0 when there is nothing usable); hashes the prefix."""
         try:
-            meta = json.loads(self.meta.read_text())
+            meta = json.loads(read_bytes(self.meta, SIDECAR_BYTES))
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0
@@ -191,13 +201,18 @@ class _Partial:
                 path.unlink()
 
 
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)  # a partial download is the agent's until it is complete and renamed
+
+
 def http_error(response: aiohttp.ClientResponse, name: str) -> DownloadError:
     """Server errors and rate limits are retried; a missing or forbidden file needs a spec change."""
     status = response.status
     transient = status >= 500 or status in (408, 429)
-    reason = "SourceNotFound" if status in (404, 410) else "DownloadFailed"
-    message = f"{name}: {redact(str(response.url))} answered HTTP {status} {response.reason or ''}".rstrip()
-    return DownloadError(reason, message, transient=transient)
+    kind = "SourceNotFound" if status in (404, 410) else "DownloadFailed"
+    reason = redact_text((response.reason or "")[:100])  # the server's words: bounded, no URL secrets
+    message = f"{name}: {redact(str(response.url))} answered HTTP {status} {reason}".rstrip()
+    return DownloadError(kind, message, transient=transient)
 
 
 def _check_disk(directory: Path, need: int, margin: int, disk_free: DiskFree, name: str) -> None:
@@ -217,6 +232,7 @@ async def download(
     sha256: str | None = None,
     disk_free: DiskFree = free_bytes,
     margin: int = 1 << 30,
+    file_mode: int = MODEL_FILE_MODE,
 ) -> bool:
     """Fetch ``remote`` to its store path unless it is there already (and matches ``sha256`` when given).
 
@@ -226,7 +242,7 @@ async def download(
     if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
         progress.done = progress.total = path.stat().st_size
         return False
-    prepare_store(path.parent)
+    prepare_store(path.parent, file_mode)
     async with store_lock(path, progress):
         if path.is_file() and (sha256 is None or (await stored_digest(path)) == sha256.lower()):
             progress.done = progress.total = path.stat().st_size  # another agent finished it meanwhile
@@ -242,6 +258,7 @@ async def download(
                 f"{path.name}: sha256 {digest} does not match spec.sha256 {sha256.lower()}; the download was "
                 "removed and nothing was started",
             )
+        os.chmod(partial.path, file_mode)  # whatever the umask: models are not for every local user by default
         os.replace(partial.path, path)
         with contextlib.suppress(FileNotFoundError):
             partial.meta.unlink()
@@ -300,7 +317,7 @@ async def _fetch(
         raise DownloadError(
             "DownloadInterrupted",
             f"{name}: connection to {redact(partial.url)} failed after {format_bytes(progress.done)}: "
-            f"{type(exc).__name__}: {exc}",
+            f"{type(exc).__name__}: {redact_text(str(exc))}",
             transient=True,
         ) from exc
     if partial.total is not None and progress.done != partial.total:
@@ -316,7 +333,7 @@ async def _write_body(
 ) -> None:
     mode = "r+b" if offset else "wb"
     try:
-        file = partial.path.open(mode)
+        file = open(partial.path, mode, opener=_private_opener)  # noqa: SIM115 (closed below)
     except OSError as exc:
         raise DownloadError("StoreNotWritable", f"{name}: cannot write {partial.path}: {exc.strerror}") from exc
     with file:

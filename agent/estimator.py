@@ -8,6 +8,7 @@ llama.cpp (docs/calibration.md). The same functions answer "what would make it f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.compute_model import compute_buffer_bytes, runtime_overhead_bytes
@@ -27,6 +28,15 @@ class Estimate:
     kv_cells: int
     fallback: bool  # True when missing metadata was replaced by conservative assumptions
     notes: tuple[str, ...] = ()
+    # GPU servers (agent/device_estimate.py): the total split into device memory (what nvidia-smi shows for the
+    # process) and host memory; None on hosts where all memory is one kind.
+    device_bytes: int | None = None
+    host_bytes: int | None = None
+
+    @property
+    def budgeted_bytes(self) -> int:
+        """What the unit's budget limits: device memory on a GPU, the total otherwise."""
+        return self.total_bytes if self.device_bytes is None else self.device_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -68,11 +78,14 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
     )
 
 
-def _fits(shape: ModelShape, settings: ServeSettings, limit: int) -> bool:
-    return estimate(shape, settings).total_bytes <= limit
+Estimator = Callable[[ModelShape, ServeSettings], Estimate]
 
 
-def max_ctx_size(shape: ModelShape, settings: ServeSettings, limit: int) -> int:
+def _fits(shape: ModelShape, settings: ServeSettings, limit: int, estimator: Estimator | None = None) -> bool:
+    return (estimator or estimate)(shape, settings).budgeted_bytes <= limit
+
+
+def max_ctx_size(shape: ModelShape, settings: ServeSettings, limit: int, estimator: Estimator | None = None) -> int:
     """The largest context (a multiple of 256, up to the training context) that fits ``limit``; 0 if none.
 
     The total grows monotonically with the context, so a binary search over 256-token steps is exact.
@@ -81,7 +94,7 @@ def max_ctx_size(shape: ModelShape, settings: ServeSettings, limit: int) -> int:
     steps = max(ceiling // MIN_CTX, 1)
 
     def fits_at(step: int) -> bool:
-        return _fits(shape, dataclasses.replace(settings, ctx_size=step * MIN_CTX), limit)
+        return _fits(shape, dataclasses.replace(settings, ctx_size=step * MIN_CTX), limit, estimator)
 
     if not fits_at(1):
         return 0
@@ -95,30 +108,31 @@ def max_ctx_size(shape: ModelShape, settings: ServeSettings, limit: int) -> int:
     return low * MIN_CTX
 
 
-def advice(shape: ModelShape, settings: ServeSettings, limit: int) -> list[str]:
+def advice(shape: ModelShape, settings: ServeSettings, limit: int, estimator: Estimator | None = None) -> list[str]:
     """Concrete changes that would make the model fit ``limit``, best first; empty when it already fits."""
-    current = estimate(shape, settings)
-    if current.total_bytes <= limit:
+    estimator = estimator or estimate
+    current = estimator(shape, settings)
+    if current.budgeted_bytes <= limit:
         return []
     tips: list[str] = []
-    best_ctx = max_ctx_size(shape, settings, limit)
+    best_ctx = max_ctx_size(shape, settings, limit, estimator)
     if best_ctx:
         tips.append(f"reduce the context to {best_ctx} tokens (now {settings.ctx_size})")
-    if not settings.flash_attn and _fits(shape, dataclasses.replace(settings, flash_attn=True), limit):
+    if not settings.flash_attn and _fits(shape, dataclasses.replace(settings, flash_attn=True), limit, estimator):
         tips.append("enable flash attention (the attention scores then never materialise in the compute buffer)")
     for k_type, v_type in (("q8_0", "q8_0"), ("q4_0", "q4_0")):
         if (settings.cache_type_k, settings.cache_type_v) == (k_type, v_type):
             continue
         quantized = dataclasses.replace(settings, cache_type_k=k_type, cache_type_v=v_type, flash_attn=True)
         try:
-            if _fits(shape, quantized, limit):
+            if _fits(shape, quantized, limit, estimator):
                 tips.append(f"quantize the KV cache: cacheTypeK/V {k_type} with flash attention")
                 break
         except ValueError:  # head size not a multiple of the block size: that cache type is not possible
             continue
     if settings.parallel > 1:
         single = dataclasses.replace(settings, parallel=1)
-        if _fits(shape, single, limit):
+        if _fits(shape, single, limit, estimator):
             tips.append(f"serve 1 parallel slot instead of {settings.parallel}")
     fixed = current.weights_bytes + current.overhead_bytes
     if fixed >= limit:
@@ -127,5 +141,5 @@ def advice(shape: ModelShape, settings: ServeSettings, limit: int) -> list[str]:
             f"quantized model, or raise the budget above {format_bytes(fixed)}"
         )
     else:
-        tips.append(f"raise the budget by {format_bytes(current.total_bytes - limit)}")
+        tips.append(f"raise the budget by {format_bytes(current.budgeted_bytes - limit)}")
     return tips

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import gguf
+from agent.gguf_constants import gguf
+from agent.safe_files import open_regular
 
 MAX_ARRAY_VALUES = 65_536  # numeric arrays up to this length keep their values; longer ones are skipped
 MAX_KV_COUNT = 1_000_000
@@ -50,6 +51,9 @@ _SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
 }
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_QUANT_SIZES = {int(kind): sizes for kind, sizes in gguf.GGML_QUANT_SIZES.items()}  # ggml type -> (block, bytes)
+# A tensor info after its name and dimension count: the dimensions, the ggml type and the data offset.
+_TENSOR_REST = {n: struct.Struct(f"<{n}QIQ") for n in range(1, GGML_MAX_DIMS + 1)}
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 Scalar = int | float | bool | str
@@ -118,7 +122,7 @@ class _Cursor:
         self._buf = b""
         self._buf_start = 0
 
-    def _window(self, n: int) -> tuple[bytes, int]:
+    def window(self, n: int) -> tuple[bytes, int]:
         """Return a buffer and the index of ``pos`` in it, holding at least ``n`` bytes from ``pos``."""
         if n > self.size - self.pos:
             raise self.fail(f"truncated: needs {n} bytes at offset {self.pos}, file has {self.size}")
@@ -135,12 +139,12 @@ class _Cursor:
         return self._buf, off
 
     def read(self, n: int) -> bytes:
-        buf, off = self._window(n)
+        buf, off = self.window(n)
         self.pos += n
         return buf[off : off + n]
 
     def unpack(self, fmt: struct.Struct) -> int:
-        buf, off = self._window(fmt.size)
+        buf, off = self.window(fmt.size)
         self.pos += fmt.size
         value: int = fmt.unpack_from(buf, off)[0]
         return value
@@ -151,34 +155,62 @@ class _Cursor:
         self.pos += n
 
     def skip_strings(self, count: int) -> None:
-        """Walk ``count`` length-prefixed strings without decoding them (vocabularies, merges)."""
-        unpack = _U64.unpack_from
+        """Walk ``count`` length-prefixed strings without decoding them (vocabularies, merges).
+
+        A vocabulary holds hundreds of thousands of strings, so the walk over each buffered window is as tight
+        as Python allows (``_walk_lengths``); a string that ends past the window is seeked over, and one that
+        ends past the file fails.
+        """
         while count:
-            buf, off = self._window(8)
-            end = len(buf)
-            done = 0
-            for _ in range(count):
-                if off + 8 > end:
-                    break
-                nxt = off + 8 + unpack(buf, off)[0]
-                if nxt > end:
-                    break
-                off = nxt
-                done += 1
-            self.pos = self._buf_start + off
+            buf, off = self.window(8)
+            done, off = _walk_lengths(buf, off, count, self.size - self._buf_start)
+            if done < count and off + 8 <= len(buf):  # the next string ends past the file
+                length = _U64.unpack_from(buf, off)[0]
+                raise self.fail(f"string of {length} bytes at offset {self._buf_start + off + 8} runs past the end")
+            self.pos = self._buf_start + off  # may lie past the window: the next one starts there
             count -= done
-            if count and off + 8 <= end:
-                # The next string does not fit in the buffer: seek over it (or fail if it passes the end).
-                length = unpack(buf, off)[0]
-                self.pos += 8
-                self.skip(length, "string")
-                count -= 1
 
     def string(self, limit: int, what: str) -> str:
         length = self.unpack(_U64)
         if length > limit:
             raise self.fail(f"{what} is {length} bytes long at offset {self.pos - 8} (limit {limit})")
         return self.read(length).decode("utf-8", errors="replace")
+
+
+def _walk_lengths(buf: bytes, off: int, count: int, limit: int) -> tuple[int, int]:
+    """Follow up to ``count`` length prefixes from ``buf[off]``: (strings passed, offset after the last one).
+
+    Stops at the first length prefix that is not wholly in ``buf`` or at a string that would end past ``limit``
+    (the bytes the file has from ``buf[0]``). Eight strings per step with no checks between them: a prefix past
+    the buffer raises, which sends that step to the careful loop, and so does a step that ends past ``limit``.
+    """
+    unpack = _U64.unpack_from
+    done, end = 0, len(buf)
+    step = off
+    try:
+        while count - done >= 8:
+            step = off
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            off += 8 + unpack(buf, off)[0]
+            if off > limit:
+                off = step
+                break
+            done += 8
+    except (struct.error, OverflowError):  # a length prefix past the buffer (or an offset past any buffer)
+        off = step
+    while done < count and off + 8 <= end:
+        after = off + 8 + unpack(buf, off)[0]
+        if after > limit:
+            break
+        off = after
+        done += 1
+    return done, off
 
 
 def _value_type(cur: _Cursor, raw: int, key: str) -> gguf.GGUFValueType:
@@ -222,17 +254,18 @@ def _read_tensor_info(cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     n_dims = cur.unpack(_U32)
     if not 1 <= n_dims <= GGML_MAX_DIMS:
         raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (must be 1..{GGML_MAX_DIMS})")
-    dims = struct.unpack_from(f"<{n_dims}Q", cur.read(8 * n_dims))
-    ggml_type = cur.unpack(_U32)
-    offset = cur.unpack(_U64)
-    return name, dims, ggml_type, offset
+    layout = _TENSOR_REST[n_dims]
+    buf, off = cur.window(layout.size)  # unpacked in place: a big model has thousands of tensor infos
+    *dims, ggml_type, offset = layout.unpack_from(buf, off)
+    cur.pos += layout.size
+    return name, tuple(dims), ggml_type, offset
 
 
 def _tensor_nbytes(cur: _Cursor, name: str, dims: tuple[int, ...], ggml_type: int) -> int:
-    try:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
-        raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+    sizes = _QUANT_SIZES.get(ggml_type)
+    if sizes is None:
+        raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}")
+    block_size, type_size = sizes
     elements = 1
     for dim in dims:
         if not 0 < dim < 2**63:
@@ -265,8 +298,7 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         return GGUFError(f"{path_str}: {message}")
 
     try:
-        with open(path_str, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        with open_regular(path_str) as (fd, size), os.fdopen(os.dup(fd), "rb") as file:  # never a FIFO or device
             return _parse(_Cursor(file, size, fail), path_str, fail)
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc}") from exc

@@ -11,8 +11,7 @@ import os
 import re
 from collections.abc import Sequence
 
-import gguf
-
+from agent.gguf_constants import gguf
 from agent.gguf_header import ArrayInfo, GGUFError, GGUFModel, Scalar, read_model
 from agent.shape import ModelShape
 
@@ -49,6 +48,8 @@ _PURE_RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
 # Hybrids whose every layer has both a recurrent state and a KV cache (llama.cpp special-cases falcon-h1).
 _RECURRENT_AND_ATTENTION = {"falcon-h1"}
 _LAYER_PREFIX = re.compile(r"^blk\.(\d+)\.")
+# The input layer, which llama.cpp keeps in host memory whatever --n-gpu-layers says.
+INPUT_TENSORS = frozenset({"token_embd", "token_types", "position_embd"})
 
 
 class _Meta:
@@ -260,6 +261,8 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
         recurrent_state_bytes=tuple(4 * state_elements if rec else 0 for rec in recurrent),
         shard_count=len(model.headers),
         missing=tuple(meta.missing),
+        input_weights_bytes=sum(t.nbytes for t in model.tensors if t.name.split(".")[0] in INPUT_TENSORS),
+        output_tied=not any(t.name == "output.weight" for t in model.tensors),
     )
 
 

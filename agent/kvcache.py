@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+from agent.gguf_constants import gguf
 from agent.shape import KV_CACHE_TYPES, ModelShape, ServeSettings
 
 CELL_PADDING = 256
@@ -25,16 +24,16 @@ def _pad(n: int, to: int = CELL_PADDING) -> int:
     return -(-n // to) * to
 
 
-def cache_type(name: str, field: str = "cacheType") -> GGMLQuantizationType:
+def cache_type(name: str, field: str = "cacheType") -> gguf.GGMLQuantizationType:
     """The ggml type of a KV cache type name, or a clear error."""
     if name not in KV_CACHE_TYPES:
         raise InvalidSettings(f"{field}: {name!r} is not a KV cache type (one of {', '.join(KV_CACHE_TYPES)})")
-    return GGMLQuantizationType[name.upper()]
+    return gguf.GGMLQuantizationType[name.upper()]
 
 
 def row_bytes(type_name: str, n_heads: int, head_dim: int, field: str = "cacheType") -> int:
     """Bytes of one cell's row (``n_heads`` × ``head_dim``); llama.cpp needs whole blocks per head."""
-    block, size = GGML_QUANT_SIZES[cache_type(type_name, field)]
+    block, size = gguf.GGML_QUANT_SIZES[cache_type(type_name, field)]
     if head_dim % block:
         raise InvalidSettings(
             f"{field}: {type_name} stores blocks of {block} elements, which does not divide the head size "

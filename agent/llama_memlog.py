@@ -18,6 +18,7 @@ _KV = re.compile(
     r"K \((\w+)\):\s+([\d.]+) MiB, V \((\w+)\):\s+([\d.]+) MiB"
 )
 _OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
+_KV_BUFFER = re.compile(r"(\S+) KV buffer size =\s+([\d.]+) MiB")
 _LOAD_START = "load_tensors: loading model tensors"
 _COMPUTE = re.compile(r"(?:sched_reserve|llama_context):\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
 
@@ -102,3 +103,20 @@ def parse_memory_log(text: str) -> LlamaMemoryReport:
         output_bytes=_sum_last_block(list(_OUTPUT.finditer(text)), 2),
         compute_bytes=_sum_last_block(list(_COMPUTE.finditer(text)), 2),
     )
+
+
+def backend_bytes(text: str) -> dict[str, int]:
+    """Bytes llama.cpp allocated per backend (``CPU``, ``CUDA0``, ``CUDA_Host``, ``Metal``...) in its last load:
+    weights, KV, output and compute buffers together. On CUDA the ``CUDA<n>`` backends are device memory,
+    everything else host memory."""
+    text = last_load(text)
+    totals: dict[str, int] = {}
+    for pattern, group in ((_MODEL, 2), (_KV_BUFFER, 2), (_OUTPUT, 2), (_COMPUTE, 2)):
+        block: dict[str, int] = {}
+        for m in pattern.finditer(text):
+            if m.group(1) in block:  # a later report of the same kind (a dry run first): start over
+                block = {}
+            block[m.group(1)] = mib_to_bytes(m.group(group))
+        for backend, value in block.items():
+            totals[backend] = totals.get(backend, 0) + value
+    return totals

@@ -8,6 +8,9 @@ ProcessorFormatter, so they look alike and obey the same level.
 Tracebacks never show local variables: a frame of the Kubernetes client may hold a bearer token from a
 kubeconfig, and logs are shipped and shared. Both renderers are therefore built with locals switched off, and
 the console never picks rich or better-exceptions on its own (their default is to show locals).
+
+structlog is imported when logging is configured, not with this module: the command line takes its flags from
+here, and ``metal-agent --version`` should not pay for a logging library it never uses.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
-
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from typing import TYPE_CHECKING, Any
 
 from agent.quantity import InvalidValue, shown
+from agent.redact import redact_text
+
+if TYPE_CHECKING:
+    from structlog.typing import EventDict, Processor, WrappedLogger
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")
@@ -80,6 +84,8 @@ def configure_from(level: str | None, fmt: str | None, environ: Mapping[str, str
 
 def configure(level: str | int = DEFAULT_LEVEL, fmt: str = DEFAULT_FORMAT) -> None:
     """Route structlog and the standard library through one stderr handler. Safe to call again (tests do)."""
+    import structlog
+
     level_no = parse_level(level) if isinstance(level, str) else level
     fmt = parse_format(fmt)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -89,6 +95,7 @@ def configure(level: str | int = DEFAULT_LEVEL, fmt: str = DEFAULT_FORMAT) -> No
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_urls,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -111,6 +118,8 @@ def configure(level: str | int = DEFAULT_LEVEL, fmt: str = DEFAULT_FORMAT) -> No
 
 
 def _renderer(console: bool) -> list[Processor]:
+    import structlog
+
     if console:
         colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
         # plain_traceback, chosen explicitly: the default would be rich or better-exceptions where installed.
@@ -124,6 +133,8 @@ def bind_unit(key: str, live: Callable[[], Mapping[str, object]]) -> None:
 
     Called at the start of a unit's worker task; the binding ends with the task.
     """
+    import structlog
+
     structlog.contextvars.bind_contextvars(unit=key)
     _unit_live.set(live)
 
@@ -134,6 +145,14 @@ def _add_unit_context(_: WrappedLogger, __: str, event_dict: EventDict) -> Event
         for key, value in live().items():
             if value is not None:
                 event_dict.setdefault(key, value)
+    return event_dict
+
+
+def _redact_urls(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """No URL in a log line keeps its user, password or query (signed URLs and tokens live there)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "://" in value:
+            event_dict[key] = redact_text(value)
     return event_dict
 
 

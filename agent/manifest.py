@@ -19,6 +19,8 @@ from agent.budget import Budget, resolve_budget
 from agent.duration import parse_duration
 from agent.kvcache import cache_type
 from agent.quantity import InvalidValue, parse_fraction, parse_quantity
+from agent.redact import quoted
+from agent.safe_files import read_bytes
 from agent.shape import ServeSettings
 
 GROUP = "inference.llmkube.dev"
@@ -30,6 +32,11 @@ MIN_CTX_SIZE, MAX_CTX_SIZE = 128, 2_097_152
 ACCELERATORS = ("cpu", "metal", "cuda", "rocm", "intel", "vulkan")
 FORMATS = ("gguf", "mlx", "safetensors", "pytorch", "custom")
 PRIORITIES = ("critical", "high", "normal", "low", "batch")
+MAX_MANIFEST_BYTES = 1 << 20  # the default of the manifest_max_size setting
+MAX_DOCUMENTS = 1000  # YAML documents in one manifest file
+MAX_DEPTH = 64  # nesting of mappings and sequences; a manifest needs about 6
+# libyaml where the wheel has it (it does on the platforms we ship), the pure-Python parser otherwise.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ManifestError(ValueError):
@@ -131,9 +138,9 @@ class _Fields:
         value = self.data[key]
         # bool is an int in Python; a YAML `true` where a number belongs is still an error.
         if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {quoted(value)}")
         if not isinstance(value, kind):
-            raise self.fail(key, f"must be {_kind_name(kind)}, got {value!r}")
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {quoted(value)}")
         if required and value == "":
             raise self.fail(key, "must not be empty")
         return value
@@ -141,7 +148,7 @@ class _Fields:
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
         value: str = self.get(key, str, default)
         if value not in choices:
-            raise self.fail(key, f"{value!r} is not one of {', '.join(choices)}")
+            raise self.fail(key, f"{quoted(value)} is not one of {', '.join(choices)}")
         return value
 
     def int_in(self, key: str, low: int, high: int) -> int | None:
@@ -266,27 +273,85 @@ def parse_object(obj: object, where: str) -> ModelSpec | ServiceSpec:
         raise ManifestError(f"{where}: a manifest must be a mapping, got {type(obj).__name__}")
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     if api_version != API_VERSION:
-        raise ManifestError(f"{where}: apiVersion: expected {API_VERSION}, got {api_version!r}")
+        raise ManifestError(f"{where}: apiVersion: expected {API_VERSION}, got {quoted(api_version)}")
     if kind == "Model":
         return parse_model(obj, where)
     if kind == "InferenceService":
         return parse_service(obj, where)
-    raise ManifestError(f"{where}: kind: expected Model or InferenceService, got {kind!r}")
+    raise ManifestError(f"{where}: kind: expected Model or InferenceService, got {quoted(kind)}")
 
 
-def iter_documents(path: Path) -> Iterator[tuple[str, object]]:
-    """Each non-empty YAML document of a file with its location ``file#index``."""
+def iter_documents(path: Path, max_bytes: int = MAX_MANIFEST_BYTES) -> Iterator[tuple[str, object]]:
+    """Each non-empty YAML document of a file with its location ``file#index``.
+
+    Only a regular file of at most ``max_bytes`` is read (never a FIFO or a device, see agent/safe_files.py).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-        documents = list(yaml.safe_load_all(text))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from exc
+        data = read_bytes(path, max_bytes)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {_reason(exc)}") from exc
+    return _documents(path, data)
+
+
+def _documents(path: Path, data: bytes) -> Iterator[tuple[str, object]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: cannot read: {_reason(exc)}") from exc
+    documents = parse_yaml(text, str(path))
     for index, document in enumerate(documents):
         if document is not None:
             yield (f"{path}#{index}" if len(documents) > 1 else str(path)), document
 
 
-def load_file(path: Path) -> list[ModelSpec | ServiceSpec]:
-    return [parse_object(document, where) for where, document in iter_documents(path)]
+def parse_documents(path: Path, data: bytes) -> list[ModelSpec | ServiceSpec]:
+    """The objects of a manifest file's content (already read, see ``load_file``)."""
+    return [parse_object(document, where) for where, document in _documents(path, data)]
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def parse_yaml(text: str, where: str) -> list[object]:
+    """The documents of a manifest file, refusing what Kubernetes manifests never need and a bomb needs.
+
+    A first pass over the parser's events (libyaml, no objects built) refuses aliases (a 564-byte alias bomb
+    expands to gigabytes), more than ``MAX_DOCUMENTS`` documents and nesting deeper than ``MAX_DEPTH`` (the
+    composer recurses); only then are the objects built.
+    """
+    depth = documents = 0
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.AliasEvent):
+                anchor = (event.anchor or "")[:40]
+                raise ManifestError(f"{where}: YAML aliases (*{anchor}) are not allowed in manifests{_at(event)}")
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > MAX_DOCUMENTS:
+                    raise ManifestError(f"{where}: more than {MAX_DOCUMENTS} YAML documents in one file")
+            elif isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ManifestError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels{_at(event)}")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return list(yaml.load_all(text, Loader=_Loader))
+    except yaml.YAMLError as exc:
+        message = " ".join(str(exc).split())
+        raise ManifestError(f"{where}: invalid YAML: {_clip(message)}") from exc
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _at(event: yaml.Event) -> str:
+    mark = event.start_mark
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def load_file(path: Path, max_bytes: int = MAX_MANIFEST_BYTES) -> list[ModelSpec | ServiceSpec]:
+    return [parse_object(document, where) for where, document in iter_documents(path, max_bytes)]

@@ -11,39 +11,52 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
-import psutil
 import structlog
 
-from agent import supervisor
 from agent.admission import Admission, Claim
-from agent.llama_memlog import parse_memory_log
+from agent.footprint import Footprint
+from agent.preflight import Mode
 from agent.pressure import Level, Sample, Thresholds, Watchdog
 from agent.quantity import format_bytes
 from agent.unit_state import UnitRuntime
 
 log = structlog.get_logger("metal_agent.memory")
+EXCEEDS_BUDGET_HINT = (
+    "reduce contextSize or parallelSlots, quantize the KV cache (cacheTypeK/V), or raise the Model's memoryBudget "
+    "(or memoryFraction); extraArgs that change memory also count"
+)
+
+
+def describe_sources(footprint: Footprint) -> str:
+    status = footprint.status()
+    parts = [f"host from {status['host']['source']}"]
+    if footprint.uses_device:
+        parts.append(f"GPU from {status['device_source'] or 'nothing'}")
+    return ", ".join(parts)
+
+
 FRESH_S = 0.1  # how old a reading of available memory admission may use
 
 
-def measure(child: supervisor.Child) -> dict[str, int]:
-    """What a server uses: llama.cpp's reported buffers (from its log) and the process RSS."""
-    report = parse_memory_log(supervisor.tail_lines(child.log_path, 400))
-    try:
-        actual = {"rss": psutil.Process(child.pid).memory_info().rss} if child.running() else {}
-    except psutil.Error:  # it exited between the check and the read
-        actual = {}
-    for name in ("model_bytes", "kv_bytes", "output_bytes", "compute_bytes", "total_bytes"):
-        value = getattr(report, name)
-        if value is not None:
-            actual[name.removesuffix("_bytes")] = value
-    return actual
+class Measured(StrEnum):
+    """What a new measurement means for its unit."""
+
+    FINE = "Fine"
+    WARNED = "Warned"  # a new warning (above its reservation, or over its budget in warn mode)
+    EXCEEDS_BUDGET = "ExceedsBudget"  # enforce mode: over its own budget beyond the tolerance, to be stopped
 
 
-def footprint(actual: dict[str, int]) -> int:
-    """A running server's measured memory: llama.cpp's reported buffers or the process RSS, whichever is larger."""
-    return max(actual.get("total", 0), actual.get("rss", 0))
+def budgeted_bytes(footprint: Footprint) -> int:
+    """The measured figure a unit's budget limits: device memory for a GPU server, all of it otherwise."""
+    return footprint.device_bytes if footprint.uses_device else footprint.total_bytes
+
+
+def ledger_bytes(footprint: Footprint) -> int:
+    """The measured figure the host ledger holds (a GPU server's device memory has a ledger per GPU)."""
+    return footprint.host_bytes if footprint.uses_device else footprint.total_bytes
 
 
 class MemoryGuard:
@@ -54,9 +67,12 @@ class MemoryGuard:
         runtimes: dict[str, UnitRuntime],
         budget_of: Callable[[int], int],
         eviction: bool,
+        mode: Mode = Mode.ENFORCE,
+        tolerance: float = 0.02,
     ) -> None:
         self.admission, self.watchdog, self.runtimes = admission, watchdog, runtimes
         self.budget_of, self.eviction = budget_of, eviction
+        self.mode, self.tolerance = mode, tolerance
         self._fresh: tuple[float, int] | None = None  # (when, bytes): the last reading of available memory
         self.on_evict: Callable[[str], None] = lambda cause: None  # told each eviction's cause (the metrics)
 
@@ -151,28 +167,74 @@ class MemoryGuard:
             runtime.poke()
 
     # -- measured footprint ---------------------------------------------------------------------------------
-    def measured(self, runtime: UnitRuntime, loaded: bool) -> bool:
-        """Put the unit's measured memory in the ledger; True when it newly exceeds its reservation (the unit's
-        ``warning`` and the log say so)."""
-        measured = footprint(runtime.actual)
+    def measured(self, runtime: UnitRuntime, loaded: bool) -> Measured:
+        """Put the unit's measured memory in the ledger and judge it against its reservation and its budget.
+
+        The ledger holds the measurement when it is authoritative for every kind of memory the server uses,
+        else the larger of the estimate and the measurement. A footprint that pushes the ledger over the host
+        budget evicts by the usual order; in enforce mode a server over its own budget (beyond the tolerance)
+        is to be stopped (``EXCEEDS_BUDGET``: the worker stops it).
+        """
+        footprint = runtime.footprint
         claim = self.admission.holders.get(runtime.key)
-        if measured <= 0 or claim is None:
-            return False
+        if footprint is None or claim is None:
+            return Measured.FINE
+        measured = ledger_bytes(footprint)
+        if measured <= 0 and not footprint.uses_device:
+            return Measured.FINE
+        verdict = runtime.verdict
+        budget = verdict.budget.bytes if verdict is not None and verdict.budget is not None else None
+        used = budgeted_bytes(footprint)
+        over_budget = ""
+        if budget is not None and used > budget * (1 + self.tolerance):
+            over_budget = (
+                f"measured footprint {format_bytes(used)} ({describe_sources(footprint)}) exceeds its budget "
+                f"{format_bytes(budget)} by {format_bytes(used - budget)} (tolerance {self.tolerance:.0%}); "
+                + EXCEEDS_BUDGET_HINT
+            )
+            log.warning("footprint exceeds budget", unit=runtime.key, measured=used, budget=budget, mode=self.mode)
+            if self.mode is Mode.ENFORCE:  # stopped next, which frees what it holds: nobody is evicted for it
+                runtime.exceeded = over_budget
+                return Measured.EXCEEDS_BUDGET
+        trusted = footprint.authoritative
         if loaded:
-            self.admission.settle(runtime.key, measured)
+            self.admission.settle(runtime.key, measured, trusted, footprint)
             self.memory_freed()  # the estimate may have been generous
         else:
-            self.admission.observe(runtime.key, measured)
-        if measured > claim.need and runtime.warning is None:
-            over = measured - claim.need
-            message = (
-                f"measured footprint {format_bytes(measured)} exceeds its reservation {format_bytes(claim.need)} "
-                f"by {format_bytes(over)}; the ledger now holds the measured footprint"
-            )
-            runtime.warning = {"reason": "ExceedsReservation", "message": message}
-            log.warning("footprint exceeds reservation", unit=runtime.key, measured=measured, reserved=claim.need)
-            return True
-        return False
+            self.admission.observe(runtime.key, measured, trusted, footprint)
+        self.evict_if_over()
+        if over_budget:  # warn mode
+            if runtime.warning is None or runtime.warning["reason"] != "ExceedsBudget":
+                runtime.warning = {"reason": "ExceedsBudget", "message": over_budget}
+                return Measured.WARNED
+            return Measured.FINE
+        reservations = [("", measured, claim.need)]
+        if footprint.uses_device and claim.device_need > 0:
+            reservations.append(("GPU ", footprint.device_bytes, claim.device_need))
+        for kind, figure, reserved in reservations:
+            if figure > reserved and runtime.warning is None:
+                message = (
+                    f"measured {kind}footprint {format_bytes(figure)} exceeds its {kind}reservation "
+                    f"{format_bytes(reserved)} by {format_bytes(figure - reserved)}; the ledger now holds the "
+                    "measured footprint"
+                )
+                runtime.warning = {"reason": "ExceedsReservation", "message": message}
+                log.warning("footprint exceeds reservation", unit=runtime.key, measured=figure, reserved=reserved)
+                return Measured.WARNED
+        return Measured.FINE
+
+    def evict_if_over(self) -> None:
+        """Holdings over a budget (footprints above their reservations): evict by the usual order until they fit."""
+        for ledger, what in self.admission.ledgers():
+            staying = ledger.used - sum(ledger.held.get(k, 0) for k in self.admission.evicting)
+            if staying > ledger.capacity:
+                victims = self.admission.evict_for(staying - ledger.capacity, ledger)
+                self.evict(
+                    victims,
+                    f"measured footprints took the {what} ledger to {format_bytes(staying)}, over its budget "
+                    f"{format_bytes(ledger.capacity)}",
+                    "OverBudget",
+                )
 
     def status(self) -> dict[str, Any]:
         reading = self.watchdog.reading.status(self.thresholds, self.watchdog.interval)

@@ -44,7 +44,8 @@ class Metrics:
             "metal_agent_rejections",
             "Units refused a start, by reason (InsufficientMemory: does not fit its own budget; WaitingForMemory: "
             "waits for the host budget or the OS to free memory; MemoryCheckFailed, InvalidSpec, UnsupportedSource, "
-            "NoExecutor). Counted once each time a unit enters the state, not on every retry while it waits.",
+            "NoExecutor, ExceedsBudget: stopped after load for exceeding its budget). Counted once each time a "
+            "unit enters the state, not on every retry while it waits.",
             ["reason"],
             registry=reg,
         )
@@ -64,6 +65,21 @@ class Metrics:
             "metal_agent_watch_reconnects",
             "Reconnects of a watch source to its event stream, by resource.",
             ["resource"],
+            registry=reg,
+        )
+        self.state_save_failures = Counter(
+            "metal_agent_state_save_failures",
+            "Saves of the state file that failed (read-only or full disk); servers keep running, the save is "
+            "retried and /status shows state: degraded until one succeeds.",
+            [],
+            registry=reg,
+        )
+        self.kube_refusals = Counter(
+            "metal_agent_kube_api_refusals",
+            "Requests of the Kubernetes reporter the API server refused for good, by the API's reason (Invalid, "
+            "Forbidden, BadRequest, NotFound, Conflict: a name another owner holds). Not retried until the "
+            "object's desired state changes.",
+            ["reason"],
             registry=reg,
         )
         self.pipeline_latency = Histogram(
@@ -101,6 +117,12 @@ class Metrics:
 
     def watch_reconnected(self, resource: str) -> None:
         self.watch_reconnects.labels(resource).inc()
+
+    def state_save_failed(self) -> None:
+        self.state_save_failures.inc()
+
+    def kube_refused(self, reason: str) -> None:
+        self.kube_refusals.labels(reason).inc()
 
     def reconciled(self, seconds: float) -> None:
         self.pipeline_latency.observe(seconds)
@@ -147,8 +169,8 @@ class StateCollector(Collector):
         budget = GaugeMetricFamily("metal_agent_unit_budget_bytes", "A unit's own memory budget.", labels=labels)
         actual = GaugeMetricFamily(
             "metal_agent_unit_actual_bytes",
-            "Memory of a unit's server once ready: rss of the process and what llama.cpp reports it allocated "
-            "(model, kv, output, compute, total).",
+            "Memory of a unit's server once ready: rss of the process, the measured host (and GPU: device) memory "
+            "and what llama.cpp reports it allocated (model, kv, output, compute, total).",
             labels=[*labels, "component"],
         )
         phase = GaugeMetricFamily(
@@ -166,3 +188,13 @@ class StateCollector(Collector):
             for name in PHASES:
                 phase.add_metric([unit["unit"], name], int(unit["phase"] == name))
         yield from (reserved, estimated, budget, actual, phase)
+        gpu_budget = GaugeMetricFamily(
+            "metal_agent_gpu_budget_bytes", "Device memory the agent may give to units on a GPU.", labels=["gpu"]
+        )
+        gpu_reserved = GaugeMetricFamily(
+            "metal_agent_gpu_reserved_bytes", "Device memory starting and running units hold on a GPU.", labels=["gpu"]
+        )
+        for index, gpu in ((status.get("admission") or {}).get("gpus") or {}).items():
+            gpu_budget.add_metric([index], gpu["budget_bytes"])
+            gpu_reserved.add_metric([index], gpu["reserved_bytes"])
+        yield from (gpu_budget, gpu_reserved)

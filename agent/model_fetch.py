@@ -18,7 +18,7 @@ import aiohttp
 import anyio
 import structlog
 
-from agent.download import READ_BUFFER, DiskFree, DownloadError, Progress, download, free_bytes
+from agent.download import MODEL_FILE_MODE, READ_BUFFER, DiskFree, DownloadError, Progress, download, free_bytes
 from agent.gguf_header import GGUFError
 from agent.gguf_shape import plan_shape
 from agent.manifest import ModelSpec
@@ -36,6 +36,7 @@ class FetchSettings:
     store: Path
     roots: tuple[Path, ...] = ()
     min_free_disk: int = 1 << 30
+    file_mode: int = MODEL_FILE_MODE  # permissions of downloaded model files
     report_interval: float = 1.0  # unit status updates while downloading
     log_interval: float = 10.0  # progress log lines when stderr is not a terminal
     connect_timeout: float = 30.0
@@ -106,7 +107,13 @@ class ModelFetcher:
         async with lock:
             try:
                 fetched = await download(
-                    self.session(), remote, progress, sha256, self.settings.disk_free, self.settings.min_free_disk
+                    self.session(),
+                    remote,
+                    progress,
+                    sha256,
+                    self.settings.disk_free,
+                    self.settings.min_free_disk,
+                    self.settings.file_mode,
                 )
             except BaseException:
                 self._render(progress, final=True)

@@ -9,6 +9,7 @@ directory named after their URL, so two Models with the same source share one fi
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
@@ -17,11 +18,20 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from agent.manifest import ModelSpec
+from agent.redact import canonical as canonical  # re-exported: downloads key their partial files on it
+from agent.redact import quoted, redact_url
 
+redact = redact_url  # the old name, kept for callers: a URL fit for messages and logs
 HF_ENDPOINT = "https://huggingface.co"
 HF_TOKEN_ENV = "HF_TOKEN"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_SHARDS = 1000
+
+
+def default_model_store() -> Path:
+    """Models are large user data that outlive the agent's state: the XDG data directory, not the state dir."""
+    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "metal-agent" / "models"
 
 
 class SourceError(ValueError):
@@ -54,11 +64,11 @@ def hf_url(source: str, endpoint: str = HF_ENDPOINT) -> str:
     rest = source.removeprefix("hf://")
     parts = rest.split("/")
     if len(parts) < 3 or not all(parts):
-        raise SourceError("InvalidSource", f"source {source!r}: expected hf://ORG/REPO[@REVISION]/PATH/FILE")
+        raise SourceError("InvalidSource", f"source {quoted(source)}: expected hf://ORG/REPO[@REVISION]/PATH/FILE")
     org, repo, path = parts[0], parts[1], "/".join(parts[2:])
     repo, _, revision = repo.partition("@")
     if ".." in parts or not repo:
-        raise SourceError("InvalidSource", f"source {source!r}: expected hf://ORG/REPO[@REVISION]/PATH/FILE")
+        raise SourceError("InvalidSource", f"source {quoted(source)}: expected hf://ORG/REPO[@REVISION]/PATH/FILE")
     return f"{endpoint}/{org}/{repo}/resolve/{quote(revision or 'main', safe='')}/{path}"
 
 
@@ -69,13 +79,27 @@ def remote_url(source: str) -> str | None:
     parsed = urlparse(source)
     if parsed.scheme in ("http", "https"):
         if not parsed.hostname:
-            raise SourceError("InvalidSource", f"source {source!r} has no host")
+            raise SourceError("InvalidSource", f"source {quoted(source)} has no host")
+        if parsed.scheme == "http" and (parsed.username or parsed.password) and not _loopback(parsed.hostname):
+            raise SourceError(
+                "InvalidSource",
+                f"source {quoted(source)}: a user or password in an http:// URL would cross the network in clear "
+                "text; use https://",
+            )
         return source
     if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme != "file":
         raise SourceError(
-            "UnsupportedSource", f"source {source!r}: scheme {parsed.scheme}:// is not supported (http, https, hf)"
+            "UnsupportedSource",
+            f"source {quoted(source)}: scheme {parsed.scheme[:20]}:// is not supported (http, https, hf)",
         )
     return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def shard_urls(url: str) -> list[str]:
@@ -86,31 +110,29 @@ def shard_urls(url: str) -> list[str]:
         return [url]
     count = int(match["count"])
     if int(match["no"]) != 1:
-        raise SourceError("InvalidSource", f"source {url!r} is shard {int(match['no'])}; name the first shard")
+        raise SourceError("InvalidSource", f"source {quoted(url)} is shard {int(match['no'])}; name the first shard")
     if not 1 <= count <= MAX_SHARDS:
-        raise SourceError("InvalidSource", f"source {url!r} claims {count} shards")
+        raise SourceError("InvalidSource", f"source {quoted(url)} claims {count} shards")
     return [f"{base}/{quote(match['prefix'])}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
 def auth_headers(url: str) -> dict[str, str]:
-    """``HF_TOKEN`` for Hugging Face URLs only: a manifest naming another host never receives it."""
+    """``HF_TOKEN`` for Hugging Face over https only: never in clear text, never to another host or port.
+
+    A manifest naming another host (``huggingface.co.evil.example``, ``http://huggingface.co:8080``) never
+    receives it; aiohttp drops the header when a redirect leaves the origin (the CDN).
+    """
     token = os.environ.get(HF_TOKEN_ENV)
-    host = urlparse(url).hostname
-    if not token or host != urlparse(HF_ENDPOINT).hostname:
+    if not token:
         return {}
-    return {"Authorization": f"Bearer {token}"}  # aiohttp drops it when a redirect leaves the host (the CDN)
-
-
-def canonical(url: str) -> str:
-    """The URL without user, password, query or fragment: what identifies the file (signed URLs change)."""
-    parsed = urlparse(url)
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.hostname or ''}{port}{parsed.path}"
-
-
-def redact(url: str) -> str:
-    """A URL fit for messages and logs: no user, password or query (signed URLs carry tokens there)."""
-    return canonical(url) + ("?…" if urlparse(url).query else "")
+    endpoint, parts = urlparse(HF_ENDPOINT), urlparse(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return {}
+    if parts.scheme != "https" or parts.hostname != endpoint.hostname or port not in (None, 443):
+        return {}
+    return {"Authorization": f"Bearer {token}"}
 
 
 def store_dir(store: Path, url: str) -> Path:
@@ -128,7 +150,7 @@ def store_dir(store: Path, url: str) -> Path:
 def file_name(url: str) -> str:
     name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise SourceError("InvalidSource", f"source {url!r} does not end in a file name")
+        raise SourceError("InvalidSource", f"source {quoted(url)} does not end in a file name")
     return name
 
 
@@ -160,8 +182,8 @@ def confine(path: Path, roots: Sequence[Path], source: str) -> Path:
             allowed = ", ".join(str(r) for r in real_roots) or "none configured"
             raise SourceError(
                 "SourceNotAllowed",
-                f"source {source!r}: {candidate}{via} is outside the model store and the model roots ({allowed}); "
-                "move the model there or add its directory with --model-root",
+                f"source {quoted(source)}: {candidate}{via} is outside the model store and the model roots "
+                f"({allowed}); move the model there or add its directory with --model-root",
             )
     return real_first
 
@@ -172,12 +194,12 @@ def model_files(model: ModelSpec, store: Path, roots: Sequence[Path]) -> ModelFi
     if url is not None and model.format != "gguf":
         raise SourceError(
             "UnsupportedSource",
-            f"source {model.source!r}: only GGUF files are downloaded; fetch this {model.format} model yourself "
+            f"source {quoted(model.source)}: only GGUF files are downloaded; fetch this {model.format} model yourself "
             "and give its local path",
         )
     if url is not None:
         return remote_files(url, store)
     local = model.local_path()
     if local is None:  # not reached: remote_url refuses every non-local scheme
-        raise SourceError("UnsupportedSource", f"source {model.source!r} is not local")
+        raise SourceError("UnsupportedSource", f"source {quoted(model.source)} is not local")
     return ModelFiles(confine(Path(os.path.abspath(local)), [store, *roots], model.source))

@@ -3,11 +3,13 @@
 Events update a store of objects; each event pokes the serving units it affects. Every unit has one worker
 task, so its events are handled in order, and a poke only marks the unit dirty: however many events arrive
 while the worker is busy, it then reconciles once against the latest spec. Different units run concurrently.
-Per unit: source → resolve_budget → preflight → ledger admission → download → executor command → start → report.
+Per unit: executor spec check → source → resolve_budget → preflight → ledger admission → download → executor
+command → start → report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
@@ -16,16 +18,17 @@ from typing import Any
 import anyio
 import structlog
 
-from agent import context_auto, logs, supervisor
+from agent import context_auto, gpus, logs, supervisor
 from agent.admission import EVICTED, Admission, Outcome
 from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
 from agent.download import DownloadError, Progress
-from agent.hookspecs import Executor
+from agent.footprint import keep_report, measure_with
+from agent.hookspecs import Executor, spec_problem
 from agent.hostmem import detect_host_memory
 from agent.manifest import ModelSpec, ServiceSpec
-from agent.memory_guard import MemoryGuard, measure
+from agent.memory_guard import Measured, MemoryGuard
 from agent.metrics import Metrics
 from agent.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.model_store import ModelFiles, SourceError
@@ -34,15 +37,24 @@ from agent.plugin_manager import Plugins
 from agent.preflight import Reason, Verdict
 from agent.pressure import Provider, Watchdog, system_provider
 from agent.quantity import format_bytes
+from agent.redact import redact_text
 from agent.standalone import Event, EventType, Synced
+from agent.state_keeper import StateKeeper
 from agent.statefile import ChildRecord
 from agent.statefile import load as load_state
-from agent.statefile import save as save_state
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.pipeline")
 CHILD_PHASES = ("Starting", "Ready")  # phases in which a unit has a process on record
+
+
+def _reserved_from(runtime: UnitRuntime) -> str:
+    """What the ledger holds for a unit: its estimate, its measurement, or the larger of the two."""
+    footprint = runtime.footprint
+    if footprint is None:
+        return "estimate"
+    return "measured" if footprint.authoritative else "max(estimate, measured)"
 
 
 class Agent:
@@ -57,7 +69,12 @@ class Agent:
         self.admission = Admission(self._host_budget(memory().total_bytes))
         self.ledger = self.admission.ledger
         watchdog = Watchdog(memory, config.thresholds(), config.pressure_interval)
-        self.memory = MemoryGuard(self.admission, watchdog, self.runtimes, self._host_budget, config.eviction)
+        self.memory = MemoryGuard(
+            self.admission, watchdog, self.runtimes, self._host_budget, config.eviction, config.mode,
+            config.budget_tolerance,
+        )  # fmt: skip
+        if any(getattr(executor, "uses_device", False) for executor in self.executors):
+            self.admission.set_gpus(gpus.budgets(self._host_budget))  # a GPU's total by the host's fraction
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
@@ -67,9 +84,12 @@ class Agent:
         self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
+        self.state = StateKeeper(self.state_path, self.metrics.state_save_failed)  # a failed save never stops us
         self.memory.on_evict = self.metrics.evicted
         store = config.model_store or config.state_dir / "models"
-        self.fetcher = ModelFetcher(FetchSettings(store, config.model_roots, config.min_free_disk))
+        self.fetcher = ModelFetcher(
+            FetchSettings(store, config.model_roots, config.min_free_disk, file_mode=config.model_file_mode)
+        )
         self.ondemand = OnDemand(self)  # on-demand units, the /v1 endpoint's waits (agent/proxy.py)
 
     # -- events ---------------------------------------------------------------------------------------------
@@ -77,6 +97,7 @@ class Agent:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
+            tasks.start_soon(self.state.retry_loop, self._save_state, name="state file retries")
             tasks.start_soon(self.ondemand.run, name="on-demand idle timer")
             async for event in events:
                 if isinstance(event, Synced):
@@ -180,6 +201,11 @@ class Agent:
 
     async def _start(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         runtime.retry_at = None
+        executor, _ = self._executor(unit)
+        if executor is not None and (problem := spec_problem(executor, unit)):  # e.g. extraArgs off the allowlist
+            self.metrics.rejected("InvalidSpec")
+            await self._set(runtime, "Failed", "InvalidSpec", f"{executor.name}: {problem}")
+            return
         try:
             files = self.fetcher.files(unit.model)
             await self.fetcher.plan(files)  # a remote model is sized from its header before any download
@@ -203,21 +229,27 @@ class Agent:
         if chosen_context is not None:
             self.ondemand.contexts[runtime.key] = chosen_context
         verdict: Verdict = await self.plugins.first(
-            "preflight", unit=unit, model_path=model_path, budget=budget, host=host, mode=str(self.config.mode)
-        )
+            "preflight", thread=True, unit=unit, model_path=model_path, budget=budget, host=host,
+            mode=str(self.config.mode),
+        )  # fmt: skip
         runtime.verdict = verdict
         if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
             self.metrics.rejected(str(verdict.reason))
             await self._set(runtime, "Failed", str(verdict.reason), verdict.message)
             return
-        need = verdict.estimate.total_bytes if verdict.estimate else budget.bytes
+        estimate = verdict.estimate
+        need = estimate.total_bytes if estimate else budget.bytes
+        device_need = 0
+        if estimate is not None and estimate.device_bytes is not None:  # a GPU server: host and device ledgers
+            need, device_need = estimate.host_bytes or 0, estimate.device_bytes
         if await self._adopt(runtime, unit, need):  # its memory is in use already: it does not queue
             self.metrics.admitted()
             return
         spec = unit.service
         decision = self.admission.request(
-            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available()
-        )
+            runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available(), device_need,
+            max(1, unit.model.gpu_count or 1),
+        )  # fmt: skip
         self.memory.wake_granted()  # units ahead of this one may have been admitted too
         if decision.outcome is Outcome.NEVER_FITS:
             self.metrics.rejected(decision.reason)
@@ -275,6 +307,8 @@ class Agent:
         if record.spec_hash == unit.spec_hash() and record.is_ours():
             self.admission.hold(runtime.key, need, unit.service.priority, unit.service.eviction_protection)
             runtime.child = child
+            adopting, _ = self._executor(unit)
+            runtime.executor = adopting.name if adopting else None  # it measures the server
             await self._set(runtime, "Starting", "Adopted", f"adopting pid {child.pid} on port {child.port}")
             if await self._until_ready(runtime, record.health_path):
                 await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
@@ -300,7 +334,7 @@ class Agent:
             if (c := r.child) is not None
         ]
         records += list(self.adoptable.values())  # not yet claimed: keep them on record
-        save_state(self.state_path, records)
+        self.state.save(records)
 
     def _executor(self, unit: ServingUnit) -> tuple[Executor | None, str]:
         reasons = []
@@ -317,9 +351,13 @@ class Agent:
             taken = frozenset(r.child.port for r in self.runtimes.values() if r.child)
             port = free_port(self.config.ports, taken)
             launch = executor.command(unit, model_path, port)
-            child = supervisor.start(
-                launch, port, self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
-            )
+            claim = self.admission.holders.get(runtime.key)
+            if claim is not None and claim.gpus:  # the GPUs admission reserved its device memory on
+                env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, claim.gpus))}
+                launch = dataclasses.replace(launch, env=env)
+            log_path = self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
+            logs_bound = supervisor.LogSettings(self.config.log_max_size, self.config.log_keep)
+            child = supervisor.start(launch, port, log_path, logs_bound, self.config.server_env)
         except Exception as exc:  # the plugin's message becomes the unit's reason
             self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
@@ -347,9 +385,25 @@ class Agent:
         if runtime.evict_message is not None:
             return False  # the worker stops it next
         runtime.failures = runtime.unhealthy = 0
-        runtime.actual = measure(child)
-        self.memory.measured(runtime, loaded=True)
+        self._measure(runtime, child)
+        if self.memory.measured(runtime, loaded=True) is Measured.EXCEEDS_BUDGET:
+            await self._exceeds_budget(runtime)
+            return False
         return True
+
+    def _measure(self, runtime: UnitRuntime, child: supervisor.Child) -> None:
+        """Ask the server's executor what it really uses (host, GPU, llama.cpp's buffers)."""
+        executor = next((e for e in self.executors if e.name == runtime.executor), None)
+        runtime.footprint = keep_report(measure_with(executor, child.pid, child.log_path), runtime.footprint)
+        runtime.actual = runtime.footprint.actual()
+
+    async def _exceeds_budget(self, runtime: UnitRuntime) -> None:
+        """Enforce mode: a server over its own budget is stopped; only a spec change starts it again."""
+        message = runtime.exceeded or "its measured footprint exceeds its budget"
+        await self._teardown(runtime)
+        runtime.retry_at = None
+        self.metrics.rejected("ExceedsBudget")
+        await self._set(runtime, "Failed", "ExceedsBudget", message)
 
     async def _failed_run(self, runtime: UnitRuntime, message: str) -> None:
         runtime.failures += 1
@@ -363,17 +417,20 @@ class Agent:
     async def _probe(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         child = runtime.child
         assert child is not None
-        supervisor.bound_log(child.log_path)
         if not child.running():
             runtime.child = None
             self.memory.release(runtime.key)
+            await supervisor.drain_log(child)
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return
         if await supervisor.healthy(child):
             runtime.unhealthy = 0
-            runtime.actual = measure(child)
-            if self.memory.measured(runtime, loaded=False):  # a new warning: reporters turn it into an Event
+            self._measure(runtime, child)
+            judged = self.memory.measured(runtime, loaded=False)
+            if judged is Measured.EXCEEDS_BUDGET:
+                await self._exceeds_budget(runtime)
+            elif judged is Measured.WARNED:  # a new warning: reporters turn it into an Event
                 await self._set(runtime, runtime.phase, runtime.reason, runtime.message)
             return
         runtime.unhealthy += 1
@@ -386,7 +443,7 @@ class Agent:
         if runtime.child is not None:
             await supervisor.stop(runtime.child, self.config.grace_period)
             runtime.child = None
-        runtime.actual, runtime.warning = {}, None
+        runtime.actual, runtime.warning, runtime.footprint = {}, None, None
         if evicted is not None and claim is not None:
             self.admission.forget(runtime.key)
             self.admission.requeue(claim, EVICTED, evicted)  # it waits again, keeping its place
@@ -419,6 +476,7 @@ class Agent:
 
     async def _set(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
+        message = redact_text(message)  # no URL secrets in a status, a log line or an Event, whatever said it
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
         if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
             assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
@@ -455,6 +513,13 @@ class Agent:
                 {
                     **runtime.status(),
                     "reserved_bytes": self.ledger.held.get(runtime.key, 0),
+                    "reserved_from": _reserved_from(runtime),
+                    "reserved_gpu_bytes": {
+                        str(index): ledger.held[runtime.key]
+                        for index, ledger in sorted(self.admission.gpu_ledgers.items())
+                        if runtime.key in ledger.held
+                    }
+                    or None,
                     **self.ondemand.unit_status(runtime),
                 }
                 for runtime in sorted(self.runtimes.values(), key=lambda r: r.key)
@@ -463,4 +528,6 @@ class Agent:
             **({"watch": self.source_status()} if self.source_status else {}),
             **({"report": self.report_status()} if self.report_status else {}),
             **self.memory.status(),
+            **self.state.status(),
+            "cuda_context_overhead": gpus.CONTEXT_OVERHEAD.status(),
         }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.budget import Budget, describe
-from agent.estimator import Estimate, advice, estimate, max_ctx_size
+from agent.estimator import Estimate, Estimator, advice, estimate, max_ctx_size
 from agent.gguf_header import GGUFError
 from agent.gguf_shape import load_shape
 from agent.hostmem import HostMemory
@@ -55,7 +55,7 @@ class Verdict:
     def headroom_bytes(self) -> int | None:
         if self.estimate is None or self.limit_bytes is None:
             return None
-        return self.limit_bytes - self.estimate.total_bytes
+        return self.limit_bytes - self.estimate.budgeted_bytes
 
 
 WARN_SUFFIX = " (memory check mode is warn: starting anyway)"
@@ -76,15 +76,22 @@ def failed(
 
 
 def judge(
-    shape: ModelShape, settings: ServeSettings, budget: Budget, host: HostMemory, mode: Mode = Mode.ENFORCE
+    shape: ModelShape,
+    settings: ServeSettings,
+    budget: Budget,
+    host: HostMemory,
+    mode: Mode = Mode.ENFORCE,
+    estimator: Estimator | None = None,
 ) -> Verdict:
-    """Compare the estimate with the tightest constraint: the model's budget or what the host can give."""
-    est = estimate(shape, settings)
+    """Compare the estimate with the tightest constraint: the model's budget or what the host (or, for a GPU
+    estimate, the GPU) can give. ``estimator`` replaces the default one (a GPU server's device estimate)."""
+    estimator = estimator or estimate
+    est = estimator(shape, settings)
     constraints = [(describe(budget), budget.bytes)]
     if host.total_bytes < budget.bytes:
         constraints.append((f"host memory {format_bytes(host.total_bytes)} ({host.source})", host.total_bytes))
     binding, limit = min(constraints, key=lambda c: c[1])
-    total = est.total_bytes
+    total = est.budgeted_bytes
     fits = total <= limit
     verdict = Verdict(
         reason=Reason.FITS,
@@ -99,11 +106,11 @@ def judge(
         budget=budget,
         limit_bytes=limit,
         binding=binding,
-        max_ctx_size=max_ctx_size(shape, settings, limit),
+        max_ctx_size=max_ctx_size(shape, settings, limit, estimator),
     )
     if fits:
         return verdict
-    tips = tuple(advice(shape, settings, limit))
+    tips = tuple(advice(shape, settings, limit, estimator))
     largest = est.largest_component()
     message = (
         f"needs {format_bytes(total)} but the limit is {format_bytes(limit)} ({binding}); "
@@ -123,6 +130,7 @@ def preflight(
     budget: Budget,
     host: HostMemory,
     mode: Mode = Mode.ENFORCE,
+    estimator: Estimator | None = None,
 ) -> Verdict:
     """Read the model's header and judge it; never raises for a bad file or bad settings."""
     try:
@@ -130,6 +138,6 @@ def preflight(
     except (GGUFError, OSError) as exc:
         return failed(Reason.MEMORY_CHECK_FAILED, f"cannot read the model: {exc}", mode, settings=settings)
     try:
-        return judge(shape, settings, budget, host, mode)
+        return judge(shape, settings, budget, host, mode, estimator)
     except ValueError as exc:  # settings llama.cpp would refuse
         return failed(Reason.INVALID_SPEC, str(exc), mode, settings=settings, shape=shape, budget=budget)

@@ -21,7 +21,10 @@ import aiohttp
 from agent.download import DownloadError, http_error
 from agent.gguf_header import GGUFError, GGUFHeader, IncompleteHeader, read_header_prefix, read_model
 from agent.gguf_shape import shape_from_model
-from agent.model_store import ModelFiles, RemoteFile, auth_headers, canonical, redact
+from agent.model_store import ModelFiles, RemoteFile, auth_headers, canonical
+from agent.redact import redact_text
+from agent.redact import redact_url as redact
+from agent.safe_files import read_bytes
 from agent.shape import ModelShape
 
 FIRST_RANGE = 256 << 10
@@ -61,8 +64,8 @@ def load_header(remote: RemoteFile) -> RemoteHeader | None:
     """The header saved by an earlier download of the same URL, if any and readable."""
     data, meta = _cache(remote)
     try:
-        saved = json.loads(meta.read_text())
-        prefix = data.read_bytes()
+        saved = json.loads(read_bytes(meta, 64 << 10))  # regular files only, capped: agent/safe_files.py
+        prefix = read_bytes(data, MAX_HEADER)
         if saved["url"] != canonical(remote.url):
             return None
         header = read_header_prefix(prefix, saved["file_bytes"], str(remote.path))
@@ -81,7 +84,7 @@ async def _range(session: aiohttp.ClientSession, url: str, start: int, end: int)
     headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity", **auth_headers(url)}
     async with session.get(url, headers=headers) as response:
         if response.status >= 400:
-            raise http_error(response, url.rsplit("/", 1)[-1])
+            raise http_error(response, redact(url).removesuffix("?…").rsplit("/", 1)[-1])  # never the query
         validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         if response.status == 206:
             match = _TOTAL.search(response.headers.get("Content-Range", ""))
@@ -127,7 +130,9 @@ async def fetch_header(session: aiohttp.ClientSession, remote: RemoteFile) -> Re
                 prefix += more
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise DownloadError(
-            "DownloadInterrupted", f"fetching the GGUF header of {redact(remote.url)} failed: {exc}", transient=True
+            "DownloadInterrupted",
+            f"fetching the GGUF header of {redact(remote.url)} failed: {redact_text(str(exc))}",
+            transient=True,
         ) from exc
 
 

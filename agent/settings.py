@@ -243,6 +243,29 @@ def _host(value: str, where: str) -> str:
     return value
 
 
+def _file_mode(value: str, where: str) -> int:
+    """An octal permission string (``0640``); a mode that gives others write access is refused."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise InvalidValue(f"{where}: {shown(value)} is not an octal file mode like 0640") from None
+    if not 0o400 <= mode <= 0o777 or mode & 0o022 or not mode & 0o400:
+        raise InvalidValue(f"{where}: {value} must let the owner read, and no one else write (e.g. 0640, 0600)")
+    return mode
+
+
+FILE_MODE = Kind("octal file mode (e.g. 0640)", (str,), _file_mode, show=lambda v: f"{v:04o}",
+                 describe=lambda v: f"{v:04o}", metavar="MODE")  # fmt: skip
+
+
+def _env_names(items: list[str], where: str) -> tuple[str, ...]:
+    for item in items:
+        name = item.removesuffix("*")
+        if not name or not all(c.isalnum() or c == "_" for c in name) or not name.isascii():
+            raise InvalidValue(f"{where}: {shown(item)} is not an environment variable name (or PREFIX*)")
+    return tuple(items)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. ``name`` is the flag (``--memory-fraction``), environment (``METAL_AGENT_MEMORY_FRACTION``)
@@ -280,8 +303,10 @@ SETTINGS: tuple[Setting, ...] = (
             "directory of Model and InferenceService manifests (standalone mode)"),
     Setting("poll_interval", "agent", "poll_interval", seconds(0, 3600), 1.0,
             "seconds between manifest directory scans"),
+    Setting("manifest_max_size", "agent", "manifest_max_size", QUANTITY, "1Mi",
+            "largest manifest file read; a larger one is reported as invalid and skipped"),
     Setting("state_dir", "agent", "state_dir", PATH, "~/.local/state/metal-agent",
-            "server logs, the state file and the single-instance lock"),
+            "server logs, the state file and the single-instance lock (made private: 0700)"),
     Setting("api_host", "api", "host", HOST, "127.0.0.1",
             "address of the local API; it has no authentication, keep it on loopback"),
     Setting("api_port", "api", "port", PORT, 9464,
@@ -291,6 +316,9 @@ SETTINGS: tuple[Setting, ...] = (
             "above)", example=0.75),
     Setting("memory_check_mode", "memory", "check_mode", enum_choice(Mode), "enforce",
             "enforce: a model that does not fit is not started; warn: it starts with a warning", field="mode"),
+    Setting("budget_tolerance", "memory", "budget_tolerance", RATIO, 0.02,
+            "enforce mode: a running server whose measured footprint exceeds its own budget by more than this "
+            "share is stopped (reason ExceedsBudget)"),
     Setting("host_memory", "memory", "host_memory", QUANTITY, None,
             "pretend the host has this much memory (default: detected; cgroup and GPU wired limits apply)",
             example="64Gi"),
@@ -314,6 +342,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backoff_base", "servers", "backoff_base", seconds(0, 3600), 1.0,
             "first delay before restarting a crashed server (doubles each failure)"),
     Setting("backoff_cap", "servers", "backoff_cap", seconds(0), 60.0, "longest delay between restarts"),
+    Setting("log_max_size", "servers", "log_max_size", QUANTITY, "8Mi",
+            "a server's log file is rotated when it reaches this size, however fast the server writes"),
+    Setting("log_keep", "servers", "log_keep", integer(1, 100), 2, "rotated log files kept per server (.1 ... .N)"),
+    Setting("server_env", "servers", "env", string_list(_env_names, "list of variable names", "NAMES"), None,
+            "environment variables passed to servers besides the allowlist (PATH, HOME, TMPDIR, LANG, LC_*, TZ, "
+            "library paths, GPU selection); a trailing * matches a prefix", example=["LLAMA_ARG_*"]),
     Setting("crash_loop_after", "servers", "crash_loop_after", integer(1, 1000), 5,
             "failures without a healthy start before a unit shows CrashLoop"),
     Setting("pressure_warning", "pressure", "warning", FRACTION, 0.20,
@@ -331,6 +365,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_root", "models", "roots", PATHS, None,
             "directories local model files may lie in, besides the store and (standalone) the manifest directory; "
             "the flag may be repeated", example=["~/models"]),
+    Setting("model_file_mode", "models", "file_mode", FILE_MODE, "0640",
+            "permissions of downloaded model files (octal; their directories get the matching x bits)"),
     Setting("min_free_disk", "models", "min_free_disk", DISK_QUANTITY, "1Gi", "disk space a download must leave free"),
     Setting("kube", "kubernetes", "enabled", BOOLEAN, False,
             "take Models and InferenceServices from the Kubernetes API (list, then watch) instead of --manifests",
@@ -356,7 +392,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent_name", "kubernetes", "agent_name", HOST, None,
             "this agent in its objects' labels and in Events (default: the host name)", example="mac-studio-1"),
     Setting("advertise_address", "kubernetes", "advertise_address", IP_ADDRESS, None,
-            "the IP address put in EndpointSlices (default: this host's address on the route to the API server)",
+            "the IP address put in EndpointSlices, reachable from the cluster (default: this host's address on the "
+            "route to the API server; no endpoint when that is loopback)",
             example="192.0.2.10"),
     Setting("endpoints", "kubernetes", "endpoints", BOOLEAN, True,
             "register a Service and an EndpointSlice for each served unit", field="register_endpoints"),

@@ -42,6 +42,10 @@ class ModelShape:
     recurrent_state_bytes: tuple[int, ...] = ()  # per layer f32 state per sequence (0 where none)
     shard_count: int = 1
     missing: tuple[str, ...] = field(default=())
+    # Weights llama.cpp keeps in host memory even with every layer on a GPU (the input layer: token_embd), and
+    # whether the output layer reuses token_embd (no output.weight: llama.cpp then loads a copy onto the GPU).
+    input_weights_bytes: int = 0
+    output_tied: bool = False
 
     @property
     def is_fallback(self) -> bool:

@@ -7,14 +7,13 @@ process's create time and its command line are all the same. A process that fail
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 import structlog
 
+from agent.safe_files import private_dir, write_atomic
 from agent.supervisor import Child
 
 log = structlog.get_logger("metal_agent.statefile")
@@ -53,12 +52,13 @@ class ChildRecord:
 
 
 def save(path: Path, records: list[ChildRecord]) -> None:
-    """Write atomically: a crash mid-write must not lose the record of running children."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as out:
-        json.dump({"version": 1, "children": [asdict(r) for r in records]}, out)
-    os.replace(temp, path)
+    """Write atomically (0600, in a 0700 directory): a crash mid-write must not lose the record of running children.
+
+    Raises OSError when the disk refuses; no temporary file is left behind (agent/state_keeper.py decides).
+    """
+    private_dir(path.parent)
+    data = json.dumps({"version": 1, "children": [asdict(r) for r in records]}).encode()
+    write_atomic(path, data)
 
 
 def load(path: Path) -> list[ChildRecord]:

@@ -1,17 +1,18 @@
 """Start, probe and stop inference server processes.
 
-Children run in their own session (process group), so a stop reaches everything they started. Their output
-goes to a per-unit log file opened in append mode; the agent bounds it by copy-and-truncate (the child's
-O_APPEND descriptor keeps writing at the new end), keeping one rotated file.
+Children run in their own session (process group), so a stop reaches everything they started, with a scrubbed
+environment (agent/server_env.py). Their output goes through a pipe to a log writer process (agent/logwriter.py)
+that rotates the per-unit log file before it passes its size bound, however fast the server writes; the writer
+outlives an agent restart with its server and ends when the server's output closes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,14 @@ import anyio
 import psutil
 
 from agent.hookspecs import Launch
+from agent.redact import redact_text
+from agent.safe_files import open_regular, private_dir
+from agent.server_env import server_environment
 
 LOG_LIMIT_BYTES = 8 << 20
+TAIL_BYTES = 64 * 1024
+MAX_LINE_CHARS = 500  # a log line quoted in a status: a server may print megabytes without a newline
+WRITER = str(Path(__file__).with_name("logwriter.py"))
 
 
 class StartupFailed(RuntimeError):
@@ -38,6 +45,7 @@ class Child:
     create_time: float
     process: subprocess.Popen[bytes] | None = None  # None for a child adopted after an agent restart
     health_path: str = "/health"
+    writer: subprocess.Popen[bytes] | None = None  # its log writer; None when adopted
 
     def running(self) -> bool:
         if self.process is not None:
@@ -54,39 +62,64 @@ class Child:
 
 
 def tail_lines(path: Path, count: int = 20) -> str:
+    """The last ``count`` lines of a log (from its last 64 KiB), URLs redacted; empty when it cannot be read."""
     try:
-        with path.open("rb") as log:
-            log.seek(max(0, path.stat().st_size - 64 * 1024))
-            lines = deque(log.read().decode(errors="replace").splitlines(), maxlen=count)
+        with open_regular(path) as (fd, size):
+            os.lseek(fd, max(0, size - TAIL_BYTES), os.SEEK_SET)
+            data = os.read(fd, TAIL_BYTES)
     except OSError:
         return ""
-    return "\n".join(lines)
+    lines = deque(data.decode(errors="replace").splitlines(), maxlen=count)
+    return redact_text("\n".join(line[:MAX_LINE_CHARS] for line in lines))
 
 
-def bound_log(path: Path, limit: int = LOG_LIMIT_BYTES) -> None:
-    """Keep a child's log under ``limit``: copy it to ``.1`` and truncate it in place."""
+@dataclass(frozen=True)
+class LogSettings:
+    max_bytes: int = LOG_LIMIT_BYTES
+    keep: int = 2
+
+
+def start(
+    launch: Launch, port: int, log_path: Path, log: LogSettings | None = None, env_allow: tuple[str, ...] | None = None
+) -> Child:
+    """Spawn the server with its output piped to a log writer; raises OSError when either cannot start."""
+    log = log or LogSettings()
+    private_dir(log_path.parent)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)  # there from the start
     try:
-        if path.stat().st_size <= limit:
-            return
-        shutil.copyfile(path, path.with_name(path.name + ".1"))
-        with path.open("r+b") as log:
-            log.truncate(0)
-    except OSError:
-        return
-
-
-def start(launch: Launch, port: int, log_path: Path) -> Child:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            launch.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=launch.cwd,
-            env={**os.environ, **launch.env},
-            start_new_session=True,
+        os.fchmod(fd, 0o600)  # private, also when an older agent created it
+    finally:
+        os.close(fd)
+    read_end, write_end = os.pipe()
+    try:
+        writer = subprocess.Popen(
+            [sys.executable, "-I", WRITER, "--max-bytes", str(log.max_bytes), "--keep", str(log.keep), str(log_path)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=server_environment(os.environ),
+            start_new_session=True,  # a signal to the agent's terminal or group does not cut a server's log short
         )
+        try:
+            process = subprocess.Popen(
+                launch.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.STDOUT,
+                cwd=launch.cwd,
+                env=server_environment(os.environ, launch.env, env_allow or ()),
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(write_end)
+            write_end = -1
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                writer.wait(timeout=2)  # it sees the end of its input at once
+            raise
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
     started = psutil.Process(process.pid)
     create_time = started.create_time()
     # The command line as the OS reports it (a script's interpreter included): what adoption compares later.
@@ -94,11 +127,20 @@ def start(launch: Launch, port: int, log_path: Path) -> Child:
         argv = started.cmdline() or launch.argv
     except psutil.Error:
         argv = launch.argv
-    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path)
+    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path, writer)
 
 
-async def healthy(child: Child, path: str = "/health", timeout: float = 2.0) -> bool:
-    url = f"http://127.0.0.1:{child.port}{path}"
+async def drain_log(child: Child, timeout: float = 2.0) -> None:
+    """After the server exited: wait (briefly) until its writer has put the last lines in the log."""
+    writer = child.writer
+    if writer is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await anyio.to_thread.run_sync(writer.wait, timeout)
+
+
+async def healthy(child: Child, path: str | None = None, timeout: float = 2.0) -> bool:
+    """Whether the child answers 200 on ``path``, by default its own health path (its ``Launch.health_path``)."""
+    url = f"http://127.0.0.1:{child.port}{child.health_path if path is None else path}"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
@@ -121,6 +163,7 @@ async def wait_ready(child: Child, path: str, timeout: float, grace: float) -> N
         problem = f"not healthy within {timeout:g} s"
     else:
         problem = f"exited with status {child.exit_code} while starting"
+    await drain_log(child)
     raise StartupFailed(f"{problem}; last log lines:\n{tail_lines(child.log_path)}")
 
 
@@ -146,6 +189,7 @@ def _signal_group(child: Child, signum: int) -> None:
 
 
 def _reap(child: Child) -> None:
-    if child.process is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.process.wait(timeout=1)
+    for process in (child.process, child.writer):
+        if process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=1)

@@ -12,7 +12,16 @@ from typing import Any
 import anyio
 
 from agent import supervisor
+from agent.estimator import Estimate
+from agent.footprint import Footprint
 from agent.preflight import Verdict
+
+
+def _split(est: Estimate) -> dict[str, int]:
+    """A GPU estimate's device and host parts."""
+    if est.device_bytes is None or est.host_bytes is None:
+        return {}
+    return {"device": est.device_bytes, "host": est.host_bytes}
 
 
 @dataclass
@@ -30,10 +39,12 @@ class UnitRuntime:
     unhealthy: int = 0
     retry_at: float | None = None
     actual: dict[str, int] = field(default_factory=dict)
+    footprint: Footprint | None = None  # the last measurement, each figure with its source
     executor: str | None = None
     event_at: float | None = None  # monotonic time of the first event not yet reconciled (pipeline latency)
     download: dict[str, Any] | None = None  # bytes done / total while a remote model downloads
     warning: dict[str, str] | None = None  # {reason, message}: e.g. the measured footprint exceeds the reservation
+    exceeded: str | None = None  # enforce mode: why the server is over its own budget (it is stopped)
     evict_message: str | None = None  # set by the memory guard: the worker stops the server and says why
     launch_scope: anyio.CancelScope | None = None  # the start in progress, cancelled by an eviction
 
@@ -60,8 +71,9 @@ class UnitRuntime:
             "reason": self.reason,
             "message": self.message,
             "budget": {"bytes": budget.bytes, "source": budget.source} if budget else None,
-            "estimate": {**est.components(), "total": est.total_bytes} if est else None,
+            "estimate": {**est.components(), "total": est.total_bytes, **_split(est)} if est else None,
             "actual": self.actual or None,
+            "measured": self.footprint.status() if self.footprint else None,
             "pid": child.pid if child else None,
             "port": child.port if child else None,
             "endpoint": f"http://127.0.0.1:{child.port}" if child and self.phase == "Ready" else None,

@@ -1,67 +1,57 @@
 """GGUF models on NVIDIA GPUs: llama-server budgeted against GPU memory, not host RAM.
 
-GPU memory comes from ``nvidia-smi`` (the driver's own tool, present wherever the driver is). The unit's
-``hardware.gpu.count`` picks that many devices with the most free memory; their memory together is the total
-the budget is taken from. No GPU is a clear ``MemoryCheckFailed``, never a crash.
+GPU memory comes from NVML, else ``nvidia-smi`` (agent/gpus.py). The unit's ``hardware.gpu.count`` picks that
+many devices with the most free memory; their memory together is the total the budget is taken from. The
+estimate is split into device and host memory (agent/device_estimate.py), the budget limits the device part,
+and a running server is measured per process on each GPU. No GPU is a clear ``MemoryCheckFailed``, never a crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, Verdict, failed
-from agent.preflight import preflight as check
-from agent.units import ServingUnit
+import structlog
+
+from agent.plugin import (
+    CONTEXT_OVERHEAD,
+    DEFAULT_CONTEXT_OVERHEAD,
+    GPU,
+    QUANTITY,
+    Budget,
+    Executor,
+    Footprint,
+    HostMemory,
+    Launch,
+    Mode,
+    NoGPU,
+    Reason,
+    ServingUnit,
+    Setting,
+    Verdict,
+    check_gguf,
+    failed,
+    gpu_estimate,
+    gpu_process_memory,
+    hookimpl,
+    is_device_backend,
+    list_gpus,
+    measure_process,
+)
 from plugins.llamacpp import LlamaCppExecutor, executor_arguments
 
+__all__ = ["GPU", "NoGPU", "list_gpus"]
+log = structlog.get_logger("metal_agent.cuda")
 MiB = 1 << 20
 
 
-class NoGPU(RuntimeError):
-    """No NVIDIA GPU could be queried."""
-
-
-@dataclass(frozen=True)
-class GPU:
-    index: int
-    total_bytes: int
-    used_bytes: int
-
-    @property
-    def free_bytes(self) -> int:
-        return self.total_bytes - self.used_bytes
-
-
-def list_gpus(run: Callable[[list[str]], str] | None = None) -> list[GPU]:
-    def nvidia_smi(argv: list[str]) -> str:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout
-
-    query = ["nvidia-smi", "--query-gpu=index,memory.total,memory.used", "--format=csv,noheader,nounits"]
-    try:
-        out = (run or nvidia_smi)(query)
-        gpus = [
-            GPU(int(index), int(total) * MiB, int(used) * MiB)
-            for index, total, used in (line.split(",") for line in out.strip().splitlines() if line.strip())
-        ]
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise NoGPU(f"no NVIDIA GPU found: nvidia-smi failed ({exc})") from exc
-    if not gpus:
-        raise NoGPU("no NVIDIA GPU found: nvidia-smi lists no devices")
-    return gpus
-
-
-def pick(gpus: list[GPU], count: int) -> list[GPU]:
-    if count > len(gpus):
-        raise NoGPU(f"hardware.gpu.count is {count} but only {len(gpus)} GPU(s) exist")
-    return sorted(gpus, key=lambda g: g.free_bytes, reverse=True)[:count]
+def pick(found: list[GPU], count: int) -> list[GPU]:
+    if count > len(found):
+        raise NoGPU(f"hardware.gpu.count is {count} but only {len(found)} GPU(s) exist")
+    return sorted(found, key=lambda g: g.free_bytes, reverse=True)[:count]
 
 
 def gpu_memory(unit: ServingUnit) -> tuple[HostMemory, list[GPU]]:
@@ -69,7 +59,7 @@ def gpu_memory(unit: ServingUnit) -> tuple[HostMemory, list[GPU]]:
     total = sum(g.total_bytes for g in chosen)
     free = sum(g.free_bytes for g in chosen)
     indexes = ",".join(str(g.index) for g in chosen)
-    return HostMemory(total, free, "nvidia-smi", (f"GPU(s) {indexes}",)), chosen
+    return HostMemory(total, free, "GPU", (f"GPU(s) {indexes}",)), chosen
 
 
 def is_cuda(unit: ServingUnit) -> bool:
@@ -92,22 +82,60 @@ def preflight(unit: ServingUnit, model_path: Path, budget: Budget, host: HostMem
     if not is_cuda(unit):
         return None
     try:
-        gpu, _ = gpu_memory(unit)
+        gpu, chosen = gpu_memory(unit)
     except NoGPU as exc:
         return failed(Reason.MEMORY_CHECK_FAILED, str(exc), Mode(mode), settings=unit.settings)
-    return check(model_path, unit.settings, budget, gpu, Mode(mode))
+    overhead = CONTEXT_OVERHEAD.bytes_for([g.index for g in chosen]) * len(chosen)  # a context per GPU
+    estimator = functools.partial(gpu_estimate, context_overhead=overhead, gpu_layers=unit.model.gpu_layers)
+    return check_gguf(model_path, unit.settings, budget, gpu, Mode(mode), estimator)
 
 
 class CUDAExecutor(LlamaCppExecutor):
     name = "cuda"
     accelerators = ("cuda",)
+    uses_device = True  # its servers hold GPU memory: the agent keeps a ledger per GPU
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
         _, chosen = gpu_memory(unit)
         launch = super().command(unit, model_path, port)
         return dataclasses.replace(launch, env={"CUDA_VISIBLE_DEVICES": ",".join(str(g.index) for g in chosen)})
 
+    def measure(self, pid: int, log_path: Path | None = None) -> Footprint:
+        """Host memory, the process's memory on each GPU (NVML, else nvidia-smi) and llama.cpp's buffers; the
+        first server on a GPU teaches the agent that GPU's CUDA context overhead."""
+        device = gpu_process_memory(pid)
+        # A loaded CUDA server always holds GPU memory: none listed for its pid means the tools cannot see it (a
+        # container's own PID namespace), not that it uses none; the ledger then keeps the estimate.
+        found = (device.by_gpu, device.source) if device is not None and device.by_gpu else None
+        footprint = measure_process(pid, log_path, uses_device=True, device=found)
+        reported = {k: v for k, v in footprint.buffers.items() if is_device_backend(k)}
+        if device is not None and len(device.by_gpu) == 1 and len(reported) == 1:
+            ((index, used),) = device.by_gpu.items()
+            learned = CONTEXT_OVERHEAD.learn(index, used, sum(reported.values()))
+            if learned is not None:
+                log.info("learned the CUDA context overhead", gpu=index, overhead=learned, process=used)
+        return footprint
+
+
+SETTINGS = (
+    Setting("cuda_context_overhead", "executors.cuda", "context_overhead", QUANTITY, "600Mi",
+            "device memory a CUDA llama-server holds beyond its buffers (context, cuBLAS, kernels; 589 MiB on an "
+            "H200 with CUDA 13); replaced per GPU by what the agent measures on its first server there"),
+)  # fmt: skip
+
+
+@hookimpl
+def agent_settings() -> list[Setting]:
+    return list(SETTINGS)
+
+
+def configure(settings: Mapping[str, Any]) -> None:
+    """Apply the configured context overhead (the estimate command and the agent both call it)."""
+    overhead = settings.get("cuda_context_overhead")
+    CONTEXT_OVERHEAD.default = int(overhead) if overhead else DEFAULT_CONTEXT_OVERHEAD
+
 
 @hookimpl
 def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
+    configure(settings)
     register(CUDAExecutor(**executor_arguments(settings)))  # the same llama-server binary and --mlock

@@ -2,7 +2,8 @@
 
 Every setting that changes memory is passed explicitly, because llama-server's defaults are what the budget
 cannot see: ``-c 0`` means the training context (often 128k), ``-np`` auto means 4 slots, and ``--cache-ram``
-defaults to an 8 GiB host prompt cache. The command is an argument list, never a shell string.
+defaults to an 8 GiB host prompt cache. The command is an argument list, never a shell string, and a unit's
+extraArgs reach it only through the allowlist (``plugins.extra_args``), checked again here.
 """
 
 from __future__ import annotations
@@ -16,41 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.quantity import InvalidValue
-from agent.settings import BOOLEAN, PATH, Setting
-from agent.shape import ServeSettings
-from agent.units import ServingUnit
+from agent.plugin import (
+    BOOLEAN,
+    PATH,
+    Executor,
+    Footprint,
+    InvalidValue,
+    Launch,
+    ServeSettings,
+    ServingUnit,
+    Setting,
+    hookimpl,
+    measure_process,
+    quoted,
+)
+from plugins.extra_args import Allowlist, allowlist_kind
+from plugins.llama_flags import LLAMA_SERVER
 
 BINARY = "llama-server"
 WELL_KNOWN_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
+DEFAULT_ALLOWLIST = LLAMA_SERVER.allowlist()
 INSTALL_HINT = (
     "llama-server was not found: install llama.cpp (macOS: `brew install llama.cpp`), set its path in the "
     "config, or install the fallback with `pip install 'metal-agent[xllamacpp]'`"
 )
 
 
-# Flags that change what llama.cpp allocates: set through the spec (contextSize, parallelSlots, ...) so that the
-# estimate sees them, never through extraArgs, which would silently break the budget.
-MEMORY_FLAGS = frozenset(
-    {"-c", "--ctx-size", "-np", "--parallel", "-b", "--batch-size", "-ub", "--ubatch-size", "-ctk",
-     "--cache-type-k", "-ctv", "--cache-type-v", "-fa", "--flash-attn", "--cache-ram", "-cram", "--kv-unified",
-     "-kvu", "--swa-full", "-m", "--model", "--port", "--host"}
-)  # fmt: skip
-
-
-class UnsafeExtraArgs(ValueError):
-    """An extra argument that would change memory behind the estimate's back."""
-
-
-def check_extra_args(extra: Sequence[str]) -> None:
-    for arg in extra:
-        flag = arg.split("=", 1)[0]
-        if flag in MEMORY_FLAGS:
-            raise UnsafeExtraArgs(
-                f"extraArgs: {arg!r} changes what the budget was checked against; set it in the spec "
-                "(contextSize, parallelSlots, batchSize, uBatchSize, cacheTypeK/V, flashAttention) instead"
-            )
+# llama-server prints its buffer sizes (what the agent measures a server by) only at verbosity 4 and above.
+LOG_VERBOSITY = 4
 
 
 class ServerNotFound(RuntimeError):
@@ -87,12 +81,13 @@ class ServerOptions:
     mlock: bool = False
     threads: int | None = None
     extra_args: tuple[str, ...] = ()
+    allowlist: Allowlist = DEFAULT_ALLOWLIST  # which extraArgs may reach the server
 
 
 def server_argv(
     command: Sequence[str], model: str | os.PathLike[str], settings: ServeSettings, port: int, options: ServerOptions
 ) -> list[str]:
-    check_extra_args(options.extra_args)
+    extra = options.allowlist.check(options.extra_args)  # raises ExtraArgsRefused
     gpu_layers = 99 if not options.gpu_layers or options.gpu_layers < 0 else options.gpu_layers
     argv = [
         *command,
@@ -109,6 +104,7 @@ def server_argv(
         "--cache-ram", str(settings.cache_ram_bytes >> 20),
         "--n-gpu-layers", str(gpu_layers),
         "--metrics",
+        "-lv", str(LOG_VERBOSITY),
     ]  # fmt: skip
     if settings.kv_unified:
         argv.append("--kv-unified")
@@ -118,7 +114,7 @@ def server_argv(
         argv.append("--mlock")
     if options.threads:
         argv += ["--threads", str(options.threads)]
-    return argv + list(options.extra_args)
+    return argv + extra
 
 
 class LlamaCppExecutor:
@@ -132,12 +128,15 @@ class LlamaCppExecutor:
 
     def accepts(self, unit: ServingUnit) -> str | None:
         if unit.service.runtime not in ("llamacpp", "llama.cpp"):
-            return f"runtime {unit.service.runtime!r} is not llamacpp"
+            return f"runtime {quoted(unit.service.runtime)} is not llamacpp"
         if unit.model.format != "gguf":
             return f"format {unit.model.format!r} is not gguf"
         if unit.model.accelerator not in self.accelerators:
             return f"accelerator {unit.model.accelerator!r} is not one of {', '.join(self.accelerators)}"
         return None
+
+    def check_spec(self, unit: ServingUnit) -> str | None:
+        return self.options.allowlist.problem(unit.service.extra_args)
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
         options = dataclasses.replace(
@@ -145,6 +144,10 @@ class LlamaCppExecutor:
         )
         argv = server_argv(find_llama_server(self.binary), model_path, unit.settings, port, options)
         return Launch(argv=argv, cwd=Path(__file__).resolve().parent.parent)
+
+    def measure(self, pid: int, log_path: Path | None = None) -> Footprint:
+        """Host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's buffer report."""
+        return measure_process(pid, log_path)
 
 
 def _executable(value: str, where: str) -> Path:
@@ -162,6 +165,9 @@ SETTINGS = (
             example="/opt/homebrew/bin/llama-server"),
     Setting("mlock", "executors.llamacpp", "mlock", BOOLEAN, False,
             "pass --mlock to llama-server: weights wired in RAM (macOS: wired memory)"),
+    Setting("llamacpp_extra_args_allowed", "executors.llamacpp", "extra_args_allowed", allowlist_kind(LLAMA_SERVER),
+            None, "llama-server flags extraArgs may use besides the default allowlist (sampling, chat, threads, "
+            "timeouts); never ones that change memory, the network or files", example=["--no-webui", "--props"]),
 )  # fmt: skip
 
 
@@ -173,7 +179,11 @@ def agent_settings() -> list[Setting]:
 def executor_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``LlamaCppExecutor`` arguments from the effective configuration (shared with the CUDA executor)."""
     binary = settings.get("llama_server")
-    options = ServerOptions(host=settings.get("server_host") or "127.0.0.1", mlock=bool(settings.get("mlock")))
+    options = ServerOptions(
+        host=settings.get("server_host") or "127.0.0.1",
+        mlock=bool(settings.get("mlock")),
+        allowlist=LLAMA_SERVER.allowlist(settings.get("llamacpp_extra_args_allowed") or ()),
+    )
     return {"binary": str(binary) if binary else None, "options": options}
 
 

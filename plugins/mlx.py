@@ -15,13 +15,25 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from agent.budget import Budget
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, Verdict, failed, judge
-from agent.shape import ModelShape
-from agent.units import ServingUnit
+from agent.plugin import (
+    Budget,
+    Executor,
+    HostMemory,
+    Launch,
+    Mode,
+    ModelShape,
+    Reason,
+    ServingUnit,
+    Setting,
+    Verdict,
+    failed,
+    hookimpl,
+    judge,
+    read_bytes,
+)
+from plugins.extra_args import Allowlist, FlagTable, Use, allowlist_kind, flags, use_instead
 
+MAX_CONFIG_JSON = 16 << 20
 LOW_CONFIDENCE = "mlx: estimated from config.json and safetensors sizes, not measured against MLX (lower confidence)"
 
 
@@ -31,7 +43,7 @@ class MLXError(ValueError):
 
 def mlx_shape(directory: Path) -> ModelShape:
     try:
-        config = json.loads((directory / "config.json").read_text())
+        config = json.loads(read_bytes(directory / "config.json", MAX_CONFIG_JSON))  # never a FIFO or a device
         layers = int(config["num_hidden_layers"])
         embd = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
@@ -76,14 +88,44 @@ def preflight(unit: ServingUnit, model_path: Path, budget: Budget, host: HostMem
     return judge(shape, unit.settings, budget, host, Mode(mode))
 
 
+# mlx_lm.server's flags (its argparse parser, which also takes any unique prefix of a flag: only exact tokens
+# from the allowlist pass, so an abbreviation never reaches it).
+MLX_SERVER = FlagTable(
+    "mlx_lm.server",
+    "[executors.mlx] extra_args_allowed",
+    (
+        *flags(Use.ALLOWED, "--temp N", "--top-p N", "--top-k N", "--min-p N", "--max-tokens N",
+               "--chat-template TEMPLATE", "--use-default-chat-template", "--chat-template-args JSON",
+               "--log-level LEVEL"),
+        *flags(Use.MEMORY, "--decode-concurrency N", "--prompt-concurrency N", "--prefill-step-size N",
+               "--prompt-cache-size N", "--prompt-cache-bytes N", "--max-kv-size N", "--kv-bits N",
+               "--kv-group-size N", "--quantized-kv-start N", "--pipeline", "--max-active-kv-bytes N",
+               "--max-active-memory-bytes N", "--cache-limit-gb N", "--num-draft-tokens N"),
+        *flags(Use.NETWORK, "--host HOST", instead="the agent sets it (servers.host in its config)"),
+        *flags(Use.NETWORK, "--port PORT", instead="the agent sets it (servers.ports in its config)"),
+        *flags(Use.NETWORK, "--allowed-origins LIST"),
+        *flags(Use.FILES, "--model PATH", instead=use_instead("Model spec.source")),
+        *flags(Use.FILES, "--adapter-path PATH", "--draft-model MODEL"),
+        *flags(Use.FILES, "--trust-remote-code", instead="it runs Python code that comes with the model"),
+        *flags(Use.OTHER, "-h --help", "--max-prompt-tokens N", "--prompt-overflow-policy POLICY",
+               "--prompt-keep-tokens N"),
+    ),
+)  # fmt: skip
+DEFAULT_ALLOWLIST = MLX_SERVER.allowlist()
+
+
 class MLXExecutor:
     name = "mlx"
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", allowlist: Allowlist = DEFAULT_ALLOWLIST) -> None:
         self.host = host  # where the server listens; the agent probes it on 127.0.0.1
+        self.allowlist = allowlist
 
     def accepts(self, unit: ServingUnit) -> str | None:
         return None if is_mlx(unit) else "not an MLX model (format mlx or runtime mlx)"
+
+    def check_spec(self, unit: ServingUnit) -> str | None:
+        return self.allowlist.problem(unit.service.extra_args)
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
         found = shutil.which("mlx_lm.server")
@@ -93,10 +135,24 @@ class MLXExecutor:
             prefix = [sys.executable, "-m", "mlx_lm.server"]
         else:
             raise RuntimeError("mlx_lm.server was not found: `pip install mlx-lm` (Apple Silicon only)")
+        extra = self.allowlist.check(unit.service.extra_args)  # checked before admission too; raises if refused
         argv = [*prefix, "--model", str(model_path), "--host", self.host, "--port", str(port)]
-        return Launch(argv=argv + list(unit.service.extra_args), health_path="/v1/models")
+        return Launch(argv=argv + extra, health_path="/v1/models")
+
+
+SETTINGS = (
+    Setting("mlx_extra_args_allowed", "executors.mlx", "extra_args_allowed", allowlist_kind(MLX_SERVER), None,
+            "mlx_lm.server flags extraArgs may use besides the default allowlist (sampling and chat options); "
+            "never ones that change memory, the network or files", example=["--max-prompt-tokens"]),
+)  # fmt: skip
+
+
+@hookimpl
+def agent_settings() -> list[Setting]:
+    return list(SETTINGS)
 
 
 @hookimpl
 def register_executors(register: Callable[[Executor], None], settings: Mapping[str, Any]) -> None:
-    register(MLXExecutor(host=settings.get("server_host") or "127.0.0.1"))
+    allowlist = MLX_SERVER.allowlist(settings.get("mlx_extra_args_allowed") or ())
+    register(MLXExecutor(host=settings.get("server_host") or "127.0.0.1", allowlist=allowlist))

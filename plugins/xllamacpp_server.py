@@ -15,10 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 FLASH_ATTN = {"on": 1, "off": 0, "auto": -1}
+REASONING_FORMATS = {
+    "none": "COMMON_REASONING_FORMAT_NONE",
+    "auto": "COMMON_REASONING_FORMAT_AUTO",
+    "deepseek": "COMMON_REASONING_FORMAT_DEEPSEEK",
+    "deepseek-legacy": "COMMON_REASONING_FORMAT_DEEPSEEK_LEGACY",
+}
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "random seed" (-1 as an unsigned 32-bit value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xllamacpp-server", description=__doc__)
+    # allow_abbrev=False: llama-server takes no abbreviations, so neither does its stand-in (`--ctx` is an error)
+    p = argparse.ArgumentParser(prog="xllamacpp-server", description=__doc__, allow_abbrev=False)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -37,8 +45,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlock", action="store_true", help="accepted for compatibility; the wheel does not expose it")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("-t", "--threads", type=int, default=0)
-    p.add_argument("-v", "--verbosity", type=int, default=4)
+    p.add_argument("-v", "-lv", "--verbosity", "--log-verbosity", type=int, default=4)
+    # The options of extraArgs' default allowlist that a stand-in is most often given, spelled as llama-server does.
+    p.add_argument("-a", "--alias")
+    p.add_argument("--temp", "--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("-s", "--seed", type=int)
+    p.add_argument("-n", "--predict", "--n-predict", dest="n_predict", type=int)
+    p.add_argument("--jinja", action=argparse.BooleanOptionalAction)
+    p.add_argument("--chat-template")
+    p.add_argument("--reasoning-format", choices=sorted(REASONING_FORMATS))
+    p.add_argument("-to", "--timeout", type=int)
+    p.add_argument("--threads-http", type=int)
+    p.add_argument("--slots", action=argparse.BooleanOptionalAction)
     return p
+
+
+def _sampling_and_chat(params: Any, args: argparse.Namespace) -> None:
+    import xllamacpp
+
+    sampling = params.sampling
+    for name, value in (("temp", args.temp), ("top_k", args.top_k), ("top_p", args.top_p), ("min_p", args.min_p)):
+        if value is not None:
+            setattr(sampling, name, value)
+    if args.seed is not None:
+        sampling.seed = args.seed if args.seed >= 0 else DEFAULT_SEED
+    if args.alias is not None:
+        params.model_alias = {args.alias}
+    if args.reasoning_format is not None:
+        params.reasoning_format = getattr(xllamacpp.common_reasoning_format, REASONING_FORMATS[args.reasoning_format])
+    optional = (("n_predict", args.n_predict), ("use_jinja", args.jinja), ("chat_template", args.chat_template),
+                ("n_threads_http", args.threads_http), ("endpoint_slots", args.slots))  # fmt: skip
+    for name, value in optional:
+        if value is not None:
+            setattr(params, name, value)
+    if args.timeout is not None:
+        params.timeout_read = params.timeout_write = args.timeout
 
 
 def params_from(args: argparse.Namespace) -> Any:
@@ -65,6 +109,7 @@ def params_from(args: argparse.Namespace) -> Any:
     if args.threads > 0:
         params.cpuparams.n_threads = args.threads
         params.cpuparams_batch.n_threads = args.threads
+    _sampling_and_chat(params, args)
     return params
 
 

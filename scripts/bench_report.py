@@ -74,7 +74,7 @@ async def bench(api: KubeAPI, count: int) -> None:
         )
         service = ServiceSpec(name=f"s{i}", namespace="bench", model_ref="m", generation=1)
         units.append(ServingUnit(service=service, model=ModelSpec(name="m", namespace="bench", source="/m.gguf")))
-    settings = ReporterSettings(host_name="bench", host_ip="127.0.0.1", concurrency=16)
+    settings = ReporterSettings(host_name="bench", host_ip="192.0.2.10", concurrency=16)  # routable: no 422
     async with ApiClient(api.configuration()) as api_client, anyio.create_task_group() as tasks:
         reporter = KubeReporter(api_client, settings)
         tasks.start_soon(reporter.run)
@@ -83,7 +83,7 @@ async def bench(api: KubeAPI, count: int) -> None:
             for i, unit in enumerate(units):
                 reporter.report(unit, status(f"s{i}", phase, 20000 + i))
         await reporter.wait_idle()
-        while reporter.events.pending:
+        while not reporter.events.idle:
             await anyio.sleep(0.05)  # polling the queue length, for the measurement only
         elapsed = time.perf_counter() - start
         first = count_requests(api, before)

@@ -1,5 +1,6 @@
-"""Shared fixtures: no developer configuration in any test; `kube_api`, the fake Kubernetes API server; `server`,
-a local HTTP server of model files (tests/model_server.py), and `tiny`, the bytes of a tiny GGUF."""
+"""Shared fixtures: no developer configuration and no installed third-party plugin in any test (unless it asks for
+`entry_point_plugins`); `kube_api`, the fake Kubernetes API server; `server`, a local HTTP server of model files
+(tests/model_server.py), and `tiny`, the bytes of a tiny GGUF."""
 
 from __future__ import annotations
 
@@ -12,18 +13,28 @@ import pytest
 from kubeapi import KubeAPI
 from model_server import ModelServer, serve
 
+from agent.config import PLUGIN_AUTOLOAD_ENV
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)
 def no_user_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every test runs without the developer's own configuration (no config file, no METAL_AGENT_* variables) and
-    never writes to the developer's model store."""
+    """Every test runs without the developer's own configuration (no config file, no METAL_AGENT_* variables),
+    never writes to the developer's model store, and loads only the built-in plugins: a plugin installed in the
+    environment through an entry point must not change the suite's results (agents started as processes inherit
+    the switch)."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     for name in list(os.environ):
         if name.startswith("METAL_AGENT_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv(PLUGIN_AUTOLOAD_ENV, "1")
+
+
+@pytest.fixture
+def entry_point_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test loads the plugins installed through entry points, as a user's agent does."""
+    monkeypatch.delenv(PLUGIN_AUTOLOAD_ENV)
 
 
 @pytest.fixture

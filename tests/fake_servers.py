@@ -2,7 +2,8 @@
 
 One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
 number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
-``crash`` prints ``boom`` and exits with status 3 at once.
+``crash`` prints ``boom`` and exits with status 3 at once. With ``health_path`` the server answers only there
+(404 elsewhere, as a server without ``/health`` does) and prints each path it is asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import http.server, sys, time
 if sys.argv[2] == "crash":
     print("boom"); raise SystemExit(3)
 port, mode, ballast = int(sys.argv[1]), sys.argv[2], b"x" * (int(sys.argv[3]) << 20)
+only = sys.argv[4] if len(sys.argv) > 4 else None
 start = time.monotonic()
 def code():
     if mode in ("healthy", "loading"):
@@ -26,27 +28,31 @@ def code():
     return 200 if time.monotonic() - start < float(mode) else 503
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(code()); self.end_headers()
+        if only is not None:
+            print("GET", self.path, flush=True)
+        self.send_response(404 if only not in (None, self.path) else code()); self.end_headers()
     def log_message(self, *a): pass
 http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def server_argv(port: int, mode: str = "healthy", ballast_mib: int | str = 0) -> list[str]:
-    return [sys.executable, "-c", SERVER, str(port), mode, str(ballast_mib)]
+def server_argv(port: int, mode: str = "healthy", ballast_mib: int | str = 0, only: str | None = None) -> list[str]:
+    return [sys.executable, "-c", SERVER, str(port), mode, str(ballast_mib), *([only] if only else [])]
 
 
 class FakeServer:
     """Serves the units whose ``runtime`` is ``runtime`` (default: the name); ``extraArgs: [N]`` adds N MiB."""
 
-    def __init__(self, name: str, mode: str = "healthy", runtime: str | None = None) -> None:
-        self.name, self.mode, self.runtime = name, mode, runtime or name
+    def __init__(self, name: str, mode: str = "healthy", runtime: str | None = None, health_path: str = "") -> None:
+        self.name, self.mode, self.runtime, self.health_path = name, mode, runtime or name, health_path
 
     def accepts(self, unit: ServingUnit) -> str | None:
         return None if unit.service.runtime == self.runtime else "not mine"
 
     def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
         ballast = unit.service.extra_args[0] if unit.service.extra_args else "0"
+        if self.health_path:
+            return Launch(argv=server_argv(port, self.mode, ballast, self.health_path), health_path=self.health_path)
         return Launch(argv=server_argv(port, self.mode, ballast))
 
 
@@ -60,3 +66,41 @@ class Executors:
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         for executor in self.executors:
             register(executor)
+
+
+# A stand-in for a CUDA llama-server: takes llama-server's flags, prints llama.cpp's buffer report (only at
+# -lv 4 and above, as the real one does) with sizes from FAKE_LLAMA_* variables, and answers /health. What it
+# "uses" on the GPU is whatever the test's fake NVML says: it can lie in both directions.
+FAKE_LLAMA_SERVER = """
+import http.server, os, sys
+args = sys.argv[1:]
+def flag(*names, default=None):
+    for i, a in enumerate(args):
+        if a in names and i + 1 < len(args):
+            return args[i + 1]
+    return default
+port, verbosity = int(flag("--port")), int(flag("-lv", "--verbosity", "--log-verbosity", default="3"))
+env = lambda name: float(os.environ.get("FAKE_LLAMA_" + name, "0"))
+ballast = b"x" * (int(env("HOST_MIB")) << 20)
+if verbosity >= 4:
+    print("load_tensors: loading model tensors, this can take a while... (mmap = true)")
+    print(f"load_tensors:   CPU_Mapped model buffer size = {env('EMBD_MIB'):10.2f} MiB")
+    print(f"load_tensors:        CUDA0 model buffer size = {env('MODEL_MIB'):10.2f} MiB")
+    print(f"llama_kv_cache:      CUDA0 KV buffer size = {env('KV_MIB'):10.2f} MiB")
+    print(f"sched_reserve:      CUDA0 compute buffer size = {env('COMPUTE_MIB'):10.2f} MiB")
+    print(f"sched_reserve:  CUDA_Host compute buffer size = {env('HOST_COMPUTE_MIB'):10.2f} MiB")
+sys.stdout.flush()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def write_fake_llama_server(directory: Path) -> Path:
+    """An executable ``llama-server`` stand-in in ``directory`` (see ``FAKE_LLAMA_SERVER``)."""
+    path = directory / "fake-llama-server"
+    path.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
+    path.chmod(0o755)
+    return path

@@ -15,7 +15,8 @@ stateful `KubernetesEmulator` lacks what a watch client depends on, so this hand
 - **410 Gone**: a watch from a resourceVersion older than the retained history gets an `ERROR` event carrying a
   Status with code 410 (reason `Expired`), as a real API server sends it; the history is bounded
   (`history_limit`) and `compact()` forgets it at once; `gone_next_watch(mode="event"|"http")` forces it
-  (`http`: an HTTP 410 answer);
+  (`http`: an HTTP 410 answer); `restart()` plays an API server restart after a compaction (watches dropped,
+  429 `storage is (re)initializing` for a few requests, then 410 for an old resourceVersion);
 - **allowWatchBookmarks** → `BOOKMARK` events (every `bookmark_interval` seconds, before a `timeoutSeconds`
   end, and on `send_bookmarks()`), whose resourceVersion never skips an undelivered event;
 - **timeoutSeconds** ends the stream cleanly;
@@ -33,8 +34,16 @@ stateful `KubernetesEmulator` lacks what a watch client depends on, so this hand
 - **faults**: `fail_next(n, status=500)` answers the next n requests with a Status error, `disconnect_watches()`
   aborts every open watch connection mid-stream (the client sees a broken payload, not a clean end).
 
-Not emulated (not needed by the agent): finalizers and deletionTimestamp, list pagination (`limit` is ignored),
-server-side apply (415), admission/validation of schemas, authentication.
+- **admission as strict as a real server** (`kubeapi_rules.py`, from kube-apiserver v1.36.2's measured answers):
+  CRD defaults, pruning and schema + CEL validation of custom resources, Service defaults, routable EndpointSlice
+  addresses, Event required fields / time format / note length / series count / immutability, 404 for a
+  namespace that does not exist (`create_namespace`; `apply` creates it), uid and resourceVersion preconditions
+  on delete, and finalizers: a delete of an object with finalizers only sets `deletionTimestamp`, and removing the
+  last finalizer (`remove_finalizers`) completes it; an injected 429 says `storage is (re)initializing`;
+  `Accept: ...;as=Table` answers a Table of the CRD's printer columns.
+
+Not emulated (not needed by the agent): list pagination (`limit` is ignored), server-side apply (415),
+authentication.
 
 Layout: `kubeapi_store.py` (objects, resourceVersions, history, selectors, patches), `kubeapi_handler.py` (the
 kmock handler: HTTP verbs, watch streams, faults, request log) and this module (the `KubeAPI` fixture object).
@@ -140,11 +149,24 @@ class KubeAPI:
 
     # ------------------------------------------------------------ objects
 
-    def apply(self, obj: JSON) -> JSON:
-        """Create or replace like `kubectl apply`: spec, labels and annotations as given; status if given."""
+    def apply(self, obj: JSON, *, admit: bool = True) -> JSON:
+        """Create or replace like `kubectl apply`: spec, labels and annotations as given; status if given.
+
+        The namespace is created if needed (a test's setup). ``admit=False`` plants an object the server's
+        admission would refuse now, as one stored before its CRD was tightened."""
         resource = _resolve(obj.get("kind", ""), obj.get("apiVersion"))
         meta = obj.get("metadata") or {}
         namespace = meta.get("namespace", "default") if resource.namespaced else ""
+        with self.store.lock:
+            if namespace:
+                self.store.namespaces.add(namespace)
+            self.store.admission, admission = admit, self.store.admission
+            try:
+                return self._apply(resource, namespace, obj, meta)
+            finally:
+                self.store.admission = admission
+
+    def _apply(self, resource: Resource, namespace: str, obj: JSON, meta: JSON) -> JSON:
         with self.store.lock:
             if (resource, namespace, meta["name"]) not in self.store.objects:
                 result = self.store.create(resource, namespace, {k: v for k, v in obj.items() if k != "status"})
@@ -172,8 +194,28 @@ class KubeAPI:
         return self.store.list(_resolve(kind, api_version), namespace, None)[0]
 
     def delete(self, kind: str, name: str, namespace: str = "default", api_version: str | None = None) -> JSON:
+        """As `kubectl delete`: an object with finalizers only gets its deletionTimestamp."""
         resource = _resolve(kind, api_version)
         return self.store.delete(resource, namespace if resource.namespaced else "", name)
+
+    def remove_finalizers(self, kind: str, name: str, namespace: str = "default") -> JSON:
+        """What the finalizers' controller does at the end: a held delete then completes."""
+        resource = _resolve(kind)
+
+        def without(current: JSON) -> JSON:
+            current["metadata"].pop("finalizers", None)
+            return current
+
+        return self.store.update(resource, namespace if resource.namespaced else "", name, without)
+
+    def create_namespace(self, name: str) -> None:
+        with self.store.lock:
+            self.store.namespaces.add(name)
+
+    def delete_namespace(self, name: str) -> None:
+        """Forget a namespace (its objects stay, as during a namespace's termination): creates in it answer 404."""
+        with self.store.lock:
+            self.store.namespaces.discard(name)
 
     @property
     def resource_version(self) -> int:
@@ -184,6 +226,11 @@ class KubeAPI:
     @property
     def requests(self) -> list[RecordedRequest]:
         return list(self.handler.recorded)
+
+    def clear_requests(self) -> None:
+        """Forget the request log (a test's setup is not what it counts)."""
+        with self.store.lock:
+            self.handler.recorded.clear()
 
     def requests_where(self, **fields: Any) -> list[RecordedRequest]:
         return [r for r in self.requests if all(getattr(r, k) == v for k, v in fields.items())]
@@ -217,6 +264,18 @@ class KubeAPI:
     def compact(self) -> None:
         """Forget the event history: a watch from any resourceVersion older than the current one gets 410 Gone."""
         self.store.compact()
+
+    def restart(self, unavailable: int = 3) -> None:
+        """What a kube-apiserver restart after an etcd compaction looks like to clients: open watches drop, the
+        next `unavailable` requests answer 429 `storage is (re)initializing`, and a watch resumed from an old
+        resourceVersion gets 410 Expired."""
+        self.compact()
+        self.fail_next(unavailable, status=429)
+        with self.store.lock:
+            watched = [watch.resource.plural for watch in self.handler.watches]
+        for plural in watched:  # each watch resumes from a resourceVersion now compacted
+            self.gone_next_watch(1, resource=plural)
+        self.disconnect_watches()
 
     def send_bookmarks(self) -> int:
         return self.handler.post_all("bookmark")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 from kmock import Request, Response
+from kubeapi_rules import table, wants_table
 from kubeapi_store import (
     BY_PATH,
     JSON,
@@ -68,6 +70,17 @@ class Failure:
 
 
 CLOSE, DROP = "close", "drop"
+# What a real server says with each injected status (429: after a restart, while its watch cache fills).
+FAILURES = {
+    400: ("BadRequest", "bad request"),
+    403: ("Forbidden", "forbidden"),
+    404: ("NotFound", "not found"),
+    409: ("Conflict", "conflict"),
+    422: ("Invalid", "invalid"),
+    429: ("TooManyRequests", "storage is (re)initializing"),
+    500: ("InternalError", "injected failure"),
+    503: ("ServiceUnavailable", "service unavailable"),
+}
 
 
 class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
@@ -109,7 +122,8 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
                 response = await super()._handle(request)
                 record.status = response.status
                 return response
-            payload, status = self._serve(request, record, resource, verb, params)
+            warnings: list[str] = []
+            payload, status = self._serve(request, record, resource, verb, params, warnings)
             if verb == "watch" and status == 200:
                 record.status = 200
                 response = await Response(status=200, headers={"Content-Type": "application/json"}, payload=payload)(
@@ -118,8 +132,11 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
                 return response
         except ApiError as error:
             payload, status = error.status(), error.code
+            warnings = []
         record.status = status
-        result: aiohttp.web.StreamResponse = await Response(status=status, payload=payload)(request)
+        # A real server names pruned fields in a Warning header (kubectl prints it) and still answers 200.
+        headers = {"Warning": ", ".join(f"299 - {json.dumps(w)}" for w in warnings)} if warnings else None
+        result: aiohttp.web.StreamResponse = await Response(status=status, payload=payload, headers=headers)(request)
         return result
 
     def _inject_faults(self, record: RecordedRequest, params: dict[str, str]) -> None:
@@ -128,7 +145,8 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
                 if failure.when(record):
                     failure.remaining -= 1
                     self.failures[:] = [f for f in self.failures if f.remaining > 0]
-                    raise ApiError(failure.status, "InternalError", f"injected failure (HTTP {failure.status})")
+                    reason, message = FAILURES.get(failure.status, ("InternalError", "injected failure"))
+                    raise ApiError(failure.status, reason, f"{message} (HTTP {failure.status}, injected)")
             if record.verb == "watch" and self.take_gone(record.resource, "http"):
                 raise ApiError(410, "Expired", f"too old resource version: {params.get('resourceVersion')}")
 
@@ -141,14 +159,23 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         return False
 
     def _serve(
-        self, request: Request, record: RecordedRequest, resource: Resource, verb: str, params: dict[str, str]
+        self,
+        request: Request,
+        record: RecordedRequest,
+        resource: Resource,
+        verb: str,
+        params: dict[str, str],
+        warnings: list[str],
     ) -> tuple[Any, int]:
         namespace = request.namespace or ""
         name, sub = request.name, request.subresource
         if sub not in (None, "status") or (sub == "status" and not resource.status_subresource):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({sub})")
+        as_table = wants_table(request.headers.get("Accept"))
         if verb == "list":
             items, rv = self.store.list(resource, request.namespace, _filter(params, name))
+            if as_table:
+                return table(resource, items, str(rv)), 200
             return {"apiVersion": resource.api_version, "kind": f"{resource.kind}List",
                     "metadata": {"resourceVersion": str(rv)}, "items": items}, 200  # fmt: skip
         if verb == "watch":
@@ -156,12 +183,14 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
         if verb == "create":
             if not isinstance(request.data, dict):
                 raise ApiError(400, "BadRequest", "the body of the request is not a JSON object")
-            return self.store.create(resource, namespace, request.data), 201
+            return self.store.create(resource, namespace, request.data, warnings), 201
         assert name is not None
         if verb == "get":
-            return self.store.get(resource, namespace, name), 200
+            obj = self.store.get(resource, namespace, name)
+            return (table(resource, [obj]) if as_table else obj), 200
         if verb == "delete":
-            return self.store.delete(resource, namespace, name), 200
+            options = request.data if isinstance(request.data, dict) else {}
+            return self.store.delete(resource, namespace, name, options.get("preconditions")), 200
         body = request.data
         if body is None:
             raise ApiError(400, "BadRequest", "the body of the request was not valid JSON")
@@ -171,9 +200,10 @@ class FakeKubeHandler(kmock.KubernetesScaffold):  # type: ignore[misc]
             if resource.custom and not (body.get("metadata") or {}).get("resourceVersion"):
                 raise ApiError(422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.resourceVersion: '
                                                "Invalid value: 0x0: must be specified for an update")  # fmt: skip
-            return self.store.update(resource, namespace, name, lambda _: body, status=sub == "status"), 200
+            return self.store.update(resource, namespace, name, lambda _: body, status=sub == "status",
+                                     warnings=warnings), 200  # fmt: skip
         change = _patcher(resource, record.content_type, body)
-        return self.store.update(resource, namespace, name, change, status=sub == "status"), 200
+        return self.store.update(resource, namespace, name, change, status=sub == "status", warnings=warnings), 200
 
     async def _watch(self, request: Request, resource: Resource, params: dict[str, str]) -> AsyncIterator[Any]:
         yield b""  # the headers go out at once, as on a real server, even when nothing happens

@@ -179,7 +179,9 @@ class Change:
 
 
 Key = tuple[Resource, str, str]
-SERVER_SET_METADATA = ("name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion")
+SERVER_SET_METADATA = ("name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion",
+                       "deletionTimestamp", "deletionGracePeriodSeconds")  # fmt: skip
+INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 
 @dataclass
@@ -193,6 +195,8 @@ class Store:
     oldest_rv: int = 1000  # a watch from a resourceVersion below this answers 410 Gone
     listeners: list[Callable[[Change], None]] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    namespaces: set[str] = field(default_factory=lambda: set(INITIAL_NAMESPACES))
+    admission: bool = True  # validate, default and prune writes as a real server (tests/kubeapi_rules.py)
 
     def _commit(self, resource: Resource, kind: str, obj: JSON, previous: JSON | None) -> Change:
         self.rv += 1
@@ -229,8 +233,10 @@ class Store:
             ]
             return items, self.rv
 
-    def create(self, resource: Resource, namespace: str, body: JSON) -> JSON:
+    def create(self, resource: Resource, namespace: str, body: JSON, warnings: list[str] | None = None) -> JSON:
         meta = body.get("metadata") or {}
+        if resource.namespaced and self.admission and namespace not in self.namespaces:
+            raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found')
         name = meta.get("name") or (meta.get("generateName") and meta["generateName"] + uuid.uuid4().hex[:5])
         if not name:
             raise ApiError(422, "Invalid", f"{resource.kind} is invalid: metadata.name: Required value: name or "
@@ -241,18 +247,36 @@ class Store:
                            "creationTimestamp": now()}  # fmt: skip
         obj["metadata"].pop("generateName", None)
         obj["metadata"].pop("resourceVersion", None)
+        for server_set in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+            obj["metadata"].pop(server_set, None)
         if resource.namespaced:
             obj["metadata"]["namespace"] = namespace
         with self.lock:
             key = (resource, namespace if resource.namespaced else "", name)
             if key in self.objects:
                 raise ApiError(409, "AlreadyExists", f'{resource.plural} "{name}" already exists')
+            self._admit(resource, obj, None, warnings)
             self.objects[key] = obj
             self._commit(resource, "ADDED", obj, None)
             return copy.deepcopy(obj)
 
+    def _admit(self, resource: Resource, obj: JSON, previous: JSON | None, warnings: list[str] | None) -> None:
+        if self.admission:
+            from kubeapi_rules import admit  # the rules import this module's ApiError
+
+            found = admit(resource, obj, previous)
+            if warnings is not None:
+                warnings.extend(found)
+
     def update(
-        self, resource: Resource, namespace: str, name: str, change: Callable[[JSON], JSON], *, status: bool = False
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        change: Callable[[JSON], JSON],
+        *,
+        status: bool = False,
+        warnings: list[str] | None = None,
     ) -> JSON:
         """Apply `change` to a copy; on the status subresource only status changes, elsewhere status is kept."""
         with self.lock:
@@ -274,25 +298,50 @@ class Store:
                     new.pop("status", None)
             else:
                 fixed = {k: v for k, v in current["metadata"].items() if k in SERVER_SET_METADATA}
+                asked = {k: v for k, v in (wanted.get("metadata") or {}).items() if k not in SERVER_SET_METADATA}
                 new = {k: v for k, v in wanted.items() if k != "status" or not resource.status_subresource}
-                new["metadata"] = {**(wanted.get("metadata") or {}), **fixed}
+                new["metadata"] = {**asked, **fixed}
                 new["apiVersion"], new["kind"] = resource.api_version, resource.kind
                 if resource.status_subresource and "status" in current:
                     new["status"] = current["status"]
                 if _spec_part(new) != _spec_part(current):
                     new["metadata"]["generation"] = current["metadata"]["generation"] + 1
+            self._admit(resource, new, current, warnings)
             if new == current:
                 return copy.deepcopy(current)  # a no-op write does not bump the resourceVersion
+            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+                del self.objects[key]  # the last finalizer is gone: the held delete completes
+                change = self._commit(resource, "DELETED", new, current)
+                return copy.deepcopy(change.obj)
             self.objects[key] = new
             self._commit(resource, "MODIFIED", new, current)
             return copy.deepcopy(new)
 
-    def delete(self, resource: Resource, namespace: str, name: str) -> JSON:
+    def delete(self, resource: Resource, namespace: str, name: str, preconditions: JSON | None = None) -> JSON:
+        """Delete, or only mark (``deletionTimestamp``) an object whose finalizers hold it; a uid or
+        resourceVersion precondition that does not match is a 409, as on a real server."""
         with self.lock:
             key = (resource, namespace if resource.namespaced else "", name)
-            obj = self.objects.pop(key, None)
+            obj = self.objects.get(key)
             if obj is None:
                 raise not_found(resource, name)
+            meta = obj["metadata"]
+            for field_name, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+                wanted = (preconditions or {}).get(field_name)
+                if wanted is not None and wanted != meta.get(field_name):
+                    raise ApiError(409, "Conflict", f"Operation cannot be fulfilled on {resource.plural} \"{name}\": "
+                                                    f"Precondition failed: the {label} in the precondition ({wanted}) "
+                                                    f"does not match the {label} in record ({meta.get(field_name)}). "
+                                                    "The object might have been deleted and recreated")  # fmt: skip
+            if meta.get("finalizers"):
+                if meta.get("deletionTimestamp"):
+                    return copy.deepcopy(obj)
+                marked = copy.deepcopy(obj)
+                marked["metadata"].update(deletionTimestamp=now(), deletionGracePeriodSeconds=0)
+                self.objects[key] = marked
+                self._commit(resource, "MODIFIED", marked, obj)
+                return copy.deepcopy(marked)
+            del self.objects[key]
             change = self._commit(resource, "DELETED", obj, obj)
             return copy.deepcopy(change.obj)
 

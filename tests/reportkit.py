@@ -18,6 +18,7 @@ from agent.units import ServingUnit
 API_VERSION = "inference.llmkube.dev/v1alpha1"
 FAST = Retry(attempts=3, base=0.01, cap=0.05, timeout=5)
 GiB = 1 << 30
+HOST_IP = "192.0.2.10"  # TEST-NET-1: routable as far as an API server can tell (it refuses loopback)
 
 
 def model_obj(name: str = "llama", budget: str = "8Gi") -> dict[str, Any]:
@@ -68,19 +69,22 @@ def status(phase: str, reason: str, message: str = "", port: int | None = None, 
         "executor": "llamacpp" if running else None,
         "download": None,
         "warning": None,
+        "measured": None,
     }
 
 
 def settings(**changes: Any) -> ReporterSettings:
     return ReporterSettings(
-        **{"host_name": "mac-1", "host_ip": "127.0.0.1", "retry": FAST, "retry_after": 0.05, **changes}
+        **{"host_name": "mac-1", "host_ip": HOST_IP, "retry": FAST, "retry_after": 0.05, "retry_cap": 0.5, **changes}
     )
 
 
 @asynccontextmanager
-async def running(kube_api: KubeAPI, **changes: Any) -> AsyncIterator[KubeReporter]:
+async def running(
+    kube_api: KubeAPI, on_refused: Callable[[str], None] | None = None, **changes: Any
+) -> AsyncIterator[KubeReporter]:
     async with ApiClient(kube_api.configuration()) as api_client:
-        reporter = KubeReporter(api_client, settings(**changes))
+        reporter = KubeReporter(api_client, settings(**changes), on_refused)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(reporter.run)
             yield reporter

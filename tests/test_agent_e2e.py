@@ -107,6 +107,10 @@ def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess
     unit = process.unit("a")
     assert unit is not None and unit["budget"] == {"bytes": 512 << 20, "source": "model-budget"}
     assert unit["estimate"]["total"] > 0 and unit["actual"]["kv"] == unit["estimate"]["kv_cache"]
+    # Measured by its executor: RSS on Linux (authoritative for a CPU server), and llama.cpp's buffers per backend.
+    measured = unit["measured"]
+    assert measured["host"]["source"] == "rss" and measured["authoritative"] and measured["device_bytes"] is None
+    assert sum(measured["llama_buffers"].values()) >= unit["actual"]["kv"] > 0
     request = urllib.request.Request(
         unit["endpoint"] + "/v1/chat/completions",
         data=json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode(),

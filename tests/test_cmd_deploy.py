@@ -123,6 +123,10 @@ def test_create_through_the_api_then_refuse_to_overwrite_then_update(
     kube_api: KubeAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     kubeconfig = str(kube_api.write_kubeconfig(tmp_path / "kubeconfig", namespace="team"))
+    assert deploy("tiny", "--source", "/m/tiny.gguf", "--memory-budget", "1Gi", "--kubeconfig", kubeconfig) == 1
+    assert capsys.readouterr().err == 'error: the API refused: HTTP 404: namespaces "team" not found\n'
+    kube_api.create_namespace("team")
+    kube_api.clear_requests()
     assert deploy("tiny", "--source", "/m/tiny.gguf", "--memory-budget", "1Gi", "--kubeconfig", kubeconfig) == 0
     assert capsys.readouterr().out.splitlines() == [
         "model.inference.llmkube.dev/tiny created",

@@ -16,7 +16,7 @@ from agent.hookspecs import hookimpl
 from agent.pipeline import AgentConfig
 from agent.plugin_manager import load_plugins
 from agent.preflight import Mode
-from agent.settings import PATH, SETTINGS, Setting, seconds
+from agent.settings import PATH, Setting, seconds
 
 SETTINGS_WITH_PLUGINS = all_settings(load_plugins(entry_points=False))
 
@@ -308,21 +308,3 @@ def test_llamacpp_executors_take_their_settings(tmp_path: Path) -> None:
     for name in ("llamacpp", "cuda"):
         executor: Any = executors[name]
         assert executor.binary == str(binary) and executor.options.mlock is True
-
-
-def test_two_plugins_may_not_declare_the_same_setting() -> None:
-    class Clash:
-        @hookimpl
-        def agent_settings(self) -> list[Setting]:
-            return [Setting("mlock", "executors.other", "mlock", SETTINGS[0].kind, "x", "clash")]
-
-    with pytest.raises(ConfigError, match=r"setting mlock .* is already declared"):
-        all_settings(load_plugins(extra=[Clash()], entry_points=False))
-
-    class Reserved:
-        @hookimpl
-        def agent_settings(self) -> list[Setting]:
-            return [Setting("config", "executors.other", "config", SETTINGS[0].kind, "x", "the config file?")]
-
-    with pytest.raises(ConfigError, match="setting name config is reserved"):
-        all_settings(load_plugins(extra=[Reserved()], entry_points=False))

@@ -113,7 +113,8 @@ def test_plugins_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0] == "plugins:" and "  plugins.llamacpp  builtin" in lines
     executors = lines.index("executors (first that accepts a model wins):")
     assert [line.split()[0] for line in lines[executors + 1 : executors + 4]] == ["cuda", "mlx", "llamacpp"]
-    assert "  [executors.llamacpp] binary, mlock  (plugins.llamacpp)" in lines
+    assert "  [executors.llamacpp] binary, mlock, extra_args_allowed  (plugins.llamacpp)" in lines
+    assert "  [executors.mlx] extra_args_allowed  (plugins.mlx)" in lines
     assert main(["plugins", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {"name": "plugins.llamacpp", "version": "builtin"} in info["plugins"]

@@ -145,6 +145,25 @@ def test_string_array_longer_than_read_buffer(tmp_path: Path) -> None:
     assert header.tensors[0].nbytes == 32
 
 
+def test_string_walk_ends_exactly_after_the_last_string_at_every_count(tmp_path: Path) -> None:
+    """Arrays of 1-17 strings (every remainder of the eight-a-step walk, empty strings among them), each followed
+    by a value that is only read right when the walk stopped exactly where the strings end."""
+    writer = gguf.GGUFWriter(tmp_path / "counts.gguf", "llama")
+    for count in range(1, 18):
+        writer.add_array(f"test.s{count}", [f"s{i}" * (i % 5) or "" for i in range(count)])
+        writer.add_uint32(f"test.after{count}", count)
+    writer.add_tensor("a", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = read_header(tmp_path / "counts.gguf")
+    for count in range(1, 18):
+        assert header.metadata[f"test.s{count}"] == ArrayInfo(T.STRING, count, None)
+        assert header.metadata[f"test.after{count}"] == count
+    assert header.tensors[0].nbytes == 32
+
+
 def test_version_2_is_read_like_version_3(tmp_path: Path) -> None:
     path = write_with_gguf(tmp_path / "m.gguf")
     v3 = read_header(path)
@@ -231,6 +250,19 @@ MALFORMED: dict[str, tuple[dict[str, object], str]] = {
     "string array item past end": (
         {"kvs": [kv_array("a", T.STRING, 2, gstr("ok") + struct.pack("<Q", 2**40))]},
         r"string of \d+ bytes .* runs past the end",
+    ),
+    # The fast walk takes eight strings a step: a bad length in the middle of a step, or one too large for an offset.
+    "string array item past end mid-step": (
+        {"kvs": [kv_array("a", T.STRING, 20, gstr("ok") * 11 + struct.pack("<Q", 2**40) + gstr("k") * 8)]},
+        r"string of 1099511627776 bytes at offset \d+ runs past the end",
+    ),
+    "string array item of 2**64-1 bytes": (
+        {"kvs": [kv_array("a", T.STRING, 20, gstr("ok") * 9 + struct.pack("<Q", 2**64 - 1) + gstr("k") * 10)]},
+        r"string of 18446744073709551615 bytes .* runs past the end",
+    ),
+    "string array shorter than its count": (
+        {"kvs": [kv_array("a", T.STRING, 34, gstr("ok") * 30)], "pad": False},
+        r"truncated|runs past the end",
     ),
     "duplicate key": ({"kvs": [kv_u32("a", 1), kv_u32("a", 2)]}, r"duplicate metadata key 'a'"),
     "bad alignment": ({"kvs": [kv_u32("general.alignment", 3)]}, r"general.alignment must be a power of two"),

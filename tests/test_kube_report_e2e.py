@@ -40,12 +40,11 @@ def objects(name: str, source: Path) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-def agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
+def start_agent(kube_api: KubeAPI, tmp_path: Path, *extra: str) -> AgentProcess:
     for name in ("a", "b"):
         write_tiny_gguf(tmp_path / "models" / f"{name}.gguf", TinyShape(n_layer=2, n_embd=64), seed=ord(name))
     kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
-    process = AgentProcess(
+    return AgentProcess(
         tmp_path,
         tmp_path / "state",
         "--kube",
@@ -59,9 +58,21 @@ def agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
         "0.01",
         "--agent-name",
         "e2e-host",
-        "--advertise-address",
-        "127.0.0.1",
+        *extra,
     )
+
+
+@pytest.fixture
+def agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
+    # TEST-NET-1: an API server refuses a loopback address in an EndpointSlice.
+    process = start_agent(kube_api, tmp_path, "--advertise-address", "192.0.2.10")
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def loopback_agent(kube_api: KubeAPI, tmp_path: Path) -> Iterator[AgentProcess]:
+    process = start_agent(kube_api, tmp_path)  # no --advertise-address: the route to the fake API is loopback
     yield process
     process.close()
 
@@ -83,7 +94,7 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
     agent.wait(lambda: phase(kube_api, "a") == "Ready", timeout=60)
     status = kube_api.get("InferenceService", "a")["status"]
     port = agent.unit("a")["port"]  # type: ignore[index]
-    assert status["readyReplicas"] == 1 and status["agent"]["endpoint"] == f"http://127.0.0.1:{port}"
+    assert status["readyReplicas"] == 1 and status["agent"]["endpoint"] == f"http://192.0.2.10:{port}"
     assert status["endpoint"] == "http://a.default.svc:8080" and status["agent"]["host"] == "e2e-host"
     assert status["memory"]["actual"]["kv"] == status["memory"]["estimateBreakdown"]["kvCache"]
     agent.wait(lambda: kube_api.get("EndpointSlice", "a-metal-agent", api_version=SLICE) is not None)
@@ -104,7 +115,7 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
     assert all(r.content_type == MERGE_PATCH and r.status == 200 for r in status_writes(kube_api, "a"))
     assert kube_api.get("InferenceService", "a")["metadata"]["generation"] == 1
     report = agent.status()["report"]
-    assert report["host"] == "e2e-host" and report["address"] == "127.0.0.1" and report["endpoint_conflicts"] == []
+    assert report["host"] == "e2e-host" and report["address"] == "192.0.2.10" and report["endpoint_conflicts"] == []
     assert report["status_writes"] >= 3 and report["events"]["sent"] >= 4 and report["events"]["dropped"] == 0
 
     agent.close()  # SIGTERM: servers stop, endpoints go, the status says so
@@ -113,3 +124,33 @@ def test_served_unit_is_reported_registered_and_unregistered_on_stop(
         assert kube_api.get("EndpointSlice", f"{name}-metal-agent", api_version=SLICE) is None
         stopped = kube_api.get("InferenceService", name)["status"]
         assert (stopped["phase"], stopped["readyReplicas"]) == ("Pending", 0) and "endpoint" not in stopped
+
+
+def test_a_loopback_route_serves_without_an_endpoint_and_a_held_delete_says_terminating(
+    kube_api: KubeAPI, loopback_agent: AgentProcess, tmp_path: Path
+) -> None:
+    model, service = objects("a", tmp_path / "models" / "a.gguf")
+    service["metadata"] = {**service["metadata"], "finalizers": ["example.com/keep"]}
+    kube_api.apply(model)
+    kube_api.apply(service)
+    loopback_agent.wait(lambda: phase(kube_api, "a") == "Ready", timeout=60)
+    conditions = {c["type"]: c for c in kube_api.get("InferenceService", "a")["status"]["conditions"]}
+    assert (conditions["EndpointRegistered"]["status"], conditions["EndpointRegistered"]["reason"]) == (
+        "False",
+        "NoRoutableAddress",
+    )
+    assert "127.0.0.1" not in conditions["Ready"]["message"]
+    loopback_agent.wait(
+        lambda: any(e["reason"] == "NoRoutableAddress" for e in kube_api.list("Event", api_version="events.k8s.io/v1"))
+    )
+    assert loopback_agent.status()["report"]["endpoints"] == "no routable address"
+    assert not kube_api.requests_where(resource="endpointslices", verb="create")
+
+    kube_api.delete("InferenceService", "a")  # held by its finalizer: only deletionTimestamp is set
+    loopback_agent.wait(lambda: phase(kube_api, "a") == "Terminating", timeout=30)
+    terminating = kube_api.get("InferenceService", "a")["status"]
+    assert terminating["readyReplicas"] == 0 and "endpoint" not in terminating
+    assert {c["type"]: c["status"] for c in terminating["conditions"]}["Ready"] == "False"
+    loopback_agent.wait(lambda: loopback_agent.unit("a") is None)
+    kube_api.remove_finalizers("InferenceService", "a")
+    assert kube_api.get("InferenceService", "a") is None

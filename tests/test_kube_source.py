@@ -399,6 +399,11 @@ def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
         (["--kube", "--accelerators", "tpu"], "error: --accelerators: 'tpu' is not one of"),
         (["--kube", "--label-selector", "a=("], "error: --label-selector"),
         (["--kube", "--kubeconfig", "/nonexistent/kubeconfig"], "error: --kubeconfig /nonexistent/kubeconfig"),
+        # An API server refuses these in an EndpointSlice: refused at start, not retried in a loop.
+        (["--kube", "--advertise-address", "127.0.0.1"], "error: --advertise-address: 127.0.0.1 cannot be reached"),
+        (["--kube", "--advertise-address", "::1", "--no-endpoints"], "error: --advertise-address: ::1 cannot be"),
+        (["--kube", "--advertise-address", "169.254.1.2"], "error: --advertise-address: 169.254.1.2 cannot be"),
+        (["--kube", "--advertise-address", "0.0.0.0"], "error: --advertise-address: 0.0.0.0 cannot be reached"),
     ],
 )
 def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
@@ -407,7 +412,8 @@ def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
     from agent.cli import main
 
     assert main(["run", "--state-dir", str(tmp_path), *argv]) == 2
-    assert capsys.readouterr().err.startswith(message)
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1  # one line
 
 
 @pytest.mark.anyio
@@ -430,3 +436,31 @@ async def test_an_unreachable_server_is_retried_not_fatal() -> None:
                 await anyio.sleep(0.01)
         tasks.cancel_scope.cancel()
     assert not state.connected and not source.synced and "Connect" in (state.last_error or "")
+
+
+@pytest.mark.anyio
+async def test_an_api_server_restart_after_compaction_is_429_then_410_then_a_relist(
+    populated: KubeAPI, running: Running
+) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    populated.restart(unavailable=3)
+    populated.apply(model("b", memoryBudget="1Gi"))  # changed while the server was away
+    assert summary(await running.take(1)) == [("MODIFIED", "ModelSpec", "b")]  # type: ignore[arg-type]
+    answered = [r.status for r in populated.requests if r.resource in ("models", "inferenceservices")]
+    assert answered.count(429) == 3 and len(verbs(populated, "list")) >= 3  # re-listed after the 410
+    await running.until(lambda: populated.open_watches == 2)
+
+
+@pytest.mark.anyio
+async def test_a_delete_held_by_a_finalizer_stops_the_service_at_once(populated: KubeAPI, running: Running) -> None:
+    await running.take(5)
+    await running.until(lambda: populated.open_watches == 2)
+    held = service("a")
+    held["metadata"]["finalizers"] = ["example.com/keep"]
+    populated.apply(held)
+    populated.delete("InferenceService", "a")  # only marks it: deletionTimestamp
+    assert summary(await running.take(1)) == [("DELETED", "ServiceSpec", "a")]  # type: ignore[arg-type]
+    populated.remove_finalizers("InferenceService", "a")  # now really gone: nothing more to tell the pipeline
+    populated.apply(model("b", memoryBudget="1Gi"))
+    assert summary(await running.take(1)) == [("MODIFIED", "ModelSpec", "b")]  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from agent.units import ServingUnit
         ("Failed", "MemoryCheckFailed", False, "Failed"),
         ("Stopped", "Suspended", True, "Suspended"),
         ("Stopped", "Suspended", False, "Stopped"),  # replicas: 0
+        ("Terminating", "Terminating", False, "Terminating"),  # deletionTimestamp set; LLMKube has no such phase
     ],
 )
 def test_agent_phases_map_onto_llmkubes(phase: str, reason: str, suspended: bool, expected: str) -> None:
@@ -36,12 +37,14 @@ def test_agent_phases_map_onto_llmkubes(phase: str, reason: str, suspended: bool
         ("Pending", "InsufficientMemory", ("False", "InsufficientMemory"), ("False", "InsufficientMemory")),
         ("Failed", "MemoryCheckFailed", ("False", "MemoryCheckFailed"), ("False", "MemoryCheckFailed")),
         ("Failed", "SpawnFailed", ("True", "Admitted"), ("False", "SpawnFailed")),
+        ("Failed", "InvalidSpec", ("False", "InvalidSpec"), ("False", "InvalidSpec")),  # e.g. a refused extraArg
         ("Starting", "Admitted", ("True", "Admitted"), ("False", "Starting")),
         ("Ready", "Adopted", ("True", "Adopted"), ("True", "Ready")),
         ("Restarting", "Failed", ("True", "Admitted"), ("False", "Restarting")),
         ("CrashLoop", "Failed", ("True", "Admitted"), ("False", "CrashLoop")),
         ("Stopped", "Suspended", ("False", "Suspended"), ("False", "Suspended")),
         ("Pending", "ModelNotFound", ("False", "ModelNotFound"), ("False", "ModelNotFound")),
+        ("Terminating", "Terminating", ("False", "Terminating"), ("False", "Terminating")),
     ],
 )
 def test_conditions(phase: str, reason: str, admitted: tuple[str, str], ready: tuple[str, str]) -> None:
@@ -174,8 +177,10 @@ def test_everything_the_reporter_writes_is_declared_in_the_crd_and_valid() -> No
             host="mac",
             endpoint="http://s.d.svc:8080",
             host_endpoint="http://10.0.0.2:8081",
+            endpoint_condition=("True", "Registered", "http://s.d.svc:8080 points at 10.0.0.2:8081"),
         )
     )
+    assert [c["type"] for c in written["conditions"]] == ["Admitted", "Ready", "EndpointRegistered"]
     blocked = strip_nulls(
         build_status(
             {"phase": "Pending", "reason": "InsufficientMemory", "message": "wait"},

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.shape import ServeSettings
+from plugins.extra_args import ExtraArgsRefused
 from plugins.llamacpp import (
     ServerNotFound,
     ServerOptions,
-    UnsafeExtraArgs,
     find_llama_server,
     server_argv,
 )
@@ -37,7 +37,7 @@ def test_every_memory_setting_is_explicit() -> None:
 
 @pytest.mark.parametrize("extra", [("-c", "0"), ("--ctx-size=131072",), ("--parallel", "8"), ("--cache-ram", "8192")])
 def test_extra_args_cannot_change_memory_behind_the_budget(extra: tuple[str, ...]) -> None:
-    with pytest.raises(UnsafeExtraArgs, match="extraArgs"):
+    with pytest.raises(ExtraArgsRefused, match="extraArgs"):  # checked again when the command is built
         server_argv(["llama-server"], "/m.gguf", ServeSettings(), 1, ServerOptions(extra_args=extra))
 
 
@@ -114,3 +114,13 @@ def test_servers_listen_where_the_mode_needs_them(argv: list[str], host: str, tm
     executors = {executor.name: executor for executor in plugins.executors()}
     assert flag(executors["llamacpp"].command(unit, Path("/m.gguf"), 8080).argv, "--host") == host
     assert executors["mlx"].host == host  # type: ignore[attr-defined]  # (no mlx_lm here to build its command)
+
+
+def test_the_server_prints_its_buffers_at_verbosity_4_and_the_stand_in_takes_the_flag() -> None:
+    """llama-server prints its buffer sizes only at -lv 4: without it, measuring by the log measures nothing."""
+    from plugins.xllamacpp_server import build_parser
+
+    argv = server_argv(["llama-server"], "/m.gguf", ServeSettings(), 41234, ServerOptions())
+    assert flag(argv, "-lv") == "4"
+    parsed = build_parser().parse_args(argv[1:])
+    assert parsed.verbosity == 4 and parsed.port == 41234

@@ -37,6 +37,7 @@ class Executors:
         register(FakeServer("crashing", mode="crash", runtime="crash"))
         register(Refusing())
         register(FakeServer("sicken", mode="0.5"))  # healthy for half a second, then 503 forever
+        register(FakeServer("models", health_path="/v1/models"))  # no /health: answers where MLX's server does
 
 
 async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:
@@ -121,3 +122,23 @@ async def test_unhealthy_server_is_stopped_before_its_replacement_starts(tmp_pat
 
     await drive(agent, objects(tmp_path, "sicken"), restarted)
     assert agent.runtimes["d/s"].unhealthy >= 1 or agent.runtimes["d/s"].restarts >= 2
+
+
+async def test_a_server_healthy_on_its_own_health_path_is_probed_there_and_never_restarted(tmp_path: Path) -> None:
+    """The executor's ``Launch.health_path`` holds for every probe of a running server, not only for the start."""
+    agent = make_agent(tmp_path)  # probes every 0.05 s; 3 failed probes in a row restart a server
+    seen: list[tuple[int, int]] = []  # (restarts, unhealthy probes) once probed ten times, before the shutdown
+
+    def probed_ten_times_while_ready() -> bool:
+        runtime = agent.runtimes.get("d/s")
+        if runtime is None or runtime.child is None or runtime.phase != "Ready":
+            return False
+        if runtime.child.log_path.read_text().count("GET ") < 10:
+            return False
+        seen.append((runtime.restarts, runtime.unhealthy))
+        return True
+
+    await drive(agent, objects(tmp_path, "models"), probed_ten_times_while_ready)
+    assert seen == [(0, 0)]
+    log = (tmp_path / "state" / "logs" / "d_s.log").read_text()
+    assert set(log.split()) == {"GET", "/v1/models"}  # never /health

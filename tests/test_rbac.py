@@ -18,6 +18,7 @@ import yaml
 from kubeapi import KubeAPI
 from reportkit import applied, model_obj, running, service_obj, settle, status, unit_of, until
 
+from agent.kube.endpoints import AGENT_NAME, HOST_LABEL, MANAGED_BY
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +126,9 @@ async def test_what_the_reporter_does_is_granted_and_every_grant_is_used(kube_ap
     applied(kube_api, service_obj())
     model_file = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())  # a real file: its facts go to Model status
     kube_api.apply({**model_obj(), "spec": {"source": str(model_file)}})
+    labels = {MANAGED_BY: AGENT_NAME, HOST_LABEL: "mac-1"}  # a previous run's Service, on another port: patched
+    kube_api.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "chat", "labels": labels},
+                    "spec": {"ports": [{"name": "http", "port": 9999}]}})  # fmt: skip
     async with running(kube_api) as reporter:
         steps = (("Starting", "Admitted"), ("Ready", "Ready"), ("Restarting", "Failed"), ("Ready", "Ready"))
         for phase, reason in steps:

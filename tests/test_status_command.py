@@ -170,3 +170,12 @@ def test_on_demand_units_show_their_state_last_request_and_idle_timer() -> None:
            "estimate": None, "actual": None, "pid": 7, "port": 1, "endpoint": None}  # fmt: skip
     status = {**STATUS, "units": [*STATUS["units"], row]}  # type: ignore[list-item]
     assert "default/lazy: on demand, Ready" in render(status)
+
+
+def test_table_shows_gpu_ledgers_and_the_measured_gpu_footprint() -> None:
+    gpu_unit = {**STATUS["units"][0], "measured": {"total_bytes": 9 << 30}}  # type: ignore[index]
+    status = {**STATUS, "units": [gpu_unit], "admission": {"gpus": {"0": {"budget_bytes": 100 << 30,
+                                                                            "reserved_bytes": 9 << 30}}}}  # fmt: skip
+    text = render(status)
+    assert "GPU 0: budget 100.0 GiB, reserved 9.0 GiB" in text
+    assert table(text)[0]["ACTUAL"] == "9.0 GiB"  # host plus GPU memory, not the RSS alone

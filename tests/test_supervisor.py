@@ -1,4 +1,4 @@
-"""Supervision of real child processes: readiness, startup failures with the log tail, stopping, log bounds."""
+"""Supervision of real child processes: readiness, startup failures with the log tail, stopping (logs elsewhere)."""
 
 from __future__ import annotations
 
@@ -83,11 +83,3 @@ async def test_stop_kills_a_child_that_ignores_sigterm_and_its_group(tmp_path: P
     assert not child.running()
     grandchild.wait(timeout=5)  # killed with its group
     assert not grandchild.is_running()
-
-
-def test_log_is_bounded(tmp_path: Path) -> None:
-    log = tmp_path / "c.log"
-    log.write_bytes(b"x" * 1000)
-    supervisor.bound_log(log, limit=100)
-    assert log.stat().st_size == 0 and (tmp_path / "c.log.1").stat().st_size == 1000
-    assert supervisor.tail_lines(tmp_path / "c.log.1", 1) == "x" * 1000

@@ -11,13 +11,20 @@ never overwrites: a taken name answers 409). A Service of the same name that som
 that is reported, never overwritten.
 Both objects also carry an ownerReference to the InferenceService, so Kubernetes' garbage collector removes them
 when it is deleted while the agent is down.
+
+Nothing is written twice: an object already as wanted (this agent's Service after a restart, with the server's
+defaults added) is left alone, and a request the API server refused for good (``REFUSED``) is not sent again
+until the target changes. An address the cluster cannot use (loopback, link-local: ``routable``) is never sent;
+the API server refuses it in an EndpointSlice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -25,7 +32,7 @@ from urllib.parse import urlparse
 import structlog
 from kubernetes_asyncio.client import CoreV1Api, DiscoveryV1Api
 
-from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, Conflict, NotFound, Retry, call
+from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, Conflict, NotFound, Refused, Retry, call
 
 log = structlog.get_logger("metal_agent.kube.endpoints")
 JSON = dict[str, Any]
@@ -38,7 +45,7 @@ SLICE_SERVICE = "kubernetes.io/service-name"
 SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 SLICE_CONTROLLER = "metal-agent.llmkube.dev"
 PORT_NAME = "http"
-OK, FAILED, CONFLICT = "ok", "failed", "conflict"
+OK, FAILED, CONFLICT, REFUSED = "ok", "failed", "conflict", "refused"
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
@@ -69,6 +76,25 @@ def owned_by(labels: dict[str, str] | None, host: str) -> bool:
     """True only for objects this agent (this host) created."""
     labels = labels or {}
     return labels.get(MANAGED_BY) == AGENT_NAME and labels.get(HOST_LABEL) == host
+
+
+def routable(address: str) -> bool:
+    """Whether the cluster can reach ``address``: an API server refuses loopback, unspecified, link-local and
+    multicast addresses in an EndpointSlice (``may not be in the loopback range``)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast)
+
+
+def contains(current: Any, wanted: Any) -> bool:
+    """Whether ``current`` (as the server has it, with its defaults) already holds everything ``wanted`` sets."""
+    if isinstance(wanted, dict):
+        return isinstance(current, dict) and all(contains(current.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(current, list) and len(current) == len(wanted) and all(map(contains, current, wanted))
+    return bool(current == wanted)
 
 
 def detect_host_ip(api_url: str) -> str:
@@ -107,13 +133,24 @@ class Target:
 class Endpoints:
     """Creates, updates and removes the Service and EndpointSlice of each served unit; writes only on change."""
 
-    def __init__(self, api_client: Any, host: str, service_port: int = 8080, retry: Retry = DEFAULT_RETRY) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        host: str,
+        service_port: int = 8080,
+        retry: Retry = DEFAULT_RETRY,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         # Any: the bundled stubs omit the generated methods' keyword arguments (_content_type) and dict bodies.
         self.core: Any = CoreV1Api(api_client)
         self.discovery: Any = DiscoveryV1Api(api_client)
+        self.api_client = api_client
         self.host, self.service_port, self.retry = label_value(host), service_port, retry
+        self.on_refused = on_refused or (lambda reason: None)
         self.applied: dict[tuple[str, str], Target] = {}
-        self.conflicts: set[tuple[str, str]] = set()
+        self.services: dict[tuple[str, str], JSON] = {}  # the Service body known to be on the server
+        self.conflicts: dict[tuple[str, str], Target] = {}  # names taken by others, for the target tried
+        self.refused: dict[tuple[str, str], tuple[Target, str]] = {}  # the target refused for good, and why
 
     def labels(self, target_name: str) -> dict[str, str]:
         return {MANAGED_BY: AGENT_NAME, HOST_LABEL: self.host, SERVICE_LABEL: label_value(target_name)}
@@ -167,51 +204,71 @@ class Endpoints:
             "ports": ports,
         }
 
-    async def ensure(self, target: Target) -> bool:
-        """Make the Service and EndpointSlice match ``target``; False when they could not (logged).
-
-        A name taken by an object that is not this agent's is recorded in ``conflicts`` and left alone.
-        """
+    async def ensure(self, target: Target) -> str:
+        """Make the Service and EndpointSlice match ``target``: OK, FAILED (transient, logged: try again later),
+        CONFLICT (a name taken by an object that is not this agent's: left alone, in ``conflicts``) or REFUSED
+        (the API server refused it for good, in ``refused``: not sent again for the same target)."""
         key = (target.namespace, target.name)
         if self.applied.get(key) == target:
-            return True
-        known = key in self.applied  # this agent wrote them before: patch them
-        service = target.service
-        result = await self._upsert(
-            "Service",
-            target.namespace,
-            service,
-            self.service_body(target),
-            known=known,
-            read=self.core.read_namespaced_service,
-            create=self.core.create_namespaced_service,
-            patch=self.core.patch_namespaced_service,
-        )
-        if result == OK:
-            result = await self._upsert(
-                "EndpointSlice",
-                target.namespace,
-                self.slice_name(service),
-                self.slice_body(target),
-                known=known,
-                read=self.discovery.read_namespaced_endpoint_slice,
-                create=self.discovery.create_namespaced_endpoint_slice,
-                patch=self.discovery.patch_namespaced_endpoint_slice,
-            )
+            return OK
+        refused = self.refused.get(key)
+        if refused is not None and refused[0] == target:
+            return REFUSED
+        if self.conflicts.get(key) == target:
+            return CONFLICT
+        self.refused.pop(key, None)
+        try:
+            result = await self._ensure(key, target)
+        except Refused as exc:
+            self.applied.pop(key, None)
+            self.refused[key] = (target, exc.message)
+            self.on_refused(exc.reason)
+            return REFUSED
         if result == OK:
             self.applied[key] = target
-            self.conflicts.discard(key)
-            return True
+            self.conflicts.pop(key, None)
+            return OK
         self.applied.pop(key, None)
         if result == CONFLICT:
-            self.conflicts.add(key)
-        return False
+            if key not in self.conflicts:
+                self.on_refused("Conflict")
+            self.conflicts[key] = target
+        return result
+
+    async def _ensure(self, key: tuple[str, str], target: Target) -> str:
+        service, body = target.service, self.service_body(target)
+        if self.services.get(key) != body:  # the Service does not depend on the port or readiness
+            result = await self._upsert(
+                "Service",
+                target.namespace,
+                service,
+                body,
+                known=key in self.services,
+                read=self.core.read_namespaced_service,
+                create=self.core.create_namespaced_service,
+                patch=self.core.patch_namespaced_service,
+            )
+            if result != OK:
+                self.services.pop(key, None)
+                return result
+            self.services[key] = body
+        return await self._upsert(
+            "EndpointSlice",
+            target.namespace,
+            self.slice_name(service),
+            self.slice_body(target),
+            known=key in self.applied,  # this agent wrote it before: patch it
+            read=self.discovery.read_namespaced_endpoint_slice,
+            create=self.discovery.create_namespaced_endpoint_slice,
+            patch=self.discovery.patch_namespaced_endpoint_slice,
+        )
 
     async def _upsert(
         self, kind: str, namespace: str, name: str, body: JSON, *, known: bool, read: Any, create: Any, patch: Any
     ) -> str:
-        """Create, or patch what exists if it is this agent's. A create can never overwrite: an object that was
-        not ``known`` is created first (one request), and a taken name is then read and checked."""
+        """Create, or patch what exists if it is this agent's and differs. A create can never overwrite: an object
+        that was not ``known`` is created first (one request), and a taken name is then read and checked.
+        Raises Refused."""
         what = f"{kind} {namespace}/{name}"
         if not known:
             try:
@@ -219,16 +276,16 @@ class Endpoints:
                     f"create {what}", lambda: create(namespace, body), self.retry, conflict_is_answer=True
                 )
                 return OK if created is not None else FAILED
-            except NotFound:  # the namespace is gone
-                return FAILED
+            except NotFound as exc:  # the namespace does not exist: creating again cannot help
+                raise Refused(404, "NotFound", str(exc)) from None
             except Conflict:
                 pass  # the name is taken: whose is it?
         try:
             current = await call(f"read {what}", lambda: read(name, namespace), self.retry)
         except NotFound:
-            return FAILED  # deleted since: the next change creates it
+            return FAILED  # deleted since: the next try creates it
         if current is None:
-            return FAILED  # the read failed for good (logged): never write blind
+            return FAILED  # the read failed (logged): never write blind
         labels = current.metadata.labels if current.metadata else None
         if not owned_by(labels, self.host):
             log.warning(
@@ -238,17 +295,20 @@ class Endpoints:
                 want={MANAGED_BY: AGENT_NAME, HOST_LABEL: self.host},
             )
             return CONFLICT
+        if contains(self.api_client.sanitize_for_serialization(current), body):
+            return OK  # already as wanted (this agent's, from before a restart): nothing to write
         try:
             patched = await call(
                 f"patch {what}", lambda: patch(name, namespace, body, _content_type=MERGE_PATCH), self.retry
             )
-        except NotFound:  # deleted between the read and the patch: the next change creates it
+        except NotFound:  # deleted between the read and the patch: the next try creates it
             return FAILED
         return OK if patched is not None else FAILED
 
     async def remove(self, namespace: str, name: str) -> None:
         """Delete the unit's EndpointSlice and Service, if (and only if) they are this agent's."""
-        self.applied.pop((namespace, name), None)
+        for table in (self.applied, self.services, self.refused):
+            table.pop((namespace, name), None)
         service = service_name(name)
         await self._delete(
             "EndpointSlice",
@@ -281,3 +341,5 @@ class Endpoints:
             )
         except (NotFound, Conflict):  # gone already, or replaced by another object since the read
             return
+        except Refused as exc:  # logged; the garbage collector removes it with its InferenceService
+            self.on_refused(exc.reason)

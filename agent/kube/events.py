@@ -19,7 +19,7 @@ import anyio
 import structlog
 from kubernetes_asyncio.client import EventsV1Api
 
-from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Retry, call
+from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.manifest import API_VERSION
 
 log = structlog.get_logger("metal_agent.kube.events")
@@ -69,17 +69,21 @@ class EventRecorder:
         queue_size: int = 256,
         series_window: float = 600.0,
         retry: Retry = DEFAULT_RETRY,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.api: Any = EventsV1Api(api_client)  # Any: the bundled stubs omit _content_type and dict bodies
+        self.on_refused = on_refused or (lambda reason: None)
         self.instance, self.uid_of, self.series_window, self.retry = instance[:128], uid_of, series_window, retry
         self._send, self._receive = anyio.create_memory_object_stream[Event](queue_size)
         self.series: OrderedDict[tuple[str, ...], _Series] = OrderedDict()
         self.sent = self.aggregated = self.dropped = self.failed = 0
+        self.queued = self.handled = 0  # every event put on the queue, and those whose delivery has ended
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks and never raises (a full queue drops it)."""
         try:
             self._send.send_nowait(event)
+            self.queued += 1
         except anyio.WouldBlock:
             self.dropped += 1
             if self.dropped & (self.dropped - 1) == 0:  # log the 1st, 2nd, 4th, 8th... drop, not every one
@@ -91,6 +95,11 @@ class EventRecorder:
     def pending(self) -> int:
         return self._receive.statistics().current_buffer_used
 
+    @property
+    def idle(self) -> bool:
+        """Every queued event has been sent or has failed (none waits or is being sent)."""
+        return self.handled == self.queued
+
     async def run(self) -> None:
         """Send queued events until cancelled."""
         async with self._receive:
@@ -100,6 +109,8 @@ class EventRecorder:
                 except Exception:  # a bug here must not end event delivery, let alone the agent
                     self.failed += 1
                     log.exception("event not sent", reason=event.reason, object=f"{event.namespace}/{event.name}")
+                finally:
+                    self.handled += 1
 
     async def _deliver(self, event: Event) -> None:
         now = time.monotonic()
@@ -118,6 +129,9 @@ class EventRecorder:
                     self.retry,
                 )
             except NotFound:  # expired (events have a TTL) or deleted: start a new one
+                done = None
+            except Refused as exc:  # logged; a new event is still worth sending
+                self.on_refused(exc.reason)
                 done = None
             if done is not None:
                 self.aggregated += 1
@@ -147,6 +161,9 @@ class EventRecorder:
                 self.retry,
             )
         except NotFound:  # the namespace is gone
+            created = None
+        except Refused as exc:  # logged; an Event is never sent twice
+            self.on_refused(exc.reason)
             created = None
         if created is None:
             self.failed += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from agent.kube.endpoints import routable
 from agent.kube.settings import KubeSettings
 from agent.quantity import InvalidValue
 
@@ -23,6 +24,12 @@ def settings_from(args: argparse.Namespace) -> KubeSettings | None:
         return None
     if args.namespace and args.all_namespaces:
         raise InvalidValue("--namespace and --all-namespaces exclude each other")
+    if args.advertise_address and not routable(args.advertise_address):
+        raise InvalidValue(
+            f"--advertise-address: {args.advertise_address} cannot be reached from the cluster (the API server "
+            "refuses loopback, link-local and unspecified addresses in an EndpointSlice); give this host's address "
+            "on the cluster's network, or --no-endpoints without it"
+        )
     return KubeSettings(
         kubeconfig=args.kubeconfig,
         context=args.context,

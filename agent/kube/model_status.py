@@ -6,13 +6,14 @@ facts are written once per change. The Model's ``phase`` is left to LLMKube's co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from agent.gguf_header import GGUFError
 from agent.gguf_shape import load_shape
-from agent.kube.calls import MERGE_PATCH, NotFound, Retry, call
+from agent.kube.calls import MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.kube.status import model_facts
 from agent.manifest import GROUP, VERSION
 from agent.units import ServingUnit
@@ -21,8 +22,9 @@ PLURAL = "models"
 
 
 class ModelFacts:
-    def __init__(self, custom: Any, retry: Retry) -> None:
+    def __init__(self, custom: Any, retry: Retry, on_refused: Callable[[str], None] | None = None) -> None:
         self.custom, self.retry = custom, retry
+        self.on_refused = on_refused or (lambda reason: None)
         self.written: dict[str, dict[str, Any]] = {}  # Model key -> the facts last written to its status
 
     async def write(self, unit: ServingUnit) -> None:
@@ -48,5 +50,8 @@ class ModelFacts:
             )
         except NotFound:
             return
+        except Refused as exc:  # logged; the same facts are not sent again
+            self.on_refused(exc.reason)
+            done = facts
         if done is not None:
             self.written[key] = facts

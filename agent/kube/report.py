@@ -1,21 +1,26 @@
 """The Kubernetes reporter: the ``report`` hook that writes what the agent does back to the cluster.
 
 ``report`` itself only records the unit's latest status and queues an Event, so the pipeline never waits on the
-API server. A background task then brings each InferenceService up to date, one write per change:
+API server. One worker per InferenceService (``agent.kube.reconcile``) then brings it up to date, latest status
+wins, backing off on transient failures and not asking again after a permanent one until the status changes:
 
 - the status by a merge patch on ``/status`` (a real API server rejects the client's default patch type for
   custom resources), holding only the difference from what is there: an identical status writes nothing;
 - the Service and EndpointSlice of the unit (``agent.kube.endpoints``), removed when it stops or is deleted.
+  A host without an address the cluster can reach (its route to the API server is loopback: kind, k3d, a
+  tunnel) registers none and says so in an ``EndpointRegistered=False`` condition (``NoRoutableAddress``);
+- during a delete held by finalizers (``deletionTimestamp`` set) one last status says ``Terminating``.
 
-Statuses coalesce (the latest wins), so a burst of transitions costs one write. The agent's own status writes
-do not start another reconcile: a write to the status subresource never changes ``metadata.generation`` or the
-spec, and the unit's spec hash (``agent.units``) covers the specs only, so the watch sees nothing to do.
+Text the cluster reads (conditions, Events) names the Service URL, never the server's loopback URL.
+The agent's own status writes do not start another reconcile: a write to the status subresource never changes
+``metadata.generation`` or the spec, and the unit's spec hash (``agent.units``) covers the specs only.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +29,13 @@ import structlog
 from kubernetes_asyncio.client import CustomObjectsApi
 
 from agent.hookspecs import hookimpl
-from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Retry, call
-from agent.kube.endpoints import Endpoints, Target, detect_host_ip, label_value
+from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
+from agent.kube.endpoints import Endpoints, label_value
 from agent.kube.events import Event, EventRecorder
 from agent.kube.model_status import ModelFacts
-from agent.kube.status import SCHEDULING_REASONS, build_status, managed, merge_patch, strip_nulls
+from agent.kube.reconcile import Outcome, Reconciler
+from agent.kube.registration import Registration
+from agent.kube.status import SCHEDULING_REASONS, TERMINATING, build_status, managed, merge_patch, strip_nulls
 from agent.manifest import GROUP, VERSION
 from agent.pipeline import AgentConfig
 from agent.plugin_manager import Plugins
@@ -36,7 +43,7 @@ from agent.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.kube.report")
 PLURAL = "inferenceservices"
-DELETED = "Deleted"  # the phase the pipeline reports when the InferenceService is gone
+DELETED = "Deleted"  # the phase the pipeline reports when the InferenceService is gone (or being deleted)
 WARNING_PHASES = frozenset({"Failed", "CrashLoop", "Restarting"})
 ACTIONS = {"Pending": "Admit", "Starting": "Start", "Ready": "Serve", "Restarting": "Restart", "Stopped": "Stop"}
 
@@ -54,8 +61,9 @@ class ReporterSettings:
     events: bool = True
     event_queue: int = 1024  # a burst (every unit at start) fits; beyond it Events are dropped and counted
     concurrency: int = 8  # objects written at once
-    retry: Retry = DEFAULT_RETRY
-    retry_after: float = 5.0  # seconds before a failed write is tried again
+    retry: Retry = DEFAULT_RETRY  # quick retries within one write
+    retry_after: float = 1.0  # the first backoff of an object's worker after a transient failure; it doubles
+    retry_cap: float = 60.0  # up to this
 
 
 def reporter_settings(config: AgentConfig) -> ReporterSettings:
@@ -77,29 +85,39 @@ class _Desired:
 class KubeReporter:
     """Register with ``register_reporter``; run ``run()`` in a task group; ``shutdown()`` before exit."""
 
-    def __init__(self, api_client: Any, settings: ReporterSettings) -> None:
+    def __init__(
+        self, api_client: Any, settings: ReporterSettings, on_refused: Callable[[str], None] | None = None
+    ) -> None:
         self.settings, self.api_client = settings, api_client
         self.host = label_value(settings.host_name)
         # Any: the bundled stubs omit the generated methods' keyword arguments (_content_type).
         self.custom: Any = CustomObjectsApi(api_client)
-        self.host_ip = settings.host_ip
         self._api_url: str = getattr(getattr(api_client, "configuration", None), "host", "") or ""
-        self.endpoints = Endpoints(api_client, self.host, settings.service_port, settings.retry)
+        self.refusals: Counter[str] = Counter()  # permanent failures by the API's reason
+        self._on_refused = on_refused
+        self.endpoints = Endpoints(api_client, self.host, settings.service_port, settings.retry, self._refused)
         self.events = EventRecorder(
-            api_client, f"metal-agent-{self.host}", self._uid, settings.event_queue, retry=settings.retry
+            api_client, f"metal-agent-{self.host}", self._uid, settings.event_queue, retry=settings.retry,
+            on_refused=self._refused,
+        )  # fmt: skip
+        self.registration = Registration(
+            self.endpoints, self.events, self.host, settings.host_ip, settings.endpoints, settings.events
         )
+        self.reconciler = Reconciler(
+            self._sync, concurrency=settings.concurrency, backoff_base=settings.retry_after,
+            backoff_cap=settings.retry_cap,
+        )  # fmt: skip
         self.desired: dict[str, _Desired] = {}
         self.written: dict[str, dict[str, Any]] = {}  # the status on the server, as far as this agent knows
         self.uids: dict[str, str] = {}
-        self.models = ModelFacts(self.custom, settings.retry)
-        self.swept: set[str] = set()  # units whose leftover endpoints (from a killed agent) were removed
+        self.models = ModelFacts(self.custom, settings.retry, self._refused)
         self.last_event: dict[str, tuple[str, str, str]] = {}
-        self.dirty: set[str] = set()
         self.status_writes = 0
-        self._wake = anyio.Event()
-        self._idle = anyio.Event()
-        self._idle.set()
-        self._busy = 0
+
+    def _refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
     # -- the hook --------------------------------------------------------------------------------------------
     @hookimpl
@@ -108,10 +126,7 @@ class KubeReporter:
         if "/" not in key:
             return
         self.desired[key] = _Desired(unit, dict(status))
-        self.dirty.add(key)
-        if self._idle.is_set():
-            self._idle = anyio.Event()
-        self._wake.set()
+        self.reconciler.request(key)
         if self.settings.events:
             self._event(key, status)
 
@@ -124,7 +139,8 @@ class KubeReporter:
         why = "CrashLoop" if phase == "CrashLoop" else (reason or phase)
         action = ACTIONS.get(phase, "Admit" if reason in SCHEDULING_REASONS else "Start")
         namespace, name = key.split("/", 1)
-        self.events.emit(Event(namespace, name, "Warning" if warning else "Normal", why, action, message))
+        note = self.registration.cluster_text(key, status)
+        self.events.emit(Event(namespace, name, "Warning" if warning else "Normal", why, action, note))
 
     async def _uid(self, namespace: str, name: str) -> str | None:
         """The InferenceService's uid (for Events' ``regarding``), read once if the status writer has not yet."""
@@ -132,14 +148,14 @@ class KubeReporter:
         if key not in self.uids:
             try:
                 obj = await self._get(key, namespace, name)
-            except NotFound:
+            except (NotFound, Refused):
                 return None
             if isinstance(obj, dict) and (uid := (obj.get("metadata") or {}).get("uid")):
                 self.uids[key] = uid
         return self.uids.get(key)
 
     async def _get(self, key: str, namespace: str, name: str) -> Any:
-        """The InferenceService as the API has it; None when it could not be read. Raises NotFound."""
+        """The InferenceService as the API has it; None when it could not be read. Raises NotFound, Refused."""
         return await call(
             f"get {key}",
             lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
@@ -149,39 +165,23 @@ class KubeReporter:
     # -- the background writer ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Write statuses and endpoints, and send Events, until cancelled."""
-        if self.host_ip is None:
-            self.host_ip = await anyio.to_thread.run_sync(detect_host_ip, self._api_url)
-            log.info("advertising this host's address", address=self.host_ip, host=self.host)
-            if self.settings.endpoints and ipaddress.ip_address(self.host_ip).is_loopback:
-                log.warning(
-                    "the route to the API server is loopback (a tunnel?): set --advertise-address so "
-                    "the cluster can reach this host's servers",
-                    address=self.host_ip,
-                )
-        limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        await self.registration.resolve_address(self._api_url)
         async with anyio.create_task_group() as tasks:
             if self.settings.events:
                 tasks.start_soon(self.events.run)
-            while True:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                batch, self.dirty = self.dirty, set()
-                self._busy += 1
-                async with anyio.create_task_group() as round_:
-                    for key in sorted(batch):
-                        round_.start_soon(self._sync_limited, limiter, tasks, key)
-                self._busy -= 1
-                if not self.dirty and not self._busy:
-                    self._idle.set()
+            await self.reconciler.run(tasks)
 
     def stats(self) -> dict[str, Any]:
         """For the agent's /status: what was written, what waits, what failed."""
         events = self.events
         return {
             "host": self.host,
-            "address": self.host_ip,
+            "address": self.registration.host_ip,
+            "endpoints": self.registration.mode,
             "status_writes": self.status_writes,
-            "pending": len(self.dirty),
+            "pending": self.reconciler.busy,
+            "backing_off": self.reconciler.backing_off,
+            "refused": dict(self.refusals),
             "events": {
                 "sent": events.sent,
                 "aggregated": events.aggregated,
@@ -190,27 +190,11 @@ class KubeReporter:
                 "queued": events.pending,
             },
             "endpoint_conflicts": sorted(f"{ns}/{name}" for ns, name in self.endpoints.conflicts),
-        }
+        }  # fmt: skip
 
     async def wait_idle(self) -> None:
-        """Until every reported status is written (or failed and scheduled again)."""
-        await self._idle.wait()
-
-    async def _sync_limited(self, limiter: anyio.CapacityLimiter, tasks: anyio.abc.TaskGroup, key: str) -> None:
-        async with limiter:
-            try:
-                done = await self._sync(key)
-            except Exception:  # a bug must cost one object's status, not the reporter
-                log.exception("status write failed", unit=key)
-                done = False
-        if not done:
-            tasks.start_soon(self._again, key)
-
-    async def _again(self, key: str) -> None:
-        await anyio.sleep(self.settings.retry_after)
-        if key in self.desired:
-            self.dirty.add(key)
-            self._wake.set()
+        """Until every reported status is written, refused for good, or failed and waiting to be tried again."""
+        await self.reconciler.wait_idle()
 
     def _forget(self, key: str, processed: _Desired) -> None:
         """The object is gone. A status reported for it since (a new object of that name) is kept."""
@@ -218,46 +202,57 @@ class KubeReporter:
             del self.desired[key]
         for table in (self.written, self.uids, self.last_event):
             table.pop(key, None)
-        self.swept.discard(key)
+        self.registration.forget(key)
 
-    async def _sync(self, key: str) -> bool:
-        """Bring one InferenceService's status and endpoints up to date; False to try again later."""
+    async def _sync(self, key: str) -> Outcome:
+        """Bring one InferenceService's status and endpoints up to date."""
         desired = self.desired.get(key)
         if desired is None:
-            return True
+            return Outcome.GONE
         namespace, name = key.split("/", 1)
-        phase = desired.status.get("phase")
-        if phase == DELETED:
-            if self.settings.endpoints:
-                await self.endpoints.remove(namespace, name)
-            self._forget(key, desired)
-            return True
+        if desired.status.get("phase") == DELETED:
+            return await self._deleted(key, desired)
         if key not in self.written:
-            found = await self._read(key, namespace, name)
+            try:
+                found = await self._read(key, namespace, name)
+            except Refused as exc:  # e.g. 403: asking again cannot help until something changes
+                self._refused(exc.reason)
+                return Outcome.REFUSED
             if found is None:  # gone: nothing to write
                 self._forget(key, desired)
-                return True
+                return Outcome.GONE
             if not found:
-                return False  # unreadable for now: try again
-        endpoint, registered = await self._endpoints(key, desired)
+                return Outcome.RETRY
+        endpoint, registration, condition = await self.registration.sync(key, desired.status, self.uids.get(key))
         if desired.unit is not None:
             await self.models.write(desired.unit)
         unit = desired.unit
         port = desired.status.get("port")
         new = strip_nulls(
             build_status(
-                desired.status,
+                {**desired.status, "message": self.registration.cluster_text(key, desired.status)},
                 self.written[key],
                 generation=unit.service.generation if unit else None,
                 suspended=bool(unit and unit.service.suspend),
                 host=self.host,
                 endpoint=endpoint,
-                host_endpoint=self._host_url(port) if port else None,
+                host_endpoint=self.registration.host_url(port) if port else None,
+                endpoint_condition=condition,
             )
         )
+        written = await self._patch_status(key, desired, new)
+        if written is Outcome.GONE:
+            return written
+        for outcome in (Outcome.RETRY, Outcome.REFUSED):  # a transient failure anywhere is tried again
+            if outcome in (written, registration):
+                return outcome
+        return Outcome.DONE
+
+    async def _patch_status(self, key: str, desired: _Desired, new: dict[str, Any]) -> Outcome:
         patch = merge_patch(self.written[key], new)
         if not patch:
-            return registered
+            return Outcome.DONE
+        namespace, name = key.split("/", 1)
         try:
             result = await call(
                 f"patch {key}/status",
@@ -268,17 +263,20 @@ class KubeReporter:
             )
         except NotFound:  # deleted; the pipeline reports that too
             self._forget(key, desired)
-            return True
+            return Outcome.GONE
+        except Refused as exc:
+            self._refused(exc.reason)
+            return Outcome.REFUSED
         if result is None:
-            return False
+            return Outcome.RETRY
         self.written[key] = new
         self.status_writes += 1
-        return registered
+        return Outcome.DONE
 
     async def _read(self, key: str, namespace: str, name: str) -> bool | None:
         """The object's current status (to diff against) and uid (for owner references and Events).
 
-        None when it does not exist, False when it could not be read.
+        None when it does not exist, False when it could not be read. Raises Refused.
         """
         try:
             obj = await self._get(key, namespace, name)
@@ -290,41 +288,40 @@ class KubeReporter:
         self.uids[key] = (obj.get("metadata") or {}).get("uid") or ""
         return True
 
-    def _host_url(self, port: int) -> str:
-        ip = self.host_ip or "127.0.0.1"
-        return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
-
-    async def _endpoints(self, key: str, desired: _Desired) -> tuple[str | None, bool]:
-        """Register (or unregister) the unit's endpoint: the URL to report, and False to try again later.
-
-        A name taken by someone else's object is not retried (the next status change tries again).
-        """
+    async def _deleted(self, key: str, desired: _Desired) -> Outcome:
+        """The unit is gone. An object still there with ``deletionTimestamp`` (finalizers hold it) gets one last
+        status that says so (no replica, no endpoint); then nothing more is written for it."""
         namespace, name = key.split("/", 1)
-        phase, port = desired.status.get("phase"), desired.status.get("port")
-        if not self.settings.endpoints:
-            return (self._host_url(port) if port else None), True
-        if phase == "Stopped":
+        if self.settings.endpoints:
             await self.endpoints.remove(namespace, name)
-            return None, True
-        if not port and (namespace, name) not in self.endpoints.applied:
-            if key not in self.swept:  # a previous agent, killed, may have left this unit's endpoint marked ready
-                self.swept.add(key)
-                await self.endpoints.remove(namespace, name)
-            return None, True
-        # No server now (a restart, a budget too small): the Service and its ClusterIP stay, the address goes.
-        ready = phase == "Ready" and bool(port)
-        target = Target(
-            namespace, name, self.host_ip or "127.0.0.1", int(port) if port else None, ready, self.uids.get(key)
-        )
-        conflicted = (namespace, name) in self.endpoints.conflicts
-        if await self.endpoints.ensure(target):
-            return self.endpoints.url(namespace, name), True
-        if (namespace, name) not in self.endpoints.conflicts:
-            return None, False  # the API failed (logged): try again
-        if not conflicted and self.settings.events:
-            note = f"a Service or EndpointSlice named for {name} exists and is not metal-agent's on {self.host}"
-            self.events.emit(Event(namespace, name, "Warning", "EndpointConflict", "Register", note))
-        return None, True
+        try:
+            obj = await self._get(key, namespace, name)
+        except NotFound:
+            obj = {}
+        except Refused as exc:  # unreadable for good: nothing more can be said about it
+            self._refused(exc.reason)
+            obj = {}
+        if obj is None:
+            return Outcome.RETRY
+        meta = obj.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            self.written.setdefault(key, managed(obj.get("status") or {}))
+            held = ", ".join(meta.get("finalizers") or [])
+            message = f"the InferenceService is being deleted; its server on {self.host} is stopped" + (
+                f" (waiting for finalizers: {held})" if held else ""
+            )
+            status = {**desired.status, "phase": TERMINATING, "reason": TERMINATING, "message": message, "port": None,
+                      "actual": None}  # fmt: skip
+            new = strip_nulls(
+                build_status(
+                    status, self.written[key], generation=meta.get("generation"), suspended=False, host=self.host,
+                    endpoint=None, host_endpoint=None,
+                )
+            )  # fmt: skip
+            if await self._patch_status(key, desired, new) is Outcome.RETRY:
+                return Outcome.RETRY
+        self._forget(key, desired)
+        return Outcome.GONE
 
     # -- stop ------------------------------------------------------------------------------------------------
     async def _stopped(self, key: str, limiter: anyio.CapacityLimiter) -> None:
@@ -361,15 +358,23 @@ class KubeReporter:
             await self.api_client.close()
 
 
-def register_reporter(plugins: Plugins, api_client: Any, settings: ReporterSettings | None = None) -> KubeReporter:
+def register_reporter(
+    plugins: Plugins,
+    api_client: Any,
+    settings: ReporterSettings | None = None,
+    on_refused: Callable[[str], None] | None = None,
+) -> KubeReporter:
     """Build the reporter and register its ``report`` hook; the caller runs ``reporter.run()`` beside the agent."""
-    reporter = KubeReporter(api_client, settings or ReporterSettings())
+    reporter = KubeReporter(api_client, settings or ReporterSettings(), on_refused)
     plugins.manager.register(reporter, name="kube-reporter")
     return reporter
 
 
-def start_reporter(plugins: Plugins, configuration: Any, config: AgentConfig) -> KubeReporter:
-    """``run --kube``: a reporter with its own API client (``close()`` releases it after ``shutdown()``)."""
+def start_reporter(
+    plugins: Plugins, configuration: Any, config: AgentConfig, on_refused: Callable[[str], None] | None = None
+) -> KubeReporter:
+    """``run --kube``: a reporter with its own API client (``close()`` releases it after ``shutdown()``);
+    ``on_refused`` counts the API's permanent refusals by reason (the agent's metric)."""
     from kubernetes_asyncio.client import ApiClient
 
-    return register_reporter(plugins, ApiClient(configuration), reporter_settings(config))
+    return register_reporter(plugins, ApiClient(configuration), reporter_settings(config), on_refused)

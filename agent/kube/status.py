@@ -27,7 +27,11 @@ LLMKUBE_PHASE = {
     "CrashLoop": "Failed",
     "Failed": "Failed",
     "Stopped": "Stopped",
+    "Terminating": "Terminating",  # deletionTimestamp set, finalizers pending: the server is already stopped
 }
+TERMINATING = "Terminating"
+ENDPOINT_CONDITION = "EndpointRegistered"
+OWN_CONDITIONS = frozenset({"Admitted", "Ready", ENDPOINT_CONDITION})  # the rest are other writers', kept
 # Reasons that say why the service is not scheduled at all (LLMKube's schedulingStatus).
 SCHEDULING_REASONS = frozenset(
     {
@@ -71,6 +75,8 @@ def llmkube_phase(phase: str, reason: str, suspended: bool) -> str:
 
 def conditions(phase: str, reason: str, message: str) -> list[tuple[str, str, str, str]]:
     """(type, status, reason, message) of the ``Admitted`` and ``Ready`` conditions."""
+    if phase == TERMINATING:
+        return [("Admitted", "False", TERMINATING, message), ("Ready", "False", TERMINATING, message)]
     if reason in SCHEDULING_REASONS:
         admitted = ("False", reason)
     elif phase in RUNNING_PHASES or phase == "Failed":  # it passed the memory check; a later step failed
@@ -97,15 +103,21 @@ def build_status(
     host: str,
     endpoint: str | None,
     host_endpoint: str | None,
+    endpoint_condition: tuple[str, str, str] | None = None,
     timestamp: str | None = None,
 ) -> JSON:
-    """The full ``status`` to hold on the InferenceService; ``previous`` (what is there) keeps transition times."""
+    """The full ``status`` to hold on the InferenceService; ``previous`` (what is there) keeps transition times.
+
+    ``endpoint_condition`` (status, reason, message) is the ``EndpointRegistered`` condition; None removes it."""
     stamp = timestamp or now()
     phase, reason = str(status.get("phase") or "Pending"), str(status.get("reason") or "")
     message = str(status.get("message") or "")[:MAX_MESSAGE]
     old = {c.get("type"): c for c in (previous or {}).get("conditions") or [] if isinstance(c, Mapping)}
     built_conditions = []
-    for kind, state, why, text in conditions(phase, reason, message):
+    own = conditions(phase, reason, message)
+    if endpoint_condition is not None:
+        own.append((ENDPOINT_CONDITION, *endpoint_condition))
+    for kind, state, why, text in own:
         before = old.get(kind) or {}
         condition: JSON = {
             "type": kind,
@@ -120,8 +132,7 @@ def build_status(
         elif "observedGeneration" in before:
             condition["observedGeneration"] = before["observedGeneration"]
         built_conditions.append(condition)
-    ours = {c["type"] for c in built_conditions}
-    built_conditions += [dict(c) for t, c in old.items() if t not in ours]  # other writers' conditions are kept
+    built_conditions += [dict(c) for t, c in old.items() if t not in OWN_CONDITIONS]  # other writers' are kept
     scheduling = reason in SCHEDULING_REASONS
     result: JSON = {
         "phase": llmkube_phase(phase, reason, suspended),
@@ -176,7 +187,9 @@ def memory(status: Mapping[str, Any]) -> JSON | None:
             estimateBreakdown={ESTIMATE_KEYS.get(k, k): v for k, v in estimate.items() if k != "total"},
         )
     if actual:
-        out.update(actualBytes=actual.get("total") or actual.get("rss"), actual=dict(actual))
+        measured = status.get("measured") or {}
+        figure = measured.get("total_bytes") or actual.get("total") or actual.get("rss")
+        out.update(actualBytes=figure, actual=dict(actual))
     return out
 
 

@@ -1,0 +1,173 @@
+"""CUDA servers in the running pipeline: measured per process on the GPU, held in a GPU ledger, enforced.
+
+A fake llama-server (real process, real port) prints llama.cpp's buffer report; a fake NVML says what it holds
+on the GPU. Together they "lie" the way the issue saw: buffers small, the process's VRAM large.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+from fake_gpu import FakeNVML, GiB, MiB
+from fake_servers import write_fake_llama_server
+from memory_harness import SimulatedHost, phase, running, until
+
+from agent import gpus
+from agent.manifest import ModelSpec, ServiceSpec
+from agent.pipeline import Agent, AgentConfig
+from agent.plugin_manager import load_plugins
+from agent.preflight import Mode
+from agent.standalone import Event, EventType
+from agent.tinymodel import TinyShape, write_tiny_gguf
+
+BUFFERS = {"EMBD_MIB": "0.1", "MODEL_MIB": "1.5", "KV_MIB": "2", "COMPUTE_MIB": "20", "HOST_COMPUTE_MIB": "1"}
+REPORTED_DEVICE = round((1.5 + 2 + 20) * MiB)
+
+
+@pytest.fixture(autouse=True)
+def fresh_overhead(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the one the CUDA plugin holds (through agent.plugin), reset: nothing learned, the default setting
+    monkeypatch.setattr(gpus.CONTEXT_OVERHEAD, "learned", {})
+    monkeypatch.setattr(gpus.CONTEXT_OVERHEAD, "default", gpus.DEFAULT_CONTEXT_OVERHEAD)
+    for name, value in BUFFERS.items():
+        monkeypatch.setenv(f"FAKE_LLAMA_{name}", value)
+
+
+def server_usage(device_mib: dict[str, int]) -> FakeNVML:
+    """A fake NVML on an 8 GiB GPU: each fake llama-server holds ``device_mib['now']`` MiB on GPU 0."""
+
+    def used(pid: int) -> dict[int, int]:
+        try:
+            if "fake-llama-server" in " ".join(psutil.Process(pid).cmdline()):
+                return {0: device_mib["now"] * MiB}
+        except psutil.Error:
+            pass
+        return {}
+
+    return FakeNVML([8 * GiB], used)
+
+
+def make_agent(tmp_path: Path, mode: Mode = Mode.ENFORCE) -> Agent:
+    plugins = load_plugins(entry_points=False)
+    plugins.settings["llama_server"] = write_fake_llama_server(tmp_path)
+    config = AgentConfig(
+        state_dir=tmp_path / "state", memory_fraction=0.9, mode=mode, startup_timeout=20, grace_period=2,
+        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
+        server_env=("FAKE_LLAMA_*",),  # the stand-in's buffer sizes pass the servers' environment allowlist
+    )  # fmt: skip
+    host = SimulatedHost(64 * GiB)
+    agent = Agent(config, plugins, memory=host)
+    host.agent = agent
+    return agent
+
+
+def events(tmp_path: Path, budget: str) -> list[Event]:
+    model = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())
+    spec = ModelSpec(name="m", namespace="d", source=str(model), accelerator="cuda", memory_budget=budget)
+    service = ServiceSpec(name="s", namespace="d", model_ref="m", context_size=1024)
+    return [Event(EventType.ADDED, spec), Event(EventType.ADDED, service)]
+
+
+@pytest.mark.anyio
+async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_context_overhead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_usage(usage := {"now": 700}).install(monkeypatch)
+    agent = make_agent(tmp_path)
+    assert agent.admission.gpu_ledgers[0].capacity == int(8 * GiB * 0.9)
+    async with running(agent) as send:
+        for event in events(tmp_path, "2Gi"):
+            send(event)
+        await until(lambda: phase(agent, "s") == ("Ready", "Ready"), agent=agent)
+        runtime = agent.runtimes["d/s"]
+        assert runtime.child is not None and runtime.verdict and runtime.verdict.estimate
+        assert psutil.Process(runtime.child.pid).environ().get("CUDA_VISIBLE_DEVICES") == "0"
+        measured = agent.status()["units"][0]["measured"]
+        assert measured["device_source"] == "nvml" and measured["devices"]["0"]["bytes"] == 700 * MiB
+        assert measured["host"]["source"] == "rss" and measured["authoritative"]
+        assert measured["llama_buffers"]["CUDA0"] == REPORTED_DEVICE  # printed because the agent passed -lv 4
+        # The GPU ledger holds what the GPU really holds, not the host RSS; the host ledger the host part.
+        assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
+        status = agent.status()
+        assert status["units"][0]["reserved_gpu_bytes"] == {"0": 700 * MiB}
+        assert status["units"][0]["reserved_from"] == "measured"
+        warning = agent.runtimes["d/s"].warning  # 700 MiB is above the device estimate it was admitted with
+        assert (
+            warning is not None and warning["reason"] == "ExceedsReservation" and "GPU footprint" in warning["message"]
+        )
+        assert status["admission"]["gpus"]["0"] == {
+            "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
+        }  # fmt: skip
+        assert status["units"][0]["estimate"]["device"] > 600 * MiB  # the estimate's split is shown too
+        scraped = agent.metrics.registry
+        assert scraped.get_sample_value("metal_agent_gpu_reserved_bytes", {"gpu": "0"}) == 700 * MiB
+        assert scraped.get_sample_value("metal_agent_gpu_budget_bytes", {"gpu": "0"}) == int(8 * GiB * 0.9)
+        assert agent.ledger.held["d/s"] == measured["host"]["bytes"] < 700 * MiB
+        learned = agent.status()["cuda_context_overhead"]["learned_bytes"]
+        assert learned == {"0": 700 * MiB - REPORTED_DEVICE}
+        # It grows: the ledger follows the high-water mark.
+        usage["now"] = 900
+        await until(lambda: agent.admission.gpu_ledgers[0].held["d/s"] == 900 * MiB, agent=agent)
+        send(Event(EventType.DELETED, ServiceSpec(name="s", namespace="d", model_ref="m")))
+        await until(lambda: not agent.admission.gpu_ledgers[0].held and not agent.ledger.held, agent=agent)
+
+
+@pytest.mark.anyio
+async def test_a_server_over_its_own_budget_is_stopped_in_enforce_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_usage({"now": 1536}).install(monkeypatch)  # 1.5 GiB on the GPU against a 1 GiB budget
+    agent = make_agent(tmp_path)
+    async with running(agent) as send:
+        for event in events(tmp_path, "1Gi"):
+            send(event)
+        await until(lambda: phase(agent, "s") == ("Failed", "ExceedsBudget"), agent=agent)
+        runtime = agent.runtimes["d/s"]
+        assert runtime.child is None and "1.5 GiB" in runtime.message and "1.0 GiB" in runtime.message
+        assert "memoryBudget" in runtime.message and "GPU from nvml" in runtime.message
+        assert not agent.ledger.held and not agent.admission.gpu_ledgers[0].held
+        assert not [p for p in psutil.Process().children(recursive=True) if "fake-llama" in " ".join(p.cmdline())]
+
+
+@pytest.mark.anyio
+async def test_warn_mode_keeps_it_running_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_usage({"now": 1536}).install(monkeypatch)
+    agent = make_agent(tmp_path, Mode.WARN)
+    async with running(agent) as send:
+        for event in events(tmp_path, "1Gi"):
+            send(event)
+        await until(lambda: phase(agent, "s")[0] == "Ready" and agent.runtimes["d/s"].warning is not None)
+        warning = agent.runtimes["d/s"].warning
+        assert warning is not None and warning["reason"] == "ExceedsBudget"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("why", ["not supported", "pid not visible"])
+async def test_without_a_device_figure_the_ledger_keeps_the_estimate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    nvml = server_usage({"now": 100})
+
+    def unavailable(handle: int) -> list[object]:
+        if why == "pid not visible":  # a container's PID namespace: NVML lists host pids, none of them ours
+            return []
+        raise nvml.NVMLError("Not Supported")
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = unavailable  # type: ignore[method-assign]
+    nvml.install(monkeypatch)
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no nvidia-smi
+    agent = make_agent(tmp_path)
+    async with running(agent) as send:
+        for event in events(tmp_path, "2Gi"):
+            send(event)
+        await until(lambda: phase(agent, "s") == ("Ready", "Ready"), agent=agent)
+        runtime = agent.runtimes["d/s"]
+        assert runtime.verdict and runtime.verdict.estimate and runtime.verdict.estimate.device_bytes
+        measured = agent.status()["units"][0]["measured"]
+        assert not measured["authoritative"] and measured["device_source"] == "llama.cpp log"
+        assert agent.status()["units"][0]["reserved_from"] == "max(estimate, measured)"
+        # llama.cpp's buffers (23.5 MiB) miss the CUDA context: the ledger keeps the device estimate.
+        assert agent.admission.gpu_ledgers[0].held["d/s"] == runtime.verdict.estimate.device_bytes > 600 * MiB
+        assert not agent.status()["cuda_context_overhead"]["learned_bytes"]
