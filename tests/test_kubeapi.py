@@ -359,7 +359,7 @@ def event(**fields: Any) -> dict[str, Any]:
          "spec.hardware.memoryFraction"),
         (f"/apis/{GROUP}/{VERSION}/namespaces/default/models", model("m", hardware={"memoryBudget": "24GB"}), 422,
          "spec.hardware.memoryBudget"),
-        (ISVC, isvc(contextSize=64, priority="urgent"), 422, "spec.contextSize"),
+        (ISVC, isvc(contextSize=64), 422, "spec.contextSize"),  # int-or-string: a CEL rule checks its range
         (ISVC, isvc(contextSize=64, priority="urgent"), 422, "spec.priority"),
         (ISVC, isvc(cacheTypeV="q8_0"), 422, "needs flashAttention true"),
         (f"/apis/{GROUP}/{VERSION}/namespaces/no-such-ns/inferenceservices", isvc(), 404,
