@@ -84,11 +84,21 @@ def test_two_on_demand_models_in_room_for_one_take_turns(agent: tuple[AgentProce
     together: list[list[int]] = []
     stop = threading.Event()
 
+    def servers() -> list[int]:
+        found = []
+        for child in process.children():
+            try:
+                command = " ".join(child.cmdline())
+            except psutil.Error:  # it went while we looked
+                continue
+            if "llama" in command and "logwriter" not in command:  # not the servers' log writers
+                found.append(child.pid)
+        return found
+
     def watch() -> None:  # every live llama.cpp server the agent has, as often as it can look
         while not stop.is_set():
-            servers = [c.pid for c in process.children() if "python" in c.name() or "llama" in c.name()]
-            if len(servers) > 1:
-                together.append(servers)
+            if len(running := servers()) > 1:
+                together.append(running)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
