@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import marker
 from agent.plugin_manager import Plugins, load_plugins
 from agent.quantity import InvalidValue
 from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-NOT_SETTINGS = frozenset({CONFIG_ENV})  # METAL_AGENT_* variables that are not settings
+NOT_SETTINGS = frozenset({CONFIG_ENV, *marker.NAMES})  # METAL_AGENT_* variables that are not settings
 PRECEDENCE = "flag > METAL_AGENT_* environment variable > config file > default"
 
 

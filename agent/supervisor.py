@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import anyio
 import psutil
 
 from agent.hookspecs import Launch
+from agent.marker import STATE_ID
 
 LOG_LIMIT_BYTES = 8 << 20
 
@@ -38,6 +40,7 @@ class Child:
     create_time: float
     process: subprocess.Popen[bytes] | None = None  # None for a child adopted after an agent restart
     health_path: str = "/health"
+    marker: str = ""  # the state id in its environment (agent.marker); "" when started without a mark
 
     def running(self) -> bool:
         if self.process is not None:
@@ -75,7 +78,8 @@ def bound_log(path: Path, limit: int = LOG_LIMIT_BYTES) -> None:
         return
 
 
-def start(launch: Launch, port: int, log_path: Path) -> Child:
+def start(launch: Launch, port: int, log_path: Path, mark: Mapping[str, str] | None = None) -> Child:
+    """Start the server in its own session; ``mark`` (``agent.marker.child_env``) goes into its environment."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -84,7 +88,7 @@ def start(launch: Launch, port: int, log_path: Path) -> Child:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=launch.cwd,
-            env={**os.environ, **launch.env},
+            env={**os.environ, **launch.env, **(mark or {})},
             start_new_session=True,
         )
     started = psutil.Process(process.pid)
@@ -94,7 +98,8 @@ def start(launch: Launch, port: int, log_path: Path) -> Child:
         argv = started.cmdline() or launch.argv
     except psutil.Error:
         argv = launch.argv
-    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path)
+    state = (mark or {}).get(STATE_ID, "")
+    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path, state)
 
 
 async def healthy(child: Child, path: str = "/health", timeout: float = 2.0) -> bool:
@@ -141,8 +146,13 @@ async def stop(child: Child, grace: float) -> None:
 
 
 def _signal_group(child: Child, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(child.pid, signum)
+    except ProcessLookupError:  # not a group leader (an adopted server whose wrapper forked it and exited)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child.pid, signum)
+    except PermissionError:
+        pass
 
 
 def _reap(child: Child) -> None:
