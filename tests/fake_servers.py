@@ -2,7 +2,7 @@
 
 One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
 number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
-``crash`` prints ``boom`` and exits with status 3 at once.
+``crash`` prints ``boom`` and exits with status 3 at once. ``marked_servers`` lists what an agent's mark is on.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
+from agent import marker
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.units import ServingUnit
 
@@ -60,3 +63,18 @@ class Executors:
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         for executor in self.executors:
             register(executor)
+
+
+def marked_servers(state_dir: Path) -> list[int]:
+    """The live processes carrying the mark of the agent on ``state_dir`` (what would be orphaned or doubled)."""
+    state = marker.state_id(state_dir)
+    return sorted(
+        process.pid for process in psutil.process_iter() if marker.read(process, state) is not None and _alive(process)
+    )
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
