@@ -33,8 +33,12 @@ def scan(state: str, log_path_of: Callable[[str], Path]) -> list[ChildRecord]:
     """A record for every live process carrying this agent's mark whose parent does not (the server itself,
     not the helpers it started, which go with its process group)."""
     marked: dict[int, tuple[psutil.Process, dict[str, str]]] = {}
-    for process in psutil.process_iter():
-        if process.pid == os.getpid():
+    for pid in psutil.pids():  # fresh objects: process_iter's cache can hold a recycled pid's old process
+        if pid == os.getpid():
+            continue
+        try:
+            process = psutil.Process(pid)
+        except psutil.Error:
             continue
         env = marker.read(process, state)
         if env is not None:

@@ -155,6 +155,8 @@ class Agent:
         if runtime.evict_message is not None:
             await self._evict(runtime)  # then on as for any stopped unit: it waits, or is gone, suspended or changed
         if unit is None or not unit.wanted:
+            if (unit or self.synced) and (record := self.adoptable.pop(runtime.key, None)):
+                self._stop_leftover(record)  # a previous agent's server for a unit that wants none now
             await self._teardown(runtime)
             runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
             if unit is None and not missing_reason:  # the InferenceService itself is gone
@@ -280,11 +282,15 @@ class Agent:
         return False
 
     def reap_unclaimed(self) -> None:
-        """After the first full listing: children whose unit no longer exists are stopped (if still ours)."""
-        known = {f"{s.namespace}/{s.name}" for s in self.services.values()}
-        for key in [k for k in self.adoptable if k not in known]:
+        """After the first full listing: children whose unit no longer exists, has no Model or is suspended are
+        stopped (if still ours)."""
+        for key in [k for k in self.adoptable if not self._wants_a_server(k)]:
             self._stop_leftover(self.adoptable.pop(key))
         self._save_state()
+
+    def _wants_a_server(self, key: str) -> bool:
+        unit, _ = self.current_unit(key)
+        return unit is not None and unit.wanted
 
     def _stop_leftover(self, record: ChildRecord) -> None:
         """Stop a previous agent's server that no unit takes over, if it is still provably ours."""

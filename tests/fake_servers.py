@@ -68,13 +68,12 @@ class Executors:
 def marked_servers(state_dir: Path) -> list[int]:
     """The live processes carrying the mark of the agent on ``state_dir`` (what would be orphaned or doubled)."""
     state = marker.state_id(state_dir)
-    return sorted(
-        process.pid for process in psutil.process_iter() if marker.read(process, state) is not None and _alive(process)
-    )
+    return sorted(pid for pid in psutil.pids() if _marked(pid, state))
 
 
-def _alive(process: psutil.Process) -> bool:
+def _marked(pid: int, state: str) -> bool:
     try:
-        return process.status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)  # not process_iter's cache, which can hold a recycled pid's old process
+        return marker.read(process, state) is not None and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False

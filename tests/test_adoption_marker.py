@@ -5,6 +5,7 @@ stops the others, warns about each bad record, and never touches a server anothe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -193,3 +194,24 @@ async def test_an_unclaimed_leftover_is_stopped_with_the_agent(tmp_path: Path, c
     async with running(agent):
         assert "d/kept" in agent.adoptable
     assert gone(child) and marked_servers(tmp_path / "state") == []
+
+
+async def test_leftovers_of_a_suspended_unit_and_of_a_unit_without_its_model_are_stopped(
+    tmp_path: Path, cleanup: list[supervisor.Child]
+) -> None:
+    suspended, orphan, scaled_down = (
+        leftover(tmp_path, "suspended"),
+        leftover(tmp_path, "orphan"),
+        leftover(tmp_path, "zero"),
+    )
+    cleanup += [suspended, orphan, scaled_down]
+    agent = make_agent(tmp_path)
+    async with running(agent) as send:
+        send(model_event(tmp_path))
+        send(Event(EventType.ADDED, dataclasses.replace(service("suspended"), suspend=True)))
+        send(Event(EventType.ADDED, dataclasses.replace(service("orphan"), model_ref="missing")))
+        send(Event(EventType.ADDED, dataclasses.replace(service("zero"), replicas=0)))
+        send(SYNCED)
+        await until(lambda: gone(suspended) and gone(orphan) and gone(scaled_down), agent=agent)
+        assert phase(agent, "suspended") == ("Stopped", "Suspended") and phase(agent, "orphan")[1] == "ModelNotFound"
+        assert marked_servers(tmp_path / "state") == [] and agent.ledger.used == 0
