@@ -30,6 +30,7 @@ from agent.supervisor import Child
 log = structlog.get_logger("metal_agent.statefile")
 VERSION = 1
 QUOTE = 200  # characters of the file's own content a warning may quote
+WARN_RECORDS = 10  # bad records warned about one by one; the rest are counted in one line
 _REPR = reprlib.Repr()  # bounded depth and length, whatever the value
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, QUOTE, QUOTE, 40
 
@@ -116,13 +117,17 @@ def parse(text: str, where: str) -> list[ChildRecord]:
     if data.get("version") != VERSION:
         log.warning("state file of another version ignored", path=where, version=_quote(data.get("version")))
         return []
-    records = []
+    records, bad = [], 0
     for index, item in enumerate(data["children"]):
         try:
             records.append(record_from(item))
         except BadRecord as exc:
-            unit = item.get("unit") if isinstance(item, dict) else None
-            log.warning("state record skipped", path=where, record=index, unit=_quote(unit), reason=str(exc))
+            bad += 1
+            if bad <= WARN_RECORDS:
+                unit = item.get("unit") if isinstance(item, dict) else None
+                log.warning("state record skipped", path=where, record=index, unit=_quote(unit), reason=str(exc))
+    if bad > WARN_RECORDS:
+        log.warning("more state records skipped", path=where, count=bad - WARN_RECORDS)
     return records
 
 

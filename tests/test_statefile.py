@@ -60,6 +60,12 @@ def test_a_warning_quotes_at_most_a_few_hundred_characters_of_the_file() -> None
     assert records == [] and len(logs) == 2 and all(len(str(e)) < 1000 for e in logs)
 
 
+def test_a_file_of_many_bad_records_warns_a_few_lines_not_one_per_record() -> None:
+    records, logs = parsed(*[{**GOOD, "pid": -1}] * 100_000, GOOD)
+    assert records == [ChildRecord(**GOOD)] and len(logs) == 11
+    assert logs[-1]["event"] == "more state records skipped" and logs[-1]["count"] == 99_990
+
+
 @pytest.mark.parametrize(
     "text",
     ['{"version": 1, "children": [', "[" * 100_000 + "]" * 100_000, "", "null", '"x"', "{}", '{"children": []}'],
