@@ -8,12 +8,13 @@ number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process h
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from agent import marker
+from agent import marker, supervisor
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.units import ServingUnit
 
@@ -63,6 +64,16 @@ class Executors:
     def register_executors(self, register: Callable[[Executor], None]) -> None:
         for executor in self.executors:
             register(executor)
+
+
+def exec_done(child: supervisor.Child, timeout: float = 10) -> supervisor.Child:
+    """``child`` once the OS shows its command line and environment: for a moment after ``exec`` both read empty,
+    and a leftover a test hands to a new agent must look like one that has been running."""
+    deadline = time.monotonic() + timeout
+    while not psutil.Process(child.pid).cmdline():
+        assert time.monotonic() < deadline, f"pid {child.pid} shows no command line"
+        time.sleep(0.005)  # between checks of the condition
+    return child
 
 
 def marked_servers(state_dir: Path) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from fake_servers import marked_servers, server_argv
+from fake_servers import exec_done, marked_servers, server_argv
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 from structlog.testing import capture_logs
 
@@ -40,7 +40,7 @@ def leftover(tmp_path: Path, name: str, state_dir: Path | None = None) -> superv
     mark = marker.child_env(
         marker.state_id(state_dir or tmp_path / "state"), unit.key, unit.spec_hash(), port, "/health"
     )
-    return supervisor.start(Launch(argv=server_argv(port)), port, tmp_path / f"{name}.log", mark)
+    return exec_done(supervisor.start(Launch(argv=server_argv(port)), port, tmp_path / f"{name}.log", mark))
 
 
 def record(child: supervisor.Child, unit: str, **override: Any) -> dict[str, Any]:

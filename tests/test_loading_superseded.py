@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from fake_servers import Executors, FakeServer, marked_servers, server_argv
+from fake_servers import Executors, FakeServer, exec_done, marked_servers, server_argv
 from memory_harness import MiB, SimulatedHost, model_event, phase, running, service, until
 
 from agent import marker, supervisor
@@ -72,7 +72,7 @@ async def test_an_adopted_server_still_loading_is_stopped_when_its_unit_is_delet
     unit = ServingUnit(service=service("a"), model=model)
     port = free_port()
     mark = marker.child_env(marker.state_id(tmp_path / "state"), unit.key, unit.spec_hash(), port, "/health")
-    child = supervisor.start(Launch(argv=server_argv(port, "loading")), port, tmp_path / "left.log", mark)
+    child = exec_done(supervisor.start(Launch(argv=server_argv(port, "loading")), port, tmp_path / "left.log", mark))
     agent = make_agent(tmp_path)
     try:
         async with running(agent) as send:
