@@ -155,7 +155,7 @@ class Agent:
         if runtime.evict_message is not None:
             await self._evict(runtime)  # then on as for any stopped unit: it waits, or is gone, suspended or changed
         if unit is None or not unit.wanted:
-            if (unit or self.synced) and (record := self.adoptable.pop(runtime.key, None)):
+            if (unit is not None or self.synced) and (record := self.adoptable.pop(runtime.key, None)):
                 self._stop_leftover(record)  # a previous agent's server for a unit that wants none now
             await self._teardown(runtime)
             runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
