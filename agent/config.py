@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent import marker
 from agent.quantity import InvalidValue
 from agent.safe_files import read_text
 from agent.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 PLUGIN_AUTOLOAD_ENV = ENV_PREFIX + "DISABLE_PLUGIN_AUTOLOAD"  # set: only the built-in plugins load
-NOT_SETTINGS = frozenset({CONFIG_ENV, PLUGIN_AUTOLOAD_ENV})  # METAL_AGENT_* variables that are not settings
+# METAL_AGENT_* variables that are not settings: the config file, the plugin switch, the marks servers carry
+NOT_SETTINGS = frozenset({CONFIG_ENV, PLUGIN_AUTOLOAD_ENV, *marker.NAMES})
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes; a FIFO or a device is refused (agent/safe_files.py)
 PRECEDENCE = "flag > METAL_AGENT_* environment variable > config file > default"
 

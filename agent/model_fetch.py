@@ -235,6 +235,8 @@ async def cancellable(
         nonlocal cancelled
         while True:
             await runtime.wake.wait()
+            if runtime.evict_message is not None:
+                return  # the memory guard's poke: left set, so the worker evicts as soon as the work ends
             now = current()
             if now is None or not now.wanted or now.spec_hash() != spec_hash:
                 cancelled = True

@@ -18,8 +18,9 @@ from typing import Any
 import anyio
 import structlog
 
-from agent import context_auto, gpus, logs, supervisor
+from agent import context_auto, gpus, logs, marker, supervisor
 from agent.admission import EVICTED, Admission, Outcome
+from agent.adoption import recover
 from agent.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
 from agent.budget import resolve_budget
 from agent.calibrate import free_port
@@ -41,7 +42,6 @@ from agent.redact import redact_text
 from agent.standalone import Event, EventType, Synced
 from agent.state_keeper import StateKeeper
 from agent.statefile import ChildRecord
-from agent.statefile import load as load_state
 from agent.unit_state import UnitRuntime
 from agent.units import ServingUnit
 
@@ -80,8 +80,12 @@ class Agent:
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)
         self.report_status: Callable[[], dict[str, Any]] | None = None  # the Kubernetes reporter's counters
         self.state_path = config.state_dir / "children.json"
-        # Children a previous agent started that are still running: adopted if their unit still wants them.
-        self.adoptable: dict[str, ChildRecord] = {r.unit: r for r in load_state(self.state_path)}
+        # Children a previous agent started that are still running (on record or found by their mark): adopted
+        # if their unit still wants them; strays (a unit's second server) are stopped when the agent runs.
+        self.state_id = marker.state_id(config.state_dir)
+        recovered = recover(self.state_path, self.state_id, self._log_path)
+        self.adoptable: dict[str, ChildRecord] = recovered.adoptable
+        self.strays = recovered.strays
         self._tasks: anyio.abc.TaskGroup | None = None
         self.metrics = Metrics(self.status)  # this agent's own registry, served on /metrics
         self.state = StateKeeper(self.state_path, self.metrics.state_save_failed)  # a failed save never stops us
@@ -96,6 +100,8 @@ class Agent:
     async def run(self, events: AsyncIterable[Event | Synced]) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
+            for record in self.strays:
+                self._stop_leftover(record)
             tasks.start_soon(self.memory.watchdog.run, self.memory.on_sample, name="memory pressure watchdog")
             tasks.start_soon(self.state.retry_loop, self._save_state, name="state file retries")
             tasks.start_soon(self.ondemand.run, name="on-demand idle timer")
@@ -175,6 +181,8 @@ class Agent:
         if runtime.evict_message is not None:
             await self._evict(runtime)  # then on as for any stopped unit: it waits, or is gone, suspended or changed
         if unit is None or not unit.wanted:
+            if (unit is not None or self.synced) and (record := self.adoptable.pop(runtime.key, None)):
+                self._stop_leftover(record)  # a previous agent's server for a unit that wants none now
             await self._teardown(runtime)
             runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
             if unit is None and not missing_reason:  # the InferenceService itself is gone
@@ -273,6 +281,9 @@ class Agent:
             return
         if files.remote and not await self._download(runtime, unit, files):
             return
+        if self._superseded(runtime, unit):  # deleted or changed while it was checked: never spawned
+            self.memory.release(runtime.key)
+            return
         await self._launch(runtime, unit, executor, model_path)
 
     async def _download(self, runtime: UnitRuntime, unit: ServingUnit, files: ModelFiles) -> bool:
@@ -310,7 +321,7 @@ class Agent:
             adopting, _ = self._executor(unit)
             runtime.executor = adopting.name if adopting else None  # it measures the server
             await self._set(runtime, "Starting", "Adopted", f"adopting pid {child.pid} on port {child.port}")
-            if await self._until_ready(runtime, record.health_path):
+            if await self._until_ready(runtime, unit, record.health_path):
                 await self._set(runtime, "Ready", "Adopted", f"adopted pid {child.pid} on port {child.port}")
             return True
         if record.is_ours():
@@ -318,18 +329,30 @@ class Agent:
         return False
 
     def reap_unclaimed(self) -> None:
-        """After the first full listing: children whose unit no longer exists are stopped (if still ours)."""
-        known = {f"{s.namespace}/{s.name}" for s in self.services.values()}
-        for key in [k for k in self.adoptable if k not in known]:
-            record = self.adoptable.pop(key)
-            if record.is_ours():
-                assert self._tasks is not None
-                self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
+        """After the first full listing: children whose unit no longer exists, has no Model or is suspended are
+        stopped (if still ours)."""
+        for key in [k for k in self.adoptable if not self._wants_a_server(k)]:
+            self._stop_leftover(self.adoptable.pop(key))
         self._save_state()
+
+    def _wants_a_server(self, key: str) -> bool:
+        unit, _ = self.current_unit(key)
+        return unit is not None and unit.wanted
+
+    def _stop_leftover(self, record: ChildRecord) -> None:
+        """Stop a previous agent's server that no unit takes over, if it is still provably ours."""
+        if record.is_ours():
+            assert self._tasks is not None
+            self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
+
+    def _log_path(self, key: str) -> Path:
+        return self.config.state_dir / "logs" / f"{key.replace('/', '_')}.log"
 
     def _save_state(self) -> None:
         records = [
-            ChildRecord(r.key, r.spec_hash or "", c.pid, c.create_time, c.argv, c.port, str(c.log_path), c.health_path)
+            ChildRecord(
+                r.key, r.spec_hash or "", c.pid, c.create_time, c.argv, c.port, str(c.log_path), c.health_path, c.marker
+            )
             for r in self.runtimes.values()
             if (c := r.child) is not None
         ]
@@ -355,26 +378,34 @@ class Agent:
             if claim is not None and claim.gpus:  # the GPUs admission reserved its device memory on
                 env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, claim.gpus))}
                 launch = dataclasses.replace(launch, env=env)
-            log_path = self.config.state_dir / "logs" / f"{runtime.key.replace('/', '_')}.log"
+            mark = marker.child_env(self.state_id, runtime.key, unit.spec_hash(), port, launch.health_path)
             logs_bound = supervisor.LogSettings(self.config.log_max_size, self.config.log_keep)
-            child = supervisor.start(launch, port, log_path, logs_bound, self.config.server_env)
+            child = supervisor.start(
+                launch, port, self._log_path(runtime.key), logs_bound, self.config.server_env, mark
+            )
         except Exception as exc:  # the plugin's message becomes the unit's reason
             self.memory.release(runtime.key)
             await self._set(runtime, "Failed", "SpawnFailed", f"{executor.name}: {exc}")
             return
         runtime.child, runtime.executor = child, executor.name
         await self._set(runtime, "Starting", "Admitted", f"{executor.name} pid {child.pid} on port {port}")
-        if await self._until_ready(runtime, launch.health_path):
+        if await self._until_ready(runtime, unit, launch.health_path):
             self.metrics.server_started(executor.name, time.monotonic() - spawned_at)
             await self._set(runtime, "Ready", "Ready", f"serving on http://127.0.0.1:{port}")
 
-    async def _until_ready(self, runtime: UnitRuntime, health_path: str) -> bool:
-        """Wait for the starting child's health; then its measured memory replaces the estimate in the ledger."""
+    async def _until_ready(self, runtime: UnitRuntime, unit: ServingUnit, health_path: str) -> bool:
+        """Wait for the starting child's health; then its measured memory replaces the estimate in the ledger.
+
+        False, with the child left for the worker to stop at once, when the unit is deleted, suspended or changed
+        meanwhile: a server still loading never outlives its unit's spec, nor shows Ready for a spec gone.
+        """
         child = runtime.child
         assert child is not None
+        timeout, grace = self.config.startup_timeout, self.config.grace_period
         try:
             with anyio.CancelScope() as runtime.launch_scope:  # an eviction cancels the wait
-                await supervisor.wait_ready(child, health_path, self.config.startup_timeout, self.config.grace_period)
+                wait = lambda: supervisor.wait_ready(child, health_path, timeout, grace)  # noqa: E731
+                await cancellable(wait, runtime, unit, lambda: self.current_unit(runtime.key)[0])
         except supervisor.StartupFailed as exc:
             runtime.child = None
             self.memory.release(runtime.key)
@@ -382,8 +413,8 @@ class Agent:
             return False
         finally:
             runtime.launch_scope = None
-        if runtime.evict_message is not None:
-            return False  # the worker stops it next
+        if runtime.evict_message is not None or self._superseded(runtime, unit):
+            return False  # the worker stops it next (its wake event is still set)
         runtime.failures = runtime.unhealthy = 0
         self._measure(runtime, child)
         if self.memory.measured(runtime, loaded=True) is Measured.EXCEEDS_BUDGET:
@@ -404,6 +435,11 @@ class Agent:
         runtime.retry_at = None
         self.metrics.rejected("ExceedsBudget")
         await self._set(runtime, "Failed", "ExceedsBudget", message)
+
+    def _superseded(self, runtime: UnitRuntime, unit: ServingUnit) -> bool:
+        """Whether ``unit`` is no longer what its worker should run: deleted, not wanted, or another spec."""
+        now = self.current_unit(runtime.key)[0]
+        return now is None or not now.wanted or now.spec_hash() != unit.spec_hash()
 
     async def _failed_run(self, runtime: UnitRuntime, message: str) -> None:
         runtime.failures += 1
@@ -478,9 +514,8 @@ class Agent:
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         message = redact_text(message)  # no URL secrets in a status, a log line or an Event, whatever said it
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
-        if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)) and record.is_ours():
-            assert self._tasks is not None  # a previous agent's server for a unit that cannot run now
-            self._tasks.start_soon(supervisor.stop, record.child(), self.config.grace_period)
+        if phase == "Failed" and (record := self.adoptable.pop(runtime.key, None)):
+            self._stop_leftover(record)  # a previous agent's server for a unit that cannot run now
         if children_changed:
             self._save_state()
         log.info("unit status", unit=runtime.key, phase=phase, reason=reason, message=message)
@@ -492,11 +527,12 @@ class Agent:
         self.source_errors = errors
 
     async def shutdown(self) -> None:
-        """Stop every child within one grace period."""
+        """Stop every child within one grace period, with the previous agent's servers no unit took over yet."""
+        leftovers = [r.child() for r in [*self.adoptable.values(), *self.strays] if r.is_ours()]
+        self.adoptable.clear()
         async with anyio.create_task_group() as tasks:
-            for runtime in list(self.runtimes.values()):
-                if runtime.child is not None:
-                    tasks.start_soon(supervisor.stop, runtime.child, self.config.grace_period)
+            for child in [*(r.child for r in self.runtimes.values() if r.child is not None), *leftovers]:
+                tasks.start_soon(supervisor.stop, child, self.config.grace_period)
         await self.fetcher.close()
 
     def status(self) -> dict[str, Any]:

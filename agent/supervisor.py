@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import anyio
 import psutil
 
 from agent.hookspecs import Launch
+from agent.marker import STATE_ID
 from agent.redact import redact_text
 from agent.safe_files import open_regular, private_dir
 from agent.server_env import server_environment
@@ -46,6 +48,7 @@ class Child:
     process: subprocess.Popen[bytes] | None = None  # None for a child adopted after an agent restart
     health_path: str = "/health"
     writer: subprocess.Popen[bytes] | None = None  # its log writer; None when adopted
+    marker: str = ""  # the state id in its environment (agent.marker); "" when started without a mark
 
     def running(self) -> bool:
         if self.process is not None:
@@ -80,9 +83,18 @@ class LogSettings:
 
 
 def start(
-    launch: Launch, port: int, log_path: Path, log: LogSettings | None = None, env_allow: tuple[str, ...] | None = None
+    launch: Launch,
+    port: int,
+    log_path: Path,
+    log: LogSettings | None = None,
+    env_allow: tuple[str, ...] | None = None,
+    mark: Mapping[str, str] | None = None,
 ) -> Child:
-    """Spawn the server with its output piped to a log writer; raises OSError when either cannot start."""
+    """Spawn the server with its output piped to a log writer; raises OSError when either cannot start.
+
+    ``mark`` (``agent.marker.child_env``) goes into the server's environment, after the allowlist, so that a
+    later agent finds it in the process table; the log writer carries no mark (it is not a server).
+    """
     log = log or LogSettings()
     private_dir(log_path.parent)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)  # there from the start
@@ -107,7 +119,7 @@ def start(
                 stdout=write_end,
                 stderr=subprocess.STDOUT,
                 cwd=launch.cwd,
-                env=server_environment(os.environ, launch.env, env_allow or ()),
+                env={**server_environment(os.environ, launch.env, env_allow or ()), **(mark or {})},
                 start_new_session=True,
             )
         except BaseException:
@@ -127,7 +139,8 @@ def start(
         argv = started.cmdline() or launch.argv
     except psutil.Error:
         argv = launch.argv
-    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path, writer)
+    state = (mark or {}).get(STATE_ID, "")
+    return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path, writer, state)
 
 
 async def drain_log(child: Child, timeout: float = 2.0) -> None:
@@ -184,8 +197,13 @@ async def stop(child: Child, grace: float) -> None:
 
 
 def _signal_group(child: Child, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(child.pid, signum)
+    except ProcessLookupError:  # not a group leader (an adopted server whose wrapper forked it and exited)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child.pid, signum)
+    except PermissionError:
+        pass
 
 
 def _reap(child: Child) -> None:

@@ -3,15 +3,20 @@
 One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
 number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
 ``crash`` prints ``boom`` and exits with status 3 at once. With ``health_path`` the server answers only there
-(404 elsewhere, as a server without ``/health`` does) and prints each path it is asked for.
+(404 elsewhere, as a server without ``/health`` does) and prints each path it is asked for. ``marked_servers``
+lists what an agent's mark is on.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
+from agent import marker, supervisor
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.units import ServingUnit
 
@@ -104,3 +109,27 @@ def write_fake_llama_server(directory: Path) -> Path:
     path.write_text(f"#!{sys.executable}\n{FAKE_LLAMA_SERVER}")
     path.chmod(0o755)
     return path
+
+
+def exec_done(child: supervisor.Child, timeout: float = 10) -> supervisor.Child:
+    """``child`` once the OS shows its command line and environment: for a moment after ``exec`` both read empty,
+    and a leftover a test hands to a new agent must look like one that has been running."""
+    deadline = time.monotonic() + timeout
+    while not psutil.Process(child.pid).cmdline():
+        assert time.monotonic() < deadline, f"pid {child.pid} shows no command line"
+        time.sleep(0.005)  # between checks of the condition
+    return child
+
+
+def marked_servers(state_dir: Path) -> list[int]:
+    """The live processes carrying the mark of the agent on ``state_dir`` (what would be orphaned or doubled)."""
+    state = marker.state_id(state_dir)
+    return sorted(pid for pid in psutil.pids() if _marked(pid, state))
+
+
+def _marked(pid: int, state: str) -> bool:
+    try:
+        process = psutil.Process(pid)  # not process_iter's cache, which can hold a recycled pid's old process
+        return marker.read(process, state) is not None and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -18,7 +18,7 @@ from fake_servers import Executors, FakeServer
 from agent.manifest import ModelSpec, ServiceSpec
 from agent.pipeline import Agent
 from agent.pressure import Sample
-from agent.standalone import Event, EventType
+from agent.standalone import Event, EventType, Synced
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
 MiB = 1 << 20
@@ -77,10 +77,10 @@ class Sender:
     """Sends the agent events; ``delivered()`` once it has applied all of them (a wait on the agent's state before
     that could pass on the state before the events)."""
 
-    def __init__(self, stream: MemoryObjectSendStream[Event]) -> None:
+    def __init__(self, stream: MemoryObjectSendStream[Event | Synced]) -> None:
         self.stream = stream
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: Event | Synced) -> None:
         self.stream.send_nowait(event)
 
     def delivered(self) -> bool:
@@ -90,7 +90,7 @@ class Sender:
 @asynccontextmanager
 async def running(agent: Agent) -> AsyncIterator[Sender]:
     """Run the agent; yields a function that sends it an event. Every child is stopped on the way out."""
-    send, receive = anyio.create_memory_object_stream[Event](1000)
+    send, receive = anyio.create_memory_object_stream[Event | Synced](1000)
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(agent.run, receive)

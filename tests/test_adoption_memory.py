@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fake_servers import server_argv
+from fake_servers import exec_done, server_argv
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
 from agent import supervisor
@@ -27,7 +27,7 @@ TOTAL = 512 * MiB
 def leftover_server(tmp_path: Path, model: ModelSpec, name: str) -> supervisor.Child:
     """A server a killed agent left behind, with its record in the state file."""
     port = free_port()
-    child = supervisor.start(Launch(argv=server_argv(port)), port, tmp_path / "left.log")
+    child = exec_done(supervisor.start(Launch(argv=server_argv(port)), port, tmp_path / "left.log"))
     unit = ServingUnit(service=service(name), model=model)
     record = ChildRecord(
         unit.key, unit.spec_hash(), child.pid, child.create_time, child.argv, port, str(child.log_path), "/health"
