@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 from agent.estimator import MIN_CTX, max_ctx_size
 from agent.gguf_header import GGUFError
@@ -21,6 +22,17 @@ from agent.gguf_shape import load_shape
 from agent.manifest import DEFAULT_CTX_SIZE, MAX_CTX_SIZE
 from agent.shape import ModelShape, ServeSettings
 from agent.units import ServingUnit
+
+
+@dataclass(frozen=True)
+class SizedUnit(ServingUnit):
+    """A unit with its context chosen. To the pipeline it is the same unit: its spec hash is the spec's own, so the
+    choice is never taken for a spec change (which would stop the server it starts)."""
+
+    spec_key: str = ""
+
+    def spec_hash(self) -> str:
+        return self.spec_key
 
 
 def largest_context(shape: ModelShape, settings: ServeSettings, limit: int) -> int:
@@ -42,14 +54,15 @@ def choose(unit: ServingUnit, shape: ModelShape, limit: int) -> int:
 
 
 def sized(unit: ServingUnit, model_path: str | os.PathLike[str], limit: int) -> tuple[ServingUnit, int | None]:
-    """``unit`` with its context chosen (and the choice), or unchanged with None when it does not ask for auto or its
-    header cannot be read (the pre-flight check then says why, with the minimum context)."""
+    """``unit`` with its context chosen (and the choice), or unchanged with None when it does not ask for auto. When
+    its header cannot be read, the minimum is asked for (the pre-flight check then says why) and None returned."""
     if not unit.service.context_auto:
         return unit, None
+    chosen: int | None
     try:
-        shape = load_shape(model_path)
-        ctx = choose(unit, shape, limit)
+        chosen = choose(unit, load_shape(model_path), limit)
+        ctx = chosen
     except (GGUFError, OSError, ValueError):
-        ctx = unit.service.min_context_size or DEFAULT_CTX_SIZE
-        return dataclasses.replace(unit, service=dataclasses.replace(unit.service, context_size=ctx)), None
-    return dataclasses.replace(unit, service=dataclasses.replace(unit.service, context_size=ctx)), ctx
+        chosen, ctx = None, unit.service.min_context_size or DEFAULT_CTX_SIZE
+    service = dataclasses.replace(unit.service, context_size=ctx)
+    return SizedUnit(service=service, model=unit.model, spec_key=unit.spec_hash()), chosen

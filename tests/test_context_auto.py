@@ -106,3 +106,14 @@ async def test_auto_picks_what_estimate_reports_then_what_the_ledger_leaves(
         await until(lambda: unit_status(agent, "third")["reason"] == "InsufficientMemory", agent=agent)
         assert unit_status(agent, "third")["phase"] == "Pending"
         assert unit_status(agent, "first")["context_size"] == reported  # kept while it runs
+
+
+def test_the_sized_unit_is_the_same_unit_to_the_pipeline(model: Path) -> None:
+    from agent.context_auto import sized
+
+    unit = ServingUnit(ServiceSpec("s", "d", "m", context_auto=True), ModelSpec("m", "d", str(model)))
+    chosen_unit, chosen = sized(unit, model, 1 << 30)
+    assert chosen == 4096 and chosen_unit.settings.ctx_size == 4096
+    assert chosen_unit.spec_hash() == unit.spec_hash()  # not a spec change: the server it starts is kept
+    fixed = ServingUnit(ServiceSpec("s", "d", "m", context_size=1024), ModelSpec("m", "d", str(model)))
+    assert sized(fixed, model, 1 << 30) == (fixed, None)
