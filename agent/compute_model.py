@@ -22,6 +22,8 @@ EMBD_ROWS, QUERY_ROWS, FLASH_EMBD_ROWS, FLASH_QUERY_ROWS = 4, 3, 1, 2
 # Gate, up and their product are alive together in a SwiGLU block, beside the residual and the norm; a
 # mixture of experts adds the router's weights of every expert and one more row for the combined output.
 FFN_ROWS, FFN_EMBD_ROWS = 3, 2
+# SSM layers, fitted on mamba2 shapes (docs/calibration.md).
+SSM_IN_ROWS, SSM_CONV_ROWS, SSM_INNER_ROWS, SSM_EMBD_ROWS = 1, 2, 2, 2
 # Measured RSS of the server process over its reported buffers (xllamacpp 2026.10.11549, CPU): 26.3 MiB for
 # the smallest model; rounded up. Covers the runtime, its libraries and HTTP threads.
 RUNTIME_BASELINE_BYTES = 32 * MiB
@@ -31,19 +33,39 @@ def _micro_batch(settings: ServeSettings) -> int:
     return min(settings.n_ubatch, settings.n_batch, settings.ctx_size)
 
 
+def _ffn_rows(shape: ModelShape) -> int:
+    """f32 values per token alive at the feed-forward peak: the widest of the dense and the expert layers."""
+    dense = FFN_ROWS * shape.n_ff + FFN_EMBD_ROWS * shape.n_embd if shape.dense_ffn else 0
+    if not shape.n_expert:
+        return dense
+    routed = FFN_ROWS * shape.n_ff_expert * max(1, shape.n_expert_used)
+    experts = routed + shape.n_ff_expert + shape.n_expert + FFN_ROWS * shape.n_ff_shared
+    return max(dense, experts + FFN_EMBD_ROWS * shape.n_embd)
+
+
+def ssm_rows(shape: ModelShape) -> int:
+    """f32 values per token alive at an SSM (mamba2) layer's peak: its input projection (z, x, B, C, dt),
+    the convolution's input window and output, the scan's output and the gated, normalised result."""
+    ssm = shape.ssm
+    if ssm is None:
+        return 0
+    conv_width = ssm.d_inner + 2 * ssm.n_group * ssm.d_state
+    in_proj = ssm.d_inner + conv_width + ssm.n_head
+    return SSM_IN_ROWS * in_proj + SSM_CONV_ROWS * conv_width + SSM_INNER_ROWS * ssm.d_inner + SSM_EMBD_ROWS * shape.n_embd
+
+
 def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
     tokens = _micro_batch(settings)
     cells = kv_cells(shape, settings)
     n_kv = cells.full
     attention_layers = [layer for layer in range(shape.n_layer) if shape.n_head_kv[layer]]
-    # Sliding-window layers have a mask of their own; measured, it only adds up without flash attention.
-    swa_mask = any(shape.swa_layers) and not settings.flash_attn
-    mask_cells = n_kv + (cells.swa if swa_mask else 0)
+    # Sliding-window layers have a mask of their own (f16 with flash attention, f32 without), alive with the
+    # full-attention mask throughout the graph.
+    mask_cells = n_kv + (cells.swa if any(shape.swa_layers) else 0)
     mask = mask_cells * tokens * (F16 if settings.flash_attn else F32) if attention_layers else 0
     scores = 0 if settings.flash_attn or not attention_layers else n_kv * tokens * shape.n_head * F32
-    experts = max(1, shape.n_expert_used)
-    moe_rows = shape.n_ff + shape.n_expert if shape.n_expert else 0
-    ffn = tokens * F32 * (FFN_ROWS * shape.n_ff * experts + moe_rows + FFN_EMBD_ROWS * shape.n_embd)
+    ffn = tokens * F32 * _ffn_rows(shape)
+    ssm = tokens * F32 * ssm_rows(shape)
     query_width = max((shape.n_head * shape.key_length[layer] for layer in attention_layers), default=shape.n_embd)
     kv_width = max(
         (shape.n_head_kv[layer] * (shape.key_length[layer] + shape.value_length[layer]) for layer in attention_layers),
@@ -54,7 +76,7 @@ def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
     else:
         rows = EMBD_ROWS * shape.n_embd + QUERY_ROWS * query_width + kv_width
     per_token = tokens * F32 * rows
-    return mask + max(scores, ffn) + per_token
+    return mask + max(scores, ffn, ssm) + per_token
 
 
 def output_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:

@@ -1,0 +1,381 @@
+"""Tiny GGUFs of today's popular non-llama architectures, for checking the estimate against real llama.cpp.
+
+Each builder writes the metadata and the tensors llama.cpp's loader requires for that architecture, at toy
+sizes (a few MiB), so the calibration zoo can load gemma3, qwen3-MoE, deepseek2 with MLA, mamba2, hybrids,
+gpt-oss and others in seconds without downloading anything. Weights are random; every allocation is real.
+Shapes are written numpy-style (rows last-to-first: ``(n_out, n_in)``), the reverse of ggml's ``ne``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter
+
+from agent.tinymodel import add_tiny_vocab, n_vocab_for
+
+Value = int | float | bool | str | list[int] | list[bool]
+N_VOCAB_EXTRA = 500
+
+
+@dataclass
+class _Model:
+    """Metadata (keys without the ``{arch}.`` prefix) and tensor shapes of one tiny model."""
+
+    arch: str
+    n_embd: int
+    meta: dict[str, Value] = field(default_factory=dict)
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    norms: set[str] = field(default_factory=set)
+
+    def t(self, name: str, *shape: int) -> None:
+        self.tensors[name] = shape
+
+    def norm(self, name: str, *shape: int) -> None:
+        self.tensors[name] = shape or (self.n_embd,)
+        self.norms.add(name)
+
+    def base(self, n_layer: int, n_ff: int, tied: bool = False) -> None:
+        vocab = n_vocab_for(N_VOCAB_EXTRA)
+        self.meta.update(
+            {
+                "context_length": 32768,
+                "embedding_length": self.n_embd,
+                "block_count": n_layer,
+                "feed_forward_length": n_ff,
+                "attention.layer_norm_rms_epsilon": 1e-6,
+                "rope.freq_base": 10000.0,
+                "vocab_size": vocab,
+            }
+        )
+        self.t("token_embd.weight", vocab, self.n_embd)
+        self.norm("output_norm.weight")
+        if not tied:
+            self.t("output.weight", vocab, self.n_embd)
+
+    def heads(self, n_head: int, n_head_kv: int | list[int], head_dim: int) -> None:
+        self.meta.update(
+            {
+                "attention.head_count": n_head,
+                "attention.head_count_kv": n_head_kv,
+                "attention.key_length": head_dim,
+                "attention.value_length": head_dim,
+                "rope.dimension_count": head_dim,
+            }
+        )
+
+    def attention(
+        self, p: str, n_head: int, n_head_kv: int, head_dim: int, qk_norm: bool = False, bias: bool = False
+    ) -> None:
+        self.norm(f"{p}.attn_norm.weight")
+        for name, rows in (("attn_q", n_head * head_dim), ("attn_k", n_head_kv * head_dim), ("attn_v", n_head_kv * head_dim)):
+            self.t(f"{p}.{name}.weight", rows, self.n_embd)
+            if bias:
+                self.t(f"{p}.{name}.bias", rows)
+        self.t(f"{p}.attn_output.weight", self.n_embd, n_head * head_dim)
+        if bias:
+            self.t(f"{p}.attn_output.bias", self.n_embd)
+        if qk_norm:
+            self.norm(f"{p}.attn_q_norm.weight", head_dim)
+            self.norm(f"{p}.attn_k_norm.weight", head_dim)
+
+    def ffn(self, p: str, n_ff: int, norm: bool = True) -> None:
+        if norm:
+            self.norm(f"{p}.ffn_norm.weight")
+        self.t(f"{p}.ffn_gate.weight", n_ff, self.n_embd)
+        self.t(f"{p}.ffn_up.weight", n_ff, self.n_embd)
+        self.t(f"{p}.ffn_down.weight", self.n_embd, n_ff)
+
+    def experts(
+        self, p: str, n_expert: int, n_ff_exp: int, shared_ff: int = 0, bias: bool = False, norm: bool = True
+    ) -> None:
+        if norm:
+            self.norm(f"{p}.ffn_norm.weight")
+        self.t(f"{p}.ffn_gate_inp.weight", n_expert, self.n_embd)
+        self.t(f"{p}.ffn_gate_exps.weight", n_expert, n_ff_exp, self.n_embd)
+        self.t(f"{p}.ffn_up_exps.weight", n_expert, n_ff_exp, self.n_embd)
+        self.t(f"{p}.ffn_down_exps.weight", n_expert, self.n_embd, n_ff_exp)
+        if bias:
+            self.t(f"{p}.ffn_gate_inp.bias", n_expert)
+            self.t(f"{p}.ffn_gate_exps.bias", n_expert, n_ff_exp)
+            self.t(f"{p}.ffn_up_exps.bias", n_expert, n_ff_exp)
+            self.t(f"{p}.ffn_down_exps.bias", n_expert, self.n_embd)
+        if shared_ff:
+            self.t(f"{p}.ffn_gate_shexp.weight", shared_ff, self.n_embd)
+            self.t(f"{p}.ffn_up_shexp.weight", shared_ff, self.n_embd)
+            self.t(f"{p}.ffn_down_shexp.weight", self.n_embd, shared_ff)
+
+    def mamba2(self, p: str, d_inner: int, d_state: int, n_group: int, n_ssm_head: int, d_conv: int) -> None:
+        self.norm(f"{p}.attn_norm.weight")
+        conv_dim = d_inner + 2 * n_group * d_state
+        self.t(f"{p}.ssm_in.weight", 2 * d_inner + 2 * n_group * d_state + n_ssm_head, self.n_embd)
+        self.t(f"{p}.ssm_conv1d.weight", conv_dim, d_conv)
+        self.t(f"{p}.ssm_conv1d.bias", conv_dim)
+        self.t(f"{p}.ssm_dt.bias", n_ssm_head)
+        self.t(f"{p}.ssm_a", n_ssm_head, 1)
+        self.t(f"{p}.ssm_d", n_ssm_head, 1)
+        self.norm(f"{p}.ssm_norm.weight", n_group, d_inner // n_group)
+        self.t(f"{p}.ssm_out.weight", self.n_embd, d_inner)
+        self.meta.update(
+            {
+                "ssm.conv_kernel": d_conv,
+                "ssm.inner_size": d_inner,
+                "ssm.state_size": d_state,
+                "ssm.time_step_rank": n_ssm_head,
+                "ssm.group_count": n_group,
+            }
+        )
+
+
+def _qwen3(moe: bool) -> _Model:
+    m = _Model("qwen3moe" if moe else "qwen3", n_embd=256)
+    m.base(n_layer=3, n_ff=768)
+    m.heads(8, 2, 64)
+    for il in range(3):
+        m.attention(f"blk.{il}", 8, 2, 64, qk_norm=True)
+        if moe:
+            m.experts(f"blk.{il}", n_expert=8, n_ff_exp=128)
+        else:
+            m.ffn(f"blk.{il}", 768)
+    if moe:
+        m.meta.update({"expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 128})
+    return m
+
+
+def _gemma(arch: str) -> _Model:
+    n_layer = 6 if arch == "gemma3" else 4
+    m = _Model(arch, n_embd=256)
+    m.base(n_layer=n_layer, n_ff=1024, tied=True)
+    m.heads(4, 2, 64)
+    m.meta["attention.sliding_window"] = 512
+    for il in range(n_layer):
+        p = f"blk.{il}"
+        m.attention(p, 4, 2, 64, qk_norm=arch == "gemma3")
+        m.ffn(p, 1024)
+        m.norm(f"{p}.post_attention_norm.weight")
+        m.norm(f"{p}.post_ffw_norm.weight")
+    if arch == "gemma2":
+        m.meta.update({"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})
+    return m
+
+
+def _deepseek2() -> _Model:
+    """MLA as current converters write it: the latent is cached; k_b and v_b are split per head."""
+    n_layer, n_head, rank, rope, nope, v_dim, n_ff, n_ff_exp = 3, 8, 128, 32, 64, 64, 1024, 128
+    m = _Model("deepseek2", n_embd=256)
+    m.base(n_layer=n_layer, n_ff=n_ff)
+    m.meta.update(
+        {
+            "attention.head_count": n_head,
+            "attention.head_count_kv": 1,
+            "attention.key_length": rank + rope,
+            "attention.value_length": rank,
+            "attention.key_length_mla": nope + rope,
+            "attention.value_length_mla": v_dim,
+            "attention.q_lora_rank": 0,
+            "attention.kv_lora_rank": rank,
+            "rope.dimension_count": rope,
+            "leading_dense_block_count": 1,
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_shared_count": 1,
+            "expert_feed_forward_length": n_ff_exp,
+            "expert_weights_scale": 1.0,
+            "expert_weights_norm": True,
+            "expert_gating_func": 2,
+        }
+    )
+    for il in range(n_layer):
+        p = f"blk.{il}"
+        m.norm(f"{p}.attn_norm.weight")
+        m.t(f"{p}.attn_q.weight", n_head * (nope + rope), m.n_embd)
+        m.t(f"{p}.attn_kv_a_mqa.weight", rank + rope, m.n_embd)
+        m.norm(f"{p}.attn_kv_a_norm.weight", rank)
+        m.t(f"{p}.attn_k_b.weight", n_head, rank, nope)
+        m.t(f"{p}.attn_v_b.weight", n_head, v_dim, rank)
+        m.t(f"{p}.attn_output.weight", m.n_embd, n_head * v_dim)
+        if il == 0:
+            m.ffn(p, n_ff)
+        else:
+            m.experts(p, n_expert=8, n_ff_exp=n_ff_exp, shared_ff=n_ff_exp)
+            m.t(f"{p}.exp_probs_b.bias", 8)
+    return m
+
+
+def _mamba2() -> _Model:
+    m = _Model("mamba2", n_embd=256)
+    m.base(n_layer=3, n_ff=0)
+    m.meta.update({"attention.head_count": 0, "attention.head_count_kv": 0})
+    for il in range(3):
+        m.mamba2(f"blk.{il}", d_inner=512, d_state=64, n_group=1, n_ssm_head=8, d_conv=4)
+    return m
+
+
+def _granitehybrid() -> _Model:
+    kinds = [0, 0, 2, 0]  # mamba2, mamba2, attention (2 KV heads), mamba2
+    m = _Model("granitehybrid", n_embd=256)
+    m.base(n_layer=len(kinds), n_ff=512)
+    m.heads(8, kinds, 32)
+    m.meta.update(
+        {
+            "embedding_scale": 12.0,
+            "residual_scale": 0.22,
+            "attention.scale": 0.0078125,
+            "logit_scale": 8.0,
+            "rope.dimension_count": 32,
+        }
+    )
+    for il, kv in enumerate(kinds):
+        p = f"blk.{il}"
+        if kv:
+            m.attention(p, 8, kv, 32)
+        else:
+            m.mamba2(p, d_inner=512, d_state=64, n_group=1, n_ssm_head=16, d_conv=4)
+        m.ffn(p, 512)
+    return m
+
+
+def _gpt_oss() -> _Model:
+    """Attention sinks, biases everywhere, every other layer a sliding window of 128."""
+    m = _Model("gpt-oss", n_embd=256)
+    m.base(n_layer=4, n_ff=0)
+    m.heads(8, 2, 64)
+    m.meta.update(
+        {
+            "attention.sliding_window": 128,
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_feed_forward_length": 256,
+        }
+    )
+    for il in range(4):
+        p = f"blk.{il}"
+        m.attention(p, 8, 2, 64, bias=True)
+        m.t(f"{p}.attn_sinks.weight", 8)
+        m.norm(f"{p}.post_attention_norm.weight")
+        m.experts(p, n_expert=8, n_ff_exp=256, bias=True, norm=False)
+    return m
+
+
+def _phi3() -> _Model:
+    """Fused QKV and fused gate+up projections."""
+    n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
+    m = _Model("phi3", n_embd=256)
+    m.base(n_layer=3, n_ff=n_ff)
+    m.heads(n_head, n_head_kv, head_dim)
+    m.meta["rope.scaling.original_context_length"] = 4096
+    for il in range(3):
+        p = f"blk.{il}"
+        m.norm(f"{p}.attn_norm.weight")
+        m.t(f"{p}.attn_qkv.weight", (n_head + 2 * n_head_kv) * head_dim, m.n_embd)
+        m.t(f"{p}.attn_output.weight", m.n_embd, n_head * head_dim)
+        m.norm(f"{p}.ffn_norm.weight")
+        m.t(f"{p}.ffn_up.weight", 2 * n_ff, m.n_embd)
+        m.t(f"{p}.ffn_down.weight", m.n_embd, n_ff)
+    return m
+
+
+def _command_r() -> _Model:
+    """Parallel attention and feed-forward from one norm, tied output, logit scale."""
+    m = _Model("command-r", n_embd=256)
+    m.base(n_layer=3, n_ff=1024, tied=True)
+    m.heads(8, 8, 32)
+    m.meta.update({"logit_scale": 0.0625, "attention.layer_norm_epsilon": 1e-5})
+    for il in range(3):
+        p = f"blk.{il}"
+        m.attention(p, 8, 8, 32)
+        m.ffn(p, 1024, norm=False)
+    return m
+
+
+def _glm4() -> _Model:
+    """Pre- and post-norms around attention and feed-forward, fused gate+up."""
+    n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
+    m = _Model("glm4", n_embd=256)
+    m.base(n_layer=3, n_ff=n_ff)
+    m.heads(n_head, n_head_kv, head_dim)
+    for il in range(3):
+        p = f"blk.{il}"
+        m.attention(p, n_head, n_head_kv, head_dim, bias=False)
+        m.norm(f"{p}.post_attention_norm.weight")
+        m.norm(f"{p}.ffn_norm.weight")
+        m.t(f"{p}.ffn_up.weight", 2 * n_ff, m.n_embd)
+        m.t(f"{p}.ffn_down.weight", m.n_embd, n_ff)
+        m.norm(f"{p}.post_ffw_norm.weight")
+    return m
+
+
+def _llama4() -> _Model:
+    """Chunked attention (3 chunked : 1 global layers), one routed expert plus a shared one in every layer."""
+    m = _Model("llama4", n_embd=256)
+    m.base(n_layer=4, n_ff=512)
+    m.heads(8, 2, 32)
+    m.meta.update(
+        {
+            "expert_count": 4,
+            "expert_used_count": 1,
+            "expert_feed_forward_length": 256,
+            "interleave_moe_layer_step": 1,
+        }
+    )
+    for il in range(4):
+        p = f"blk.{il}"
+        m.attention(p, 8, 2, 32)
+        m.experts(p, n_expert=4, n_ff_exp=256, shared_ff=256)
+    return m
+
+
+BUILDERS: dict[str, Callable[[], _Model]] = {
+    "qwen3": lambda: _qwen3(moe=False),
+    "qwen3moe": lambda: _qwen3(moe=True),
+    "gemma2": lambda: _gemma("gemma2"),
+    "gemma3": lambda: _gemma("gemma3"),
+    "deepseek2": _deepseek2,
+    "mamba2": _mamba2,
+    "granitehybrid": _granitehybrid,
+    "gpt-oss": _gpt_oss,
+    "phi3": _phi3,
+    "command-r": _command_r,
+    "glm4": _glm4,
+    "llama4": _llama4,
+}
+
+
+def _add(w: GGUFWriter, key: str, value: Value) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
+
+
+def write_arch_gguf(path: str | Path, name: str, seed: int = 0) -> Path:
+    """Write the tiny model of architecture ``name`` (a key of ``BUILDERS``) to ``path``."""
+    model = BUILDERS[name]()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), model.arch)
+    w.add_name(f"tiny-{name}")
+    for key, value in model.meta.items():
+        _add(w, f"{model.arch}.{key}", value)
+    add_tiny_vocab(w, N_VOCAB_EXTRA)
+    for tensor, shape in model.tensors.items():
+        if tensor in model.norms:
+            data = np.ones(shape, dtype=np.float32)
+        else:
+            data = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        w.add_tensor(tensor, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
