@@ -253,12 +253,15 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
     key_length = default_head_dim if key_length is None else key_length
     value_length = default_head_dim if value_length is None else value_length
 
-    if meta.integer(K.Attention.KEY_LENGTH_MLA, MAX_HEAD_DIM, low=0) and meta.integer(
-        K.Attention.VALUE_LENGTH_MLA, MAX_HEAD_DIM, low=0
-    ):
+    value_length_mla = meta.integer(K.Attention.VALUE_LENGTH_MLA, MAX_HEAD_DIM, low=0) or 0
+    query_width = mla_rank = 0
+    if meta.integer(K.Attention.KEY_LENGTH_MLA, MAX_HEAD_DIM, low=0) and value_length_mla:
         # Multi-head latent attention: llama.cpp caches the compressed latent (kv_lora_rank + the rope part,
-        # the file's key_length) as K and reads V as a view of it, so there is no V cache at all.
+        # the file's key_length) as K and reads V as a view of it, so there is no V cache at all; with flash
+        # attention the per-token working width is its output, n_head x the MLA value length.
         value_length = 0
+        query_width = max(heads) * value_length_mla
+        mla_rank = meta.integer(K.Attention.KV_LORA_RANK, MAX_HEAD_DIM, low=0) or key_length
     window, swa_layers = _swa_layers(meta, n_layer)
     key_length_swa = meta.integer(K.Attention.KEY_LENGTH_SWA, MAX_HEAD_DIM, low=0) or key_length
     value_length_swa = meta.integer(K.Attention.VALUE_LENGTH_SWA, MAX_HEAD_DIM, low=0) or value_length
@@ -306,6 +309,8 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
         n_ff_expert=n_ff_expert,
         n_ff_shared=n_ff_shared,
         dense_ffn=dense_ffn,
+        mla_rank=mla_rank,
+        flash_query_width=query_width,
         ssm=_ssm_shape(meta) if any(recurrent) else None,
         shard_count=len(model.headers),
         missing=tuple(meta.missing),

@@ -56,6 +56,8 @@ class ModelShape:
     n_ff_expert: int = 0
     n_ff_shared: int = 0
     dense_ffn: bool = True
+    mla_rank: int = 0  # multi-head latent attention: kv_lora_rank, the latent's width (0 = not MLA)
+    flash_query_width: int = 0  # with flash attention, the per-token attention width when not n_head x key_length (MLA)
     ssm: SSMShape | None = None  # the SSM (mamba2-style) layers' dimensions, when the model has any
     shard_count: int = 1
     missing: tuple[str, ...] = field(default=())

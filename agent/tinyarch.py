@@ -205,12 +205,12 @@ def _deepseek2() -> _Model:
     return m
 
 
-def _mamba2() -> _Model:
-    m = _Model("mamba2", n_embd=256)
+def _mamba2(n_embd: int = 256, d_inner: int = 512, d_state: int = 64, n_group: int = 1, n_head: int = 8) -> _Model:
+    m = _Model("mamba2", n_embd=n_embd)
     m.base(n_layer=3, n_ff=0)
     m.meta.update({"attention.head_count": 0, "attention.head_count_kv": 0})
     for il in range(3):
-        m.mamba2(f"blk.{il}", d_inner=512, d_state=64, n_group=1, n_ssm_head=8, d_conv=4)
+        m.mamba2(f"blk.{il}", d_inner=d_inner, d_state=d_state, n_group=n_group, n_ssm_head=n_head, d_conv=4)
     return m
 
 
@@ -335,6 +335,8 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
     "gemma3": lambda: _gemma("gemma3"),
     "deepseek2": _deepseek2,
     "mamba2": _mamba2,
+    "mamba2-wide": lambda: _mamba2(n_embd=512, d_inner=1024, n_head=16),
+    "mamba2-state": lambda: _mamba2(d_state=128, n_group=2),
     "granitehybrid": _granitehybrid,
     "gpt-oss": _gpt_oss,
     "phi3": _phi3,
