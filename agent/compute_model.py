@@ -24,6 +24,15 @@ EMBD_ROWS, QUERY_ROWS, FLASH_EMBD_ROWS, FLASH_QUERY_ROWS = 4, 3, 1, 2
 FFN_ROWS, FFN_EMBD_ROWS = 3, 2
 # SSM layers, fitted on mamba2 shapes (docs/calibration.md).
 SSM_IN_ROWS, SSM_CONV_ROWS, SSM_INNER_ROWS, SSM_EMBD_ROWS, SSM_STATE_COPIES = 1, 2, 2, 3, 2
+# Architectures whose graphs were measured against llama.cpp (tests/test_llama_agreement.py and
+# tests/test_arch_agreement.py). Any other gets an upper bound: every phase summed, times this margin.
+CALIBRATED_ARCHITECTURES = frozenset(
+    {
+        "llama", "deci", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2",
+        "granitehybrid", "gpt-oss", "command-r", "glm4", "llama4",
+    }
+)  # fmt: skip
+UNCALIBRATED_MARGIN = 1.5
 # Measured RSS of the server process over its reported buffers (xllamacpp 2026.10.11549, CPU): 26.3 MiB for
 # the smallest model; rounded up. Covers the runtime, its libraries and HTTP threads.
 RUNTIME_BASELINE_BYTES = 32 * MiB
@@ -57,7 +66,27 @@ def ssm_bytes(shape: ModelShape, tokens: int, sequences: int) -> int:
     return tokens * F32 * rows + SSM_STATE_COPIES * min(sequences, tokens) * ssm.d_state * ssm.d_inner * F32
 
 
+def is_calibrated(shape: ModelShape) -> bool:
+    return shape.architecture in CALIBRATED_ARCHITECTURES
+
+
 def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    """The compute buffer llama.cpp reserves; for an architecture never measured, an upper bound instead."""
+    calibrated, bound = compute_model_and_bound(shape, settings)
+    return calibrated if is_calibrated(shape) else bound
+
+
+def uncalibrated_margin_bytes(shape: ModelShape, settings: ServeSettings) -> int:
+    """How much the bound used for an unmeasured architecture may exceed the calibrated model (0 if measured)."""
+    if is_calibrated(shape):
+        return 0
+    calibrated, bound = compute_model_and_bound(shape, settings)
+    return bound - calibrated
+
+
+def compute_model_and_bound(shape: ModelShape, settings: ServeSettings) -> tuple[int, int]:
+    """(the calibrated model, an upper bound): the model takes the largest phase of the graph; the bound adds
+    every phase up (as if nothing were ever freed), any recurrent state twice, and a margin on top."""
     tokens = _micro_batch(settings)
     cells = kv_cells(shape, settings)
     n_kv = cells.full
@@ -85,7 +114,10 @@ def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
         rows = EMBD_ROWS * shape.n_embd + QUERY_ROWS * query_width + kv_width
     per_token = tokens * F32 * rows
     # The attention working set is alive around attention and feed-forward, not inside an SSM layer.
-    return mask + max(max(scores, ffn) + per_token, ssm)
+    calibrated = mask + max(max(scores, ffn) + per_token, ssm)
+    state = 2 * max(shape.recurrent_state_bytes, default=0) * settings.parallel
+    bound = int((mask + scores + ffn + per_token + ssm + state) * UNCALIBRATED_MARGIN)
+    return calibrated, max(calibrated, bound)
 
 
 def output_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:

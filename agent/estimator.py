@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from agent.compute_model import compute_buffer_bytes, runtime_overhead_bytes
+from agent.compute_model import compute_buffer_bytes, runtime_overhead_bytes, uncalibrated_margin_bytes
 from agent.kvcache import kv_cache_bytes, kv_cells, validate_settings
 from agent.quantity import format_bytes
 from agent.shape import ModelShape, ServeSettings
@@ -56,6 +56,12 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
         )
     if shape.context_length and settings.ctx_size > shape.context_length:
         notes.append(f"context {settings.ctx_size} is beyond the model's training context {shape.context_length}")
+    margin = uncalibrated_margin_bytes(shape, settings)
+    if margin:
+        notes.append(
+            f"architecture {shape.architecture!r} has not been calibrated against llama.cpp: its compute buffer "
+            f"is an upper bound that may be up to {format_bytes(margin)} over"
+        )
     cells = kv_cells(shape, settings)
     return Estimate(
         weights_bytes=shape.weights_bytes,

@@ -145,6 +145,19 @@ def _qwen3(moe: bool) -> _Model:
     return m
 
 
+def _qwen2() -> _Model:
+    """The llama graph with biases on the query, key and value projections."""
+    m = _Model("qwen2", n_embd=256)
+    m.base(n_layer=3, n_ff=768)
+    m.heads(8, 2, 32)
+    for il in range(3):
+        m.attention(f"blk.{il}", 8, 2, 32)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            m.t(f"blk.{il}.{name}.bias", (8 if name == "attn_q" else 2) * 32)
+        m.ffn(f"blk.{il}", 768)
+    return m
+
+
 def _gemma(arch: str) -> _Model:
     n_layer = 6 if arch == "gemma3" else 4
     m = _Model(arch, n_embd=256)
@@ -260,24 +273,6 @@ def _gpt_oss() -> _Model:
     return m
 
 
-def _phi3() -> _Model:
-    """Fused QKV and fused gate+up projections."""
-    n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
-    m = _Model("phi3", n_embd=256)
-    m.base(n_layer=3, n_ff=n_ff)
-    m.heads(n_head, n_head_kv, head_dim)
-    m.meta["rope.scaling.original_context_length"] = 4096
-    for il in range(3):
-        p = f"blk.{il}"
-        m.norm(f"{p}.attn_norm.weight")
-        m.t(f"{p}.attn_qkv.weight", (n_head + 2 * n_head_kv) * head_dim, m.n_embd)
-        m.t(f"{p}.attn_output.weight", m.n_embd, n_head * head_dim)
-        m.norm(f"{p}.ffn_norm.weight")
-        m.t(f"{p}.ffn_up.weight", 2 * n_ff, m.n_embd)
-        m.t(f"{p}.ffn_down.weight", m.n_embd, n_ff)
-    return m
-
-
 def _command_r() -> _Model:
     """Parallel attention and feed-forward from one norm, tied output, logit scale."""
     m = _Model("command-r", n_embd=256)
@@ -329,6 +324,7 @@ def _llama4() -> _Model:
 
 
 BUILDERS: dict[str, Callable[[], _Model]] = {
+    "qwen2": _qwen2,
     "qwen3": lambda: _qwen3(moe=False),
     "qwen3moe": lambda: _qwen3(moe=True),
     "gemma2": lambda: _gemma("gemma2"),
@@ -339,11 +335,17 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
     "mamba2-state": lambda: _mamba2(d_state=128, n_group=2),
     "granitehybrid": _granitehybrid,
     "gpt-oss": _gpt_oss,
-    "phi3": _phi3,
     "command-r": _command_r,
     "glm4": _glm4,
     "llama4": _llama4,
 }
+
+
+# The calibration zoo; the mamba2 variants above exist to fit the SSM working set on other dimensions.
+ZOO = (
+    "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2", "granitehybrid", "gpt-oss",
+    "command-r", "glm4", "llama4",
+)  # fmt: skip
 
 
 def _add(w: GGUFWriter, key: str, value: Value) -> None:
