@@ -62,7 +62,9 @@ def ssm_bytes(shape: ModelShape, tokens: int, sequences: int) -> int:
         return 0
     conv_width = ssm.d_inner + 2 * ssm.n_group * ssm.d_state
     in_proj = ssm.d_inner + conv_width + ssm.n_head
-    rows = SSM_IN_ROWS * in_proj + SSM_CONV_ROWS * conv_width + SSM_INNER_ROWS * ssm.d_inner + SSM_EMBD_ROWS * shape.n_embd
+    rows = (
+        SSM_IN_ROWS * in_proj + SSM_CONV_ROWS * conv_width + SSM_INNER_ROWS * ssm.d_inner + SSM_EMBD_ROWS * shape.n_embd
+    )
     return tokens * F32 * rows + SSM_STATE_COPIES * min(sequences, tokens) * ssm.d_state * ssm.d_inner * F32
 
 

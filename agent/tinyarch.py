@@ -71,7 +71,11 @@ class _Model:
         self, p: str, n_head: int, n_head_kv: int, head_dim: int, qk_norm: bool = False, bias: bool = False
     ) -> None:
         self.norm(f"{p}.attn_norm.weight")
-        for name, rows in (("attn_q", n_head * head_dim), ("attn_k", n_head_kv * head_dim), ("attn_v", n_head_kv * head_dim)):
+        for name, rows in (
+            ("attn_q", n_head * head_dim),
+            ("attn_k", n_head_kv * head_dim),
+            ("attn_v", n_head_kv * head_dim),
+        ):
             self.t(f"{p}.{name}.weight", rows, self.n_embd)
             if bias:
                 self.t(f"{p}.{name}.bias", rows)
