@@ -277,6 +277,24 @@ def _gpt_oss() -> _Model:
     return m
 
 
+def _phi3() -> _Model:
+    """Fused QKV and fused gate+up projections; the window Phi-3 GGUFs carry is ignored by llama.cpp."""
+    n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
+    m = _Model("phi3", n_embd=256)
+    m.base(n_layer=3, n_ff=n_ff)
+    m.heads(n_head, n_head_kv, head_dim)
+    m.meta["attention.sliding_window"] = 2047
+    for il in range(3):
+        p = f"blk.{il}"
+        m.norm(f"{p}.attn_norm.weight")
+        m.t(f"{p}.attn_qkv.weight", (n_head + 2 * n_head_kv) * head_dim, m.n_embd)
+        m.t(f"{p}.attn_output.weight", m.n_embd, n_head * head_dim)
+        m.norm(f"{p}.ffn_norm.weight")
+        m.t(f"{p}.ffn_up.weight", 2 * n_ff, m.n_embd)
+        m.t(f"{p}.ffn_down.weight", m.n_embd, n_ff)
+    return m
+
+
 def _command_r() -> _Model:
     """Parallel attention and feed-forward from one norm, tied output, logit scale."""
     m = _Model("command-r", n_embd=256)
@@ -339,6 +357,7 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
     "mamba2-state": lambda: _mamba2(d_state=128, n_group=2),
     "granitehybrid": _granitehybrid,
     "gpt-oss": _gpt_oss,
+    "phi3": _phi3,
     "command-r": _command_r,
     "glm4": _glm4,
     "llama4": _llama4,
@@ -348,7 +367,7 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
 # The calibration zoo; the mamba2 variants above exist to fit the SSM working set on other dimensions.
 ZOO = (
     "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2", "granitehybrid", "gpt-oss",
-    "command-r", "glm4", "llama4",
+    "phi3", "command-r", "glm4", "llama4",
 )  # fmt: skip
 
 
