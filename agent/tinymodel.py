@@ -49,7 +49,18 @@ def _vocab(n_extra: int) -> tuple[list[str], list[float], list[int]]:
     types = [2, 3, 3]  # unknown, control, control
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256  # byte
-    pieces = ["▁", "▁the", "▁a", "▁hello", "▁world", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"]
+    pieces = [
+        "▁",
+        "▁the",
+        "▁a",
+        "▁hello",
+        "▁world",
+        "<|user|>",
+        "<|assistant|>",
+        "<|system|>",
+        "<|end|>",
+        "<|endoftext|>",
+    ]
     pieces += [f"▁w{i}" for i in range(max(0, n_extra - len(pieces)))]
     tokens += pieces[:n_extra]
     types += [1] * n_extra
