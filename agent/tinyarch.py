@@ -179,19 +179,29 @@ def _gemma(arch: str) -> _Model:
     return m
 
 
-def _deepseek2() -> _Model:
-    """MLA as current converters write it: the latent is cached; k_b and v_b are split per head."""
+def _deepseek2(split: bool = True) -> _Model:
+    """MLA as current converters write it (``split``): the latent is cached and k_b, v_b are split per head.
+    Files converted before the split carry one ``attn_kv_b`` and are served as plain multi-head attention."""
     n_layer, n_head, rank, rope, nope, v_dim, n_ff, n_ff_exp = 3, 8, 128, 32, 64, 64, 1024, 128
     m = _Model("deepseek2", n_embd=256)
     m.base(n_layer=n_layer, n_ff=n_ff)
+    if split:
+        m.meta.update(
+            {
+                "attention.head_count_kv": 1,
+                "attention.key_length": rank + rope,
+                "attention.value_length": rank,
+                "attention.key_length_mla": nope + rope,
+                "attention.value_length_mla": v_dim,
+            }
+        )
+    else:
+        m.meta.update(
+            {"attention.head_count_kv": n_head, "attention.key_length": nope + rope, "attention.value_length": v_dim}
+        )
     m.meta.update(
         {
             "attention.head_count": n_head,
-            "attention.head_count_kv": 1,
-            "attention.key_length": rank + rope,
-            "attention.value_length": rank,
-            "attention.key_length_mla": nope + rope,
-            "attention.value_length_mla": v_dim,
             "attention.q_lora_rank": 0,
             "attention.kv_lora_rank": rank,
             "rope.dimension_count": rope,
@@ -211,8 +221,11 @@ def _deepseek2() -> _Model:
         m.t(f"{p}.attn_q.weight", n_head * (nope + rope), m.n_embd)
         m.t(f"{p}.attn_kv_a_mqa.weight", rank + rope, m.n_embd)
         m.norm(f"{p}.attn_kv_a_norm.weight", rank)
-        m.t(f"{p}.attn_k_b.weight", n_head, rank, nope)
-        m.t(f"{p}.attn_v_b.weight", n_head, v_dim, rank)
+        if split:
+            m.t(f"{p}.attn_k_b.weight", n_head, rank, nope)
+            m.t(f"{p}.attn_v_b.weight", n_head, v_dim, rank)
+        else:
+            m.t(f"{p}.attn_kv_b.weight", n_head * (nope + v_dim), rank)
         m.t(f"{p}.attn_output.weight", m.n_embd, n_head * v_dim)
         if il == 0:
             m.ffn(p, n_ff)
@@ -252,6 +265,82 @@ def _granitehybrid() -> _Model:
         else:
             m.mamba2(p, d_inner=512, d_state=64, n_group=1, n_ssm_head=16, d_conv=4)
         m.ffn(p, 512)
+    return m
+
+
+def _lfm2() -> _Model:
+    """Short-convolution layers (a small conv state per sequence) between attention layers."""
+    kinds = [0, 0, 2, 0, 0, 2]  # conv, conv, attention (2 KV heads), ...
+    m = _Model("lfm2", n_embd=256)
+    m.base(n_layer=len(kinds), n_ff=768, tied=True)
+    del m.tensors["output_norm.weight"]
+    m.norms.discard("output_norm.weight")
+    m.norm("token_embd_norm.weight")
+    m.heads(8, kinds, 32)
+    m.meta["shortconv.l_cache"] = 3
+    for il, kv in enumerate(kinds):
+        p = f"blk.{il}"
+        if kv:
+            m.attention(p, 8, kv, 32, qk_norm=True)
+        else:
+            m.norm(f"{p}.attn_norm.weight")
+            m.t(f"{p}.shortconv.conv.weight", m.n_embd, 3)
+            m.t(f"{p}.shortconv.in_proj.weight", 3 * m.n_embd, m.n_embd)
+            m.t(f"{p}.shortconv.out_proj.weight", m.n_embd, m.n_embd)
+        m.ffn(p, 768)
+    return m
+
+
+def _qwen3next() -> _Model:
+    """Gated delta-net layers (recurrent) with a full-attention layer every fourth, experts everywhere."""
+    n_layer, n_head, n_head_kv, head_dim = 4, 4, 2, 64
+    d_state, n_k_heads, n_v_heads, d_conv = 32, 2, 4, 4
+    key_dim, value_dim = d_state * n_k_heads, d_state * n_v_heads
+    m = _Model("qwen3next", n_embd=256)
+    m.base(n_layer=n_layer, n_ff=512)
+    m.heads(n_head, n_head_kv, head_dim)
+    m.meta.update(
+        {
+            "full_attention_interval": 4,
+            "ssm.conv_kernel": d_conv,
+            "ssm.inner_size": value_dim,
+            "ssm.state_size": d_state,
+            "ssm.time_step_rank": n_v_heads,
+            "ssm.group_count": n_k_heads,
+            "expert_count": 4,
+            "expert_used_count": 2,
+            "expert_feed_forward_length": 128,
+            "expert_shared_feed_forward_length": 128,
+        }
+    )
+    for il in range(n_layer):
+        p = f"blk.{il}"
+        if (il + 1) % 4 == 0:
+            m.norm(f"{p}.attn_norm.weight")
+            m.t(f"{p}.attn_q.weight", 2 * n_head * head_dim, m.n_embd)
+            m.t(f"{p}.attn_k.weight", n_head_kv * head_dim, m.n_embd)
+            m.t(f"{p}.attn_v.weight", n_head_kv * head_dim, m.n_embd)
+            m.t(f"{p}.attn_output.weight", m.n_embd, n_head * head_dim)
+            m.norm(f"{p}.attn_q_norm.weight", head_dim)
+            m.norm(f"{p}.attn_k_norm.weight", head_dim)
+        else:
+            m.norm(f"{p}.attn_norm.weight")
+            m.t(f"{p}.ssm_in.weight", 2 * key_dim + 2 * value_dim, m.n_embd)
+            m.t(f"{p}.ssm_conv1d.weight", 2 * key_dim + value_dim, d_conv)
+            m.t(f"{p}.ssm_dt.bias", n_v_heads)
+            m.t(f"{p}.ssm_a", n_v_heads)
+            m.t(f"{p}.ssm_ba.weight", 2 * n_v_heads, m.n_embd)
+            m.norm(f"{p}.ssm_norm.weight", d_state)
+            m.t(f"{p}.ssm_out.weight", m.n_embd, value_dim)
+        m.norm(f"{p}.post_attention_norm.weight")
+        m.t(f"{p}.ffn_gate_inp.weight", 4, m.n_embd)
+        m.t(f"{p}.ffn_gate_exps.weight", 4, 128, m.n_embd)
+        m.t(f"{p}.ffn_up_exps.weight", 4, 128, m.n_embd)
+        m.t(f"{p}.ffn_down_exps.weight", 4, m.n_embd, 128)
+        m.t(f"{p}.ffn_gate_inp_shexp.weight", m.n_embd)
+        m.t(f"{p}.ffn_gate_shexp.weight", 128, m.n_embd)
+        m.t(f"{p}.ffn_up_shexp.weight", 128, m.n_embd)
+        m.t(f"{p}.ffn_down_shexp.weight", m.n_embd, 128)
     return m
 
 
@@ -352,10 +441,13 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
     "gemma2": lambda: _gemma("gemma2"),
     "gemma3": lambda: _gemma("gemma3"),
     "deepseek2": _deepseek2,
+    "deepseek2-kvb": lambda: _deepseek2(split=False),
     "mamba2": _mamba2,
     "mamba2-wide": lambda: _mamba2(n_embd=512, d_inner=1024, n_head=16),
     "mamba2-state": lambda: _mamba2(d_state=128, n_group=2),
     "granitehybrid": _granitehybrid,
+    "lfm2": _lfm2,
+    "qwen3next": _qwen3next,
     "gpt-oss": _gpt_oss,
     "phi3": _phi3,
     "command-r": _command_r,
@@ -364,11 +456,13 @@ BUILDERS: dict[str, Callable[[], _Model]] = {
 }
 
 
-# The calibration zoo; the mamba2 variants above exist to fit the SSM working set on other dimensions.
+# The calibration zoo; the mamba2 variants above exist to fit the SSM working set on other dimensions. BOUNDED
+# architectures load in llama.cpp but are not calibrated: they check the upper bound used for unknown ones.
 ZOO = (
     "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2", "granitehybrid", "gpt-oss",
-    "phi3", "command-r", "glm4", "llama4",
+    "phi3", "command-r", "glm4", "llama4", "deepseek2-kvb", "lfm2",
 )  # fmt: skip
+BOUNDED = ("qwen3next",)
 
 
 def _add(w: GGUFWriter, key: str, value: Value) -> None:
