@@ -3,139 +3,18 @@
 Each builder writes the metadata and the tensors llama.cpp's loader requires for that architecture, at toy
 sizes (a few MiB), so the calibration zoo can load gemma3, qwen3-MoE, deepseek2 with MLA, mamba2, hybrids,
 gpt-oss and others in seconds without downloading anything. Weights are random; every allocation is real.
-Shapes are written numpy-style (rows last-to-first: ``(n_out, n_in)``), the reverse of ggml's ``ne``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from gguf import GGUFWriter
-
-from agent.tinymodel import add_tiny_vocab, n_vocab_for
-
-Value = int | float | bool | str | list[int] | list[bool]
-N_VOCAB_EXTRA = 500
+from agent.tinyarch_blocks import ArchModel, write_model
 
 
-@dataclass
-class _Model:
-    """Metadata (keys without the ``{arch}.`` prefix) and tensor shapes of one tiny model."""
-
-    arch: str
-    n_embd: int
-    meta: dict[str, Value] = field(default_factory=dict)
-    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    norms: set[str] = field(default_factory=set)
-
-    def t(self, name: str, *shape: int) -> None:
-        self.tensors[name] = shape
-
-    def norm(self, name: str, *shape: int) -> None:
-        self.tensors[name] = shape or (self.n_embd,)
-        self.norms.add(name)
-
-    def base(self, n_layer: int, n_ff: int, tied: bool = False) -> None:
-        vocab = n_vocab_for(N_VOCAB_EXTRA)
-        self.meta.update(
-            {
-                "context_length": 32768,
-                "embedding_length": self.n_embd,
-                "block_count": n_layer,
-                "feed_forward_length": n_ff,
-                "attention.layer_norm_rms_epsilon": 1e-6,
-                "rope.freq_base": 10000.0,
-                "vocab_size": vocab,
-            }
-        )
-        self.t("token_embd.weight", vocab, self.n_embd)
-        self.norm("output_norm.weight")
-        if not tied:
-            self.t("output.weight", vocab, self.n_embd)
-
-    def heads(self, n_head: int, n_head_kv: int | list[int], head_dim: int) -> None:
-        self.meta.update(
-            {
-                "attention.head_count": n_head,
-                "attention.head_count_kv": n_head_kv,
-                "attention.key_length": head_dim,
-                "attention.value_length": head_dim,
-                "rope.dimension_count": head_dim,
-            }
-        )
-
-    def attention(
-        self, p: str, n_head: int, n_head_kv: int, head_dim: int, qk_norm: bool = False, bias: bool = False
-    ) -> None:
-        self.norm(f"{p}.attn_norm.weight")
-        for name, rows in (
-            ("attn_q", n_head * head_dim),
-            ("attn_k", n_head_kv * head_dim),
-            ("attn_v", n_head_kv * head_dim),
-        ):
-            self.t(f"{p}.{name}.weight", rows, self.n_embd)
-            if bias:
-                self.t(f"{p}.{name}.bias", rows)
-        self.t(f"{p}.attn_output.weight", self.n_embd, n_head * head_dim)
-        if bias:
-            self.t(f"{p}.attn_output.bias", self.n_embd)
-        if qk_norm:
-            self.norm(f"{p}.attn_q_norm.weight", head_dim)
-            self.norm(f"{p}.attn_k_norm.weight", head_dim)
-
-    def ffn(self, p: str, n_ff: int, norm: bool = True) -> None:
-        if norm:
-            self.norm(f"{p}.ffn_norm.weight")
-        self.t(f"{p}.ffn_gate.weight", n_ff, self.n_embd)
-        self.t(f"{p}.ffn_up.weight", n_ff, self.n_embd)
-        self.t(f"{p}.ffn_down.weight", self.n_embd, n_ff)
-
-    def experts(
-        self, p: str, n_expert: int, n_ff_exp: int, shared_ff: int = 0, bias: bool = False, norm: bool = True
-    ) -> None:
-        if norm:
-            self.norm(f"{p}.ffn_norm.weight")
-        self.t(f"{p}.ffn_gate_inp.weight", n_expert, self.n_embd)
-        self.t(f"{p}.ffn_gate_exps.weight", n_expert, n_ff_exp, self.n_embd)
-        self.t(f"{p}.ffn_up_exps.weight", n_expert, n_ff_exp, self.n_embd)
-        self.t(f"{p}.ffn_down_exps.weight", n_expert, self.n_embd, n_ff_exp)
-        if bias:
-            self.t(f"{p}.ffn_gate_inp.bias", n_expert)
-            self.t(f"{p}.ffn_gate_exps.bias", n_expert, n_ff_exp)
-            self.t(f"{p}.ffn_up_exps.bias", n_expert, n_ff_exp)
-            self.t(f"{p}.ffn_down_exps.bias", n_expert, self.n_embd)
-        if shared_ff:
-            self.t(f"{p}.ffn_gate_shexp.weight", shared_ff, self.n_embd)
-            self.t(f"{p}.ffn_up_shexp.weight", shared_ff, self.n_embd)
-            self.t(f"{p}.ffn_down_shexp.weight", self.n_embd, shared_ff)
-
-    def mamba2(self, p: str, d_inner: int, d_state: int, n_group: int, n_ssm_head: int, d_conv: int) -> None:
-        self.norm(f"{p}.attn_norm.weight")
-        conv_dim = d_inner + 2 * n_group * d_state
-        self.t(f"{p}.ssm_in.weight", 2 * d_inner + 2 * n_group * d_state + n_ssm_head, self.n_embd)
-        self.t(f"{p}.ssm_conv1d.weight", conv_dim, d_conv)
-        self.t(f"{p}.ssm_conv1d.bias", conv_dim)
-        self.t(f"{p}.ssm_dt.bias", n_ssm_head)
-        self.t(f"{p}.ssm_a", n_ssm_head, 1)
-        self.t(f"{p}.ssm_d", n_ssm_head, 1)
-        self.norm(f"{p}.ssm_norm.weight", n_group, d_inner // n_group)
-        self.t(f"{p}.ssm_out.weight", self.n_embd, d_inner)
-        self.meta.update(
-            {
-                "ssm.conv_kernel": d_conv,
-                "ssm.inner_size": d_inner,
-                "ssm.state_size": d_state,
-                "ssm.time_step_rank": n_ssm_head,
-                "ssm.group_count": n_group,
-            }
-        )
-
-
-def _qwen3(moe: bool) -> _Model:
-    m = _Model("qwen3moe" if moe else "qwen3", n_embd=256)
+def _qwen3(moe: bool) -> ArchModel:
+    m = ArchModel("qwen3moe" if moe else "qwen3", n_embd=256)
     m.base(n_layer=3, n_ff=768)
     m.heads(8, 2, 64)
     for il in range(3):
@@ -149,9 +28,9 @@ def _qwen3(moe: bool) -> _Model:
     return m
 
 
-def _qwen2() -> _Model:
+def _qwen2() -> ArchModel:
     """The llama graph with biases on the query, key and value projections."""
-    m = _Model("qwen2", n_embd=256)
+    m = ArchModel("qwen2", n_embd=256)
     m.base(n_layer=3, n_ff=768)
     m.heads(8, 2, 32)
     for il in range(3):
@@ -162,9 +41,9 @@ def _qwen2() -> _Model:
     return m
 
 
-def _gemma(arch: str) -> _Model:
+def _gemma(arch: str) -> ArchModel:
     n_layer = 6 if arch == "gemma3" else 4
-    m = _Model(arch, n_embd=256)
+    m = ArchModel(arch, n_embd=256)
     m.base(n_layer=n_layer, n_ff=1024, tied=True)
     m.heads(4, 2, 64)
     m.meta["attention.sliding_window"] = 512
@@ -179,11 +58,11 @@ def _gemma(arch: str) -> _Model:
     return m
 
 
-def _deepseek2(split: bool = True) -> _Model:
+def _deepseek2(split: bool = True) -> ArchModel:
     """MLA as current converters write it (``split``): the latent is cached and k_b, v_b are split per head.
     Files converted before the split carry one ``attn_kv_b`` and are served as plain multi-head attention."""
     n_layer, n_head, rank, rope, nope, v_dim, n_ff, n_ff_exp = 3, 8, 128, 32, 64, 64, 1024, 128
-    m = _Model("deepseek2", n_embd=256)
+    m = ArchModel("deepseek2", n_embd=256)
     m.base(n_layer=n_layer, n_ff=n_ff)
     if split:
         m.meta.update(
@@ -235,8 +114,8 @@ def _deepseek2(split: bool = True) -> _Model:
     return m
 
 
-def _mamba2(n_embd: int = 256, d_inner: int = 512, d_state: int = 64, n_group: int = 1, n_head: int = 8) -> _Model:
-    m = _Model("mamba2", n_embd=n_embd)
+def _mamba2(n_embd: int = 256, d_inner: int = 512, d_state: int = 64, n_group: int = 1, n_head: int = 8) -> ArchModel:
+    m = ArchModel("mamba2", n_embd=n_embd)
     m.base(n_layer=3, n_ff=0)
     m.meta.update({"attention.head_count": 0, "attention.head_count_kv": 0})
     for il in range(3):
@@ -244,9 +123,9 @@ def _mamba2(n_embd: int = 256, d_inner: int = 512, d_state: int = 64, n_group: i
     return m
 
 
-def _granitehybrid() -> _Model:
+def _granitehybrid() -> ArchModel:
     kinds = [0, 0, 2, 0]  # mamba2, mamba2, attention (2 KV heads), mamba2
-    m = _Model("granitehybrid", n_embd=256)
+    m = ArchModel("granitehybrid", n_embd=256)
     m.base(n_layer=len(kinds), n_ff=512)
     m.heads(8, kinds, 32)
     m.meta.update(
@@ -268,10 +147,10 @@ def _granitehybrid() -> _Model:
     return m
 
 
-def _lfm2() -> _Model:
+def _lfm2() -> ArchModel:
     """Short-convolution layers (a small conv state per sequence) between attention layers."""
     kinds = [0, 0, 2, 0, 0, 2]  # conv, conv, attention (2 KV heads), ...
-    m = _Model("lfm2", n_embd=256)
+    m = ArchModel("lfm2", n_embd=256)
     m.base(n_layer=len(kinds), n_ff=768, tied=True)
     del m.tensors["output_norm.weight"]
     m.norms.discard("output_norm.weight")
@@ -291,12 +170,12 @@ def _lfm2() -> _Model:
     return m
 
 
-def _qwen3next() -> _Model:
+def _qwen3next() -> ArchModel:
     """Gated delta-net layers (recurrent) with a full-attention layer every fourth, experts everywhere."""
     n_layer, n_head, n_head_kv, head_dim = 4, 4, 2, 64
     d_state, n_k_heads, n_v_heads, d_conv = 32, 2, 4, 4
     key_dim, value_dim = d_state * n_k_heads, d_state * n_v_heads
-    m = _Model("qwen3next", n_embd=256)
+    m = ArchModel("qwen3next", n_embd=256)
     m.base(n_layer=n_layer, n_ff=512)
     m.heads(n_head, n_head_kv, head_dim)
     m.meta.update(
@@ -344,9 +223,9 @@ def _qwen3next() -> _Model:
     return m
 
 
-def _gpt_oss() -> _Model:
+def _gpt_oss() -> ArchModel:
     """Attention sinks, biases everywhere, every other layer a sliding window of 128."""
-    m = _Model("gpt-oss", n_embd=256)
+    m = ArchModel("gpt-oss", n_embd=256)
     m.base(n_layer=4, n_ff=0)
     m.heads(8, 2, 64)
     m.meta.update(
@@ -366,10 +245,10 @@ def _gpt_oss() -> _Model:
     return m
 
 
-def _phi3() -> _Model:
+def _phi3() -> ArchModel:
     """Fused QKV and fused gate+up projections; the window Phi-3 GGUFs carry is ignored by llama.cpp."""
     n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
-    m = _Model("phi3", n_embd=256)
+    m = ArchModel("phi3", n_embd=256)
     m.base(n_layer=3, n_ff=n_ff)
     m.heads(n_head, n_head_kv, head_dim)
     m.meta["attention.sliding_window"] = 2047
@@ -384,9 +263,9 @@ def _phi3() -> _Model:
     return m
 
 
-def _command_r() -> _Model:
+def _command_r() -> ArchModel:
     """Parallel attention and feed-forward from one norm, tied output, logit scale."""
-    m = _Model("command-r", n_embd=256)
+    m = ArchModel("command-r", n_embd=256)
     m.base(n_layer=3, n_ff=1024, tied=True)
     m.heads(8, 8, 32)
     m.meta.update({"logit_scale": 0.0625, "attention.layer_norm_epsilon": 1e-5})
@@ -397,10 +276,10 @@ def _command_r() -> _Model:
     return m
 
 
-def _glm4() -> _Model:
+def _glm4() -> ArchModel:
     """Pre- and post-norms around attention and feed-forward, fused gate+up."""
     n_head, n_head_kv, head_dim, n_ff = 8, 2, 32, 768
-    m = _Model("glm4", n_embd=256)
+    m = ArchModel("glm4", n_embd=256)
     m.base(n_layer=3, n_ff=n_ff)
     m.heads(n_head, n_head_kv, head_dim)
     for il in range(3):
@@ -414,9 +293,9 @@ def _glm4() -> _Model:
     return m
 
 
-def _llama4() -> _Model:
+def _llama4() -> ArchModel:
     """Chunked attention (3 chunked : 1 global layers), one routed expert plus a shared one in every layer."""
-    m = _Model("llama4", n_embd=256)
+    m = ArchModel("llama4", n_embd=256)
     m.base(n_layer=4, n_ff=512)
     m.heads(8, 2, 32)
     m.meta.update(
@@ -434,7 +313,7 @@ def _llama4() -> _Model:
     return m
 
 
-BUILDERS: dict[str, Callable[[], _Model]] = {
+BUILDERS: dict[str, Callable[[], ArchModel]] = {
     "qwen2": _qwen2,
     "qwen3": lambda: _qwen3(moe=False),
     "qwen3moe": lambda: _qwen3(moe=True),
@@ -465,38 +344,6 @@ ZOO = (
 BOUNDED = ("qwen3next",)
 
 
-def _add(w: GGUFWriter, key: str, value: Value) -> None:
-    if isinstance(value, bool):
-        w.add_bool(key, value)
-    elif isinstance(value, int):
-        w.add_uint32(key, value)
-    elif isinstance(value, float):
-        w.add_float32(key, value)
-    elif isinstance(value, str):
-        w.add_string(key, value)
-    else:
-        w.add_array(key, list(value))
-
-
 def write_arch_gguf(path: str | Path, name: str, seed: int = 0) -> Path:
     """Write the tiny model of architecture ``name`` (a key of ``BUILDERS``) to ``path``."""
-    model = BUILDERS[name]()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), model.arch)
-    w.add_name(f"tiny-{name}")
-    for key, value in model.meta.items():
-        _add(w, f"{model.arch}.{key}", value)
-    add_tiny_vocab(w, N_VOCAB_EXTRA)
-    for tensor, shape in model.tensors.items():
-        if tensor in model.norms:
-            data = np.ones(shape, dtype=np.float32)
-        else:
-            data = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        w.add_tensor(tensor, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_model(BUILDERS[name](), path, name, seed)
