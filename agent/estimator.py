@@ -25,7 +25,7 @@ class Estimate:
     compute_bytes: int
     overhead_bytes: int
     kv_cells: int
-    fallback: bool  # True when missing metadata was replaced by conservative assumptions
+    fallback: bool  # True when missing metadata or an uncalibrated architecture made us assume the worst
     notes: tuple[str, ...] = ()
 
     @property
@@ -69,7 +69,7 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
         compute_bytes=compute_buffer_bytes(shape, settings),
         overhead_bytes=runtime_overhead_bytes(shape, settings),
         kv_cells=cells.total_full,
-        fallback=shape.is_fallback,
+        fallback=shape.is_fallback or margin > 0,
         notes=tuple(notes),
     )
 
