@@ -29,7 +29,8 @@ SSM_IN_ROWS, SSM_CONV_ROWS, SSM_INNER_ROWS, SSM_EMBD_ROWS, SSM_STATE_COPIES = 1,
 CALIBRATED_ARCHITECTURES = frozenset(
     {
         "llama", "deci", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2",
-        "granitehybrid", "lfm2", "gpt-oss", "phi3", "command-r", "glm4", "llama4",
+        "granitehybrid", "lfm2", "gpt-oss", "phi3", "command-r", "glm4", "llama4", "mistral3", "granite", "gemma",
+        "qwen2moe", "glm4moe", "olmo2", "cohere2",
     }
 )  # fmt: skip
 UNCALIBRATED_MARGIN = 1.5

@@ -313,6 +313,102 @@ def _llama4() -> ArchModel:
     return m
 
 
+def _plain(arch: str, qk_norm: bool = False, tied: bool = False) -> ArchModel:
+    """The llama graph under another name (mistral3, granite's scales, gemma's tied output...)."""
+    m = ArchModel(arch, n_embd=256)
+    m.base(n_layer=3, n_ff=768, tied=tied)
+    m.heads(8, 2, 32)
+    for il in range(3):
+        m.attention(f"blk.{il}", 8, 2, 32, qk_norm=qk_norm)
+        m.ffn(f"blk.{il}", 768)
+    if arch == "granite":
+        m.meta.update({"embedding_scale": 12.0, "residual_scale": 0.22, "attention.scale": 0.03, "logit_scale": 8.0})
+    return m
+
+
+def _qwen2moe() -> ArchModel:
+    """Routed experts plus a gated shared expert in every layer."""
+    m = ArchModel("qwen2moe", n_embd=256)
+    m.base(n_layer=3, n_ff=768)
+    m.heads(8, 2, 32)
+    m.meta.update(
+        {
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_feed_forward_length": 128,
+            "expert_shared_feed_forward_length": 512,
+        }
+    )
+    for il in range(3):
+        p = f"blk.{il}"
+        m.attention(p, 8, 2, 32, bias=True)
+        del m.tensors[f"{p}.attn_output.bias"]
+        m.experts(p, n_expert=8, n_ff_exp=128, shared_ff=512)
+        m.t(f"{p}.ffn_gate_inp_shexp.weight", m.n_embd)
+    return m
+
+
+def _glm4moe() -> ArchModel:
+    """A leading dense layer, then routed experts with a shared one and expert-selection biases."""
+    m = ArchModel("glm4moe", n_embd=256)
+    m.base(n_layer=3, n_ff=1024)
+    m.heads(8, 2, 32)
+    m.meta.update(
+        {
+            "leading_dense_block_count": 1,
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_shared_count": 1,
+            "expert_feed_forward_length": 128,
+            "expert_weights_scale": 1.0,
+            "expert_weights_norm": True,
+            "expert_gating_func": 2,
+            "nextn_predict_layers": 0,
+        }
+    )
+    for il in range(3):
+        p = f"blk.{il}"
+        m.attention(p, 8, 2, 32, bias=True)
+        del m.tensors[f"{p}.attn_output.bias"]
+        m.norm(f"{p}.post_attention_norm.weight")
+        if il == 0:
+            m.ffn(p, 1024, norm=False)
+        else:
+            m.experts(p, n_expert=8, n_ff_exp=128, shared_ff=128, norm=False)
+            m.t(f"{p}.exp_probs_b.bias", 8)
+    return m
+
+
+def _olmo2() -> ArchModel:
+    """Norms after attention and feed-forward only, and query/key norms over the whole projection."""
+    m = ArchModel("olmo2", n_embd=256)
+    m.base(n_layer=3, n_ff=768)
+    m.heads(8, 8, 32)
+    for il in range(3):
+        p = f"blk.{il}"
+        m.attention(p, 8, 8, 32)
+        del m.tensors[f"{p}.attn_norm.weight"]
+        m.norm(f"{p}.attn_q_norm.weight", 256)
+        m.norm(f"{p}.attn_k_norm.weight", 256)
+        m.norm(f"{p}.post_attention_norm.weight")
+        m.ffn(p, 768, norm=False)
+        m.norm(f"{p}.post_ffw_norm.weight")
+    return m
+
+
+def _cohere2() -> ArchModel:
+    """Command-R's parallel block with 3 sliding-window layers to 1 global."""
+    m = ArchModel("cohere2", n_embd=256)
+    m.base(n_layer=4, n_ff=1024, tied=True)
+    m.heads(8, 2, 32)
+    m.meta.update({"logit_scale": 0.0625, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 256})
+    for il in range(4):
+        p = f"blk.{il}"
+        m.attention(p, 8, 2, 32)
+        m.ffn(p, 1024, norm=False)
+    return m
+
+
 BUILDERS: dict[str, Callable[[], ArchModel]] = {
     "qwen2": _qwen2,
     "qwen3": lambda: _qwen3(moe=False),
@@ -332,6 +428,13 @@ BUILDERS: dict[str, Callable[[], ArchModel]] = {
     "command-r": _command_r,
     "glm4": _glm4,
     "llama4": _llama4,
+    "mistral3": lambda: _plain("mistral3"),
+    "granite": lambda: _plain("granite"),
+    "gemma": lambda: _plain("gemma", tied=True),
+    "qwen2moe": _qwen2moe,
+    "glm4moe": _glm4moe,
+    "olmo2": _olmo2,
+    "cohere2": _cohere2,
 }
 
 
@@ -339,7 +442,8 @@ BUILDERS: dict[str, Callable[[], ArchModel]] = {
 # architectures load in llama.cpp but are not calibrated: they check the upper bound used for unknown ones.
 ZOO = (
     "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2", "granitehybrid", "gpt-oss",
-    "phi3", "command-r", "glm4", "llama4", "deepseek2-kvb", "lfm2",
+    "phi3", "command-r", "glm4", "llama4", "deepseek2-kvb", "lfm2", "mistral3", "granite", "gemma", "qwen2moe",
+    "glm4moe", "olmo2", "cohere2",
 )  # fmt: skip
 BOUNDED = ("qwen3next",)
 
