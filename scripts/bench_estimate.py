@@ -21,7 +21,7 @@ from agent.estimator import estimate
 from agent.gguf_shape import load_shape
 from agent.kvcache import kv_cache_bytes
 from agent.shape import ModelShape, ServeSettings
-from agent.tinyarch import ZOO, write_arch_gguf
+from agent.tinyarch import BOUNDED, ZOO, write_arch_gguf
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -88,12 +88,13 @@ ARCH_SETTINGS = {
 
 
 def architecture_table() -> bool:
-    """Every zoo architecture under every setting; returns whether all met -1 %..+5 % with KV and state exact."""
+    """Every zoo architecture under every setting; returns whether all met -1 %..+5 % with KV and state exact
+    (the uncalibrated ones, estimated with the upper bound: never under)."""
     ok = True
     worst: dict[str, tuple[float, float]] = {}
     print(f"\n{'architecture':<14} {'setting':<16} {'llama.cpp':>10} {'ours':>10} {'error':>7} {'KV+state':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ZOO:
+        for name in ZOO + BOUNDED:
             path = write_arch_gguf(Path(tmp) / f"{name}.gguf", name)
             shape = load_shape(path)
             for label, settings in ARCH_SETTINGS.items():
@@ -104,7 +105,7 @@ def architecture_table() -> bool:
                 error = (ours - allocated) / allocated
                 caches = len(report.kv) + (report.state_bytes is not None)
                 exact = abs(est.kv_cache_bytes - (report.memory_bytes or 0)) <= 0.01 * MiB * caches
-                ok &= exact and -0.01 <= error <= 0.05
+                ok &= exact and (error >= 0 if name in BOUNDED else -0.01 <= error <= 0.05)
                 low, high = worst.get(name, (error, error))
                 worst[name] = (min(low, error), max(high, error))
                 print(
@@ -113,7 +114,8 @@ def architecture_table() -> bool:
                 )
     print(f"\n{'architecture':<14} {'worst under':>12} {'worst over':>11}")
     for name, (low, high) in worst.items():
-        print(f"{name:<14} {min(low, 0.0):>+12.1%} {max(high, 0.0):>+11.1%}")
+        kind = "  (uncalibrated: upper bound)" if name in BOUNDED else ""
+        print(f"{name:<14} {min(low, 0.0):>+12.1%} {max(high, 0.0):>+11.1%}{kind}")
     return ok
 
 
