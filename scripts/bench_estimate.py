@@ -120,22 +120,23 @@ def architecture_table() -> bool:
 
 
 KNOWN = {
-    # name: (layers, n_embd, n_head, n_head_kv, head_dim)
-    "Llama-3.1-8B": (32, 4096, 32, 8, 128),
-    "Llama-3.1-70B": (80, 8192, 64, 8, 128),
-    "Qwen2.5-7B": (28, 3584, 28, 4, 128),
-    "Mistral-7B-v0.3": (32, 4096, 32, 8, 128),
-    "Llama-2-7B (MHA)": (32, 4096, 32, 32, 128),
+    # name: (layers, n_embd, n_head, n_head_kv, key length, value length)
+    "Llama-3.1-8B": (32, 4096, 32, 8, 128, 128),
+    "Llama-3.1-70B": (80, 8192, 64, 8, 128, 128),
+    "Qwen2.5-7B": (28, 3584, 28, 4, 128, 128),
+    "Mistral-7B-v0.3": (32, 4096, 32, 8, 128, 128),
+    "Llama-2-7B (MHA)": (32, 4096, 32, 32, 128, 128),
+    "DeepSeek-V3 (MLA)": (61, 7168, 128, 1, 512 + 64, 0),  # the latent only: kv_lora_rank + rope, no V
 }
 
 
 def known_table(ctx: int = 32768) -> None:
     print(f"\nKV cache at ctx {ctx}, f16, published hyper-parameters:")
     print(f"{'model':<18} {'ours (exact)':>13} {'LLMKube':>10} {'factor':>7}")
-    for name, (layers, embd, heads, kv_heads, dim) in KNOWN.items():
+    for name, (layers, embd, heads, kv_heads, k_dim, v_dim) in KNOWN.items():
         shape = ModelShape(
             path=name, architecture="llama", n_layer=layers, n_embd=embd, n_head=heads,
-            n_head_kv=(kv_heads,) * layers, key_length=(dim,) * layers, value_length=(dim,) * layers,
+            n_head_kv=(kv_heads,) * layers, key_length=(k_dim,) * layers, value_length=(v_dim,) * layers,
             n_vocab=128256, n_ff=4 * embd, context_length=131072, weights_bytes=0, file_bytes=0, tensor_count=0,
         )  # fmt: skip
         ours = kv_cache_bytes(shape, ServeSettings(ctx_size=ctx))
