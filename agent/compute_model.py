@@ -1,15 +1,17 @@
 """Compute buffers and runtime overhead, calibrated against real llama.cpp (docs/calibration.md).
 
 ggml allocates one compute buffer sized for the peak of a graph over one micro-batch (``n_ubatch`` tokens,
-``n_kv`` = the cells of one stream). Measured, the peak is: the attention mask (a graph input, alive
-throughout) plus the larger of the attention score matrix (without flash attention) and the feed-forward
-intermediates, plus a per-token working set proportional to the model's width. Each term below is a
-tensor llama.cpp really builds; the per-token coefficients were fitted to the measurements, rounded up.
+``n_kv`` = the cells of one stream). Measured, the peak is: the attention masks (graph inputs, alive
+throughout; a second one for sliding-window layers) plus the largest phase of a layer: the attention score
+matrix (without flash attention) or the feed-forward intermediates (dense, routed experts or shared experts),
+each beside attention's per-token working set, or an SSM layer's buffers. Each term is a tensor llama.cpp
+really builds; the per-token coefficients were fitted to measurements of some models and settings and checked
+on the others. Architectures never measured get an upper bound instead of the model, and say so.
 """
 
 from __future__ import annotations
 
-from agent.kvcache import kv_cells
+from agent.kvcache import kv_cache_bytes, kv_cells
 from agent.shape import ModelShape, ServeSettings
 
 F32, F16 = 4, 2
@@ -25,7 +27,8 @@ FFN_ROWS, FFN_EMBD_ROWS = 3, 2
 # SSM layers, fitted on mamba2 shapes (docs/calibration.md).
 SSM_IN_ROWS, SSM_CONV_ROWS, SSM_INNER_ROWS, SSM_EMBD_ROWS, SSM_STATE_COPIES = 1, 2, 2, 3, 2
 # Architectures whose graphs were measured against llama.cpp (tests/test_llama_agreement.py and
-# tests/test_arch_agreement.py). Any other gets an upper bound: every phase summed, times this margin.
+# tests/test_arch_agreement.py). Any other gets an upper bound: every phase summed, times this margin, plus a
+# share of its KV cache for caches or buffers it may keep that the generic rules do not know of.
 CALIBRATED_ARCHITECTURES = frozenset(
     {
         "llama", "deci", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "deepseek2", "mamba2",
@@ -33,7 +36,7 @@ CALIBRATED_ARCHITECTURES = frozenset(
         "qwen2moe", "glm4moe", "olmo2", "cohere2",
     }
 )  # fmt: skip
-UNCALIBRATED_MARGIN = 1.5
+UNCALIBRATED_MARGIN, UNCALIBRATED_KV_SHARE = 1.5, 0.25
 # Measured RSS of the server process over its reported buffers (xllamacpp 2026.10.11549, CPU): 26.3 MiB for
 # the smallest model; rounded up. Covers the runtime, its libraries and HTTP threads.
 RUNTIME_BASELINE_BYTES = 32 * MiB
@@ -89,7 +92,8 @@ def uncalibrated_margin_bytes(shape: ModelShape, settings: ServeSettings) -> int
 
 def compute_model_and_bound(shape: ModelShape, settings: ServeSettings) -> tuple[int, int]:
     """(the calibrated model, an upper bound): the model takes the largest phase of the graph; the bound adds
-    every phase up (as if nothing were ever freed), any recurrent state twice, and a margin on top."""
+    every phase up (as if nothing were ever freed, flash attention or not), any recurrent state twice, a margin
+    on top, and a share of the KV cache."""
     tokens = _micro_batch(settings)
     cells = kv_cells(shape, settings)
     n_kv = cells.full
@@ -119,7 +123,9 @@ def compute_model_and_bound(shape: ModelShape, settings: ServeSettings) -> tuple
     # The attention working set is alive around attention and feed-forward, not inside an SSM layer.
     calibrated = mask + max(max(scores, ffn) + per_token, ssm)
     state = 2 * max(shape.recurrent_state_bytes, default=0) * settings.parallel
-    bound = int((mask + scores + ffn + per_token + ssm + state) * UNCALIBRATED_MARGIN)
+    widest = tokens * F32 * (EMBD_ROWS * shape.n_embd + QUERY_ROWS * query_width + kv_width)
+    phases = mask + scores + ffn + max(per_token, widest) + ssm + state
+    bound = int(phases * UNCALIBRATED_MARGIN + kv_cache_bytes(shape, settings) * UNCALIBRATED_KV_SHARE)
     return calibrated, max(calibrated, bound)
 
 

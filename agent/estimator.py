@@ -60,7 +60,8 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
     if margin:
         notes.append(
             f"architecture {shape.architecture!r} has not been calibrated against llama.cpp: its compute buffer "
-            f"is an upper bound that may be up to {format_bytes(margin)} over"
+            f"is an upper bound (every phase of the graph added up, plus a share of the KV cache for caches it "
+            f"may keep) that may be up to {format_bytes(margin)} over"
         )
     cells = kv_cells(shape, settings)
     return Estimate(
