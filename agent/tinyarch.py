@@ -147,6 +147,20 @@ def _granitehybrid() -> ArchModel:
     return m
 
 
+def _falcon_h1() -> ArchModel:
+    """Every layer runs attention and a mamba2 mixer side by side (a KV cache and an SSM state per layer)."""
+    m = ArchModel("falcon-h1", n_embd=256)
+    m.base(n_layer=3, n_ff=768)
+    m.heads(8, 2, 32)
+    for il in range(3):
+        p = f"blk.{il}"
+        m.mamba2(p, d_inner=512, d_state=64, n_group=1, n_ssm_head=8, d_conv=4)
+        m.attention(p, 8, 2, 32)
+        m.ffn(p, 768, norm=False)
+        m.norm(f"{p}.ffn_norm")  # llama.cpp looks this one up without the ".weight" suffix
+    return m
+
+
 def _lfm2() -> ArchModel:
     """Short-convolution layers (a small conv state per sequence) between attention layers."""
     kinds = [0, 0, 2, 0, 0, 2]  # conv, conv, attention (2 KV heads), ...
@@ -422,6 +436,7 @@ BUILDERS: dict[str, Callable[[], ArchModel]] = {
     "mamba2-state": lambda: _mamba2(d_state=128, n_group=2),
     "granitehybrid": _granitehybrid,
     "lfm2": _lfm2,
+    "falcon-h1": _falcon_h1,
     "qwen3next": _qwen3next,
     "gpt-oss": _gpt_oss,
     "phi3": _phi3,
@@ -445,7 +460,7 @@ ZOO = (
     "phi3", "command-r", "glm4", "llama4", "deepseek2-kvb", "lfm2", "mistral3", "granite", "gemma", "qwen2moe",
     "glm4moe", "olmo2", "cohere2",
 )  # fmt: skip
-BOUNDED = ("qwen3next",)
+BOUNDED = ("qwen3next", "falcon-h1")
 
 
 def write_arch_gguf(path: str | Path, name: str, seed: int = 0) -> Path:
