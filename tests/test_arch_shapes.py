@@ -13,11 +13,13 @@ import pytest
 
 from agent.compute_model import compute_buffer_bytes, compute_model_and_bound, is_calibrated
 from agent.estimator import estimate
+from agent.gguf_header import GGUFError
 from agent.gguf_shape import load_shape
 from agent.kvcache import kv_cache_parts, kv_cells
 from agent.llama_memlog import parse_memory_log
 from agent.shape import ModelShape, ServeSettings
-from agent.tinyarch import write_arch_gguf
+from agent.tinyarch import BUILDERS, write_arch_gguf
+from agent.tinyarch_blocks import write_model
 
 FA = ServeSettings(ctx_size=4096, flash_attn=True)
 
@@ -94,3 +96,23 @@ def test_recurrent_state_is_read_from_the_log() -> None:
     report = parse_memory_log(log)
     assert report.kv == () and report.state_text == "0.40"
     assert report.total_bytes == round((6.43 + 0.40 + 8.41) * 2**20)
+
+
+def test_mla_needs_both_mla_lengths_and_old_files_keep_their_v(folder: Path) -> None:
+    old = shape_of(folder, "deepseek2-kvb")  # converted before the split: plain multi-head attention
+    assert set(old.value_length) == {64} and old.n_head_kv == (8, 8, 8) and not old.mla_rank
+    half = BUILDERS["deepseek2"]()
+    half.meta["attention.value_length_mla"] = 0  # not MLA after all: V is cached as the file says
+    shape = load_shape(write_model(half, folder / "half-mla.gguf", "half-mla"))
+    assert set(shape.value_length) == {128} and not shape.mla_rank
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("expert_feed_forward_length", 2**30), ("attention.key_length_mla", 2**20), ("ssm.inner_size", 2**30)],
+)
+def test_absurd_family_keys_are_rejected(folder: Path, key: str, value: int) -> None:
+    model = BUILDERS["deepseek2" if "ssm" not in key else "mamba2"]()
+    model.meta[key] = value
+    with pytest.raises(GGUFError, match=key.split(".")[-1]):
+        load_shape(write_model(model, folder / f"absurd-{key}.gguf", "absurd"))
