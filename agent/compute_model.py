@@ -78,8 +78,9 @@ def is_calibrated(shape: ModelShape) -> bool:
 
 def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
     """The compute buffer llama.cpp reserves; for an architecture never measured, an upper bound instead."""
-    calibrated, bound = compute_model_and_bound(shape, settings)
-    return calibrated if is_calibrated(shape) else bound
+    if is_calibrated(shape):
+        return _phases(shape, settings)[0]
+    return compute_model_and_bound(shape, settings)[1]
 
 
 def uncalibrated_margin_bytes(shape: ModelShape, settings: ServeSettings) -> int:
@@ -94,6 +95,13 @@ def compute_model_and_bound(shape: ModelShape, settings: ServeSettings) -> tuple
     """(the calibrated model, an upper bound): the model takes the largest phase of the graph; the bound adds
     every phase up (as if nothing were ever freed, flash attention or not), any recurrent state twice, a margin
     on top, and a share of the KV cache."""
+    calibrated, phases = _phases(shape, settings)
+    bound = int(phases * UNCALIBRATED_MARGIN + kv_cache_bytes(shape, settings) * UNCALIBRATED_KV_SHARE)
+    return calibrated, max(calibrated, bound)
+
+
+def _phases(shape: ModelShape, settings: ServeSettings) -> tuple[int, int]:
+    """(the calibrated model: masks + the largest phase, every phase added up)."""
     tokens = _micro_batch(settings)
     cells = kv_cells(shape, settings)
     n_kv = cells.full
@@ -124,9 +132,7 @@ def compute_model_and_bound(shape: ModelShape, settings: ServeSettings) -> tuple
     calibrated = mask + max(max(scores, ffn) + per_token, ssm)
     state = 2 * max(shape.recurrent_state_bytes, default=0) * settings.parallel
     widest = tokens * F32 * (EMBD_ROWS * shape.n_embd + QUERY_ROWS * query_width + kv_width)
-    phases = mask + scores + ffn + max(per_token, widest) + ssm + state
-    bound = int(phases * UNCALIBRATED_MARGIN + kv_cache_bytes(shape, settings) * UNCALIBRATED_KV_SHARE)
-    return calibrated, max(calibrated, bound)
+    return calibrated, mask + scores + ffn + max(per_token, widest) + ssm + state
 
 
 def output_buffer_bytes(shape: ModelShape, settings: ServeSettings) -> int:
