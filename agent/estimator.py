@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.compute_model import compute_buffer_bytes, runtime_overhead_bytes
+from agent.compute_model import compute_buffer_bytes, runtime_overhead_bytes, uncalibrated_margin_bytes
 from agent.kvcache import kv_cache_bytes, kv_cells, validate_settings
 from agent.quantity import format_bytes
 from agent.shape import ModelShape, ServeSettings
@@ -26,7 +26,7 @@ class Estimate:
     compute_bytes: int
     overhead_bytes: int
     kv_cells: int
-    fallback: bool  # True when missing metadata was replaced by conservative assumptions
+    fallback: bool  # True when missing metadata or an uncalibrated architecture made us assume the worst
     notes: tuple[str, ...] = ()
     # GPU servers (agent/device_estimate.py): the total split into device memory (what nvidia-smi shows for the
     # process) and host memory; None on hosts where all memory is one kind.
@@ -66,6 +66,13 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
         )
     if shape.context_length and settings.ctx_size > shape.context_length:
         notes.append(f"context {settings.ctx_size} is beyond the model's training context {shape.context_length}")
+    margin = uncalibrated_margin_bytes(shape, settings)
+    if margin:
+        notes.append(
+            f"architecture {shape.architecture!r} has not been calibrated against llama.cpp: its compute buffer "
+            f"is an upper bound (every phase of the graph added up, plus a share of the KV cache for caches it "
+            f"may keep) that may be up to {format_bytes(margin)} over"
+        )
     cells = kv_cells(shape, settings)
     return Estimate(
         weights_bytes=shape.weights_bytes,
@@ -73,7 +80,7 @@ def estimate(shape: ModelShape, settings: ServeSettings) -> Estimate:
         compute_bytes=compute_buffer_bytes(shape, settings),
         overhead_bytes=runtime_overhead_bytes(shape, settings),
         kv_cells=cells.total_full,
-        fallback=shape.is_fallback,
+        fallback=shape.is_fallback or margin > 0,
         notes=tuple(notes),
     )
 

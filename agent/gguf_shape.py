@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from agent.gguf_constants import gguf
 from agent.gguf_header import ArrayInfo, GGUFError, GGUFModel, Scalar, read_model
-from agent.shape import ModelShape
+from agent.shape import ModelShape, SSMShape
 
 K = gguf.Keys
 MAX_LAYERS = 4096
@@ -43,6 +43,11 @@ _ARCH_SWA_PERIOD = {
     "exaone4": 4,
     "gpt-oss": 2,
 }
+# Windows llama.cpp hard-codes where the GGUF has no `attention.sliding_window` (llama4's chunked attention
+# uses chunks of 8192 tokens; a sliding_window of 0 in the file turns it off).
+_ARCH_DEFAULT_WINDOW = {"llama4": 8192}
+# Architectures whose every layer also has a shared expert as wide as a routed one.
+_ARCH_SHARED_EXPERT = {"llama4"}
 # Architectures that are recurrent in every layer and keep no KV cache at all.
 _PURE_RECURRENT = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
 # Hybrids whose every layer has both a recurrent state and a KV cache (llama.cpp special-cases falcon-h1).
@@ -140,7 +145,9 @@ def _vocab_size(meta: _Meta) -> int:
 
 def _swa_layers(meta: _Meta, n_layer: int) -> tuple[int, tuple[bool, ...]]:
     """Which layers use the sliding window, following llama.cpp's ``set_swa_pattern``."""
-    window = meta.integer(K.Attention.SLIDING_WINDOW, MAX_CONTEXT, low=0) or 0
+    window = meta.integer(K.Attention.SLIDING_WINDOW, MAX_CONTEXT, low=0)
+    if window is None:
+        window = _ARCH_DEFAULT_WINDOW.get(meta.arch, 0)
     if window == 0:
         return 0, (False,) * n_layer
     pattern = meta.raw(K.Attention.SLIDING_WINDOW_PATTERN)
@@ -185,6 +192,36 @@ def _recurrent_state_elements(meta: _Meta, n_embd: int) -> int:
     return max(d_conv - 1, 0) * (d_inner + 2 * n_group * d_state) + d_state * d_inner
 
 
+def _ssm_shape(meta: _Meta) -> SSMShape | None:
+    d_inner = meta.integer(K.SSM.INNER_SIZE, MAX_SSM_DIM, low=0) or 0
+    d_state = meta.integer(K.SSM.STATE_SIZE, MAX_SSM_DIM, low=0) or 0
+    if not d_inner or not d_state or meta.integer(K.WKV.HEAD_SIZE, MAX_SSM_DIM, low=0):
+        return None
+    return SSMShape(
+        d_inner=d_inner,
+        d_state=d_state,
+        n_group=meta.integer(K.SSM.GROUP_COUNT, MAX_SSM_DIM, low=0) or 1,
+        n_head=meta.integer(K.SSM.TIME_STEP_RANK, MAX_SSM_DIM, low=0) or 0,
+        d_conv=meta.integer(K.SSM.CONV_KERNEL, MAX_SSM_DIM, low=0) or 0,
+    )
+
+
+def _experts(meta: _Meta, n_expert: int, n_ff: int) -> tuple[int, int, bool]:
+    """(routed expert FFN width, shared experts' total width, whether any layer keeps a dense FFN)."""
+    if not n_expert:
+        return 0, 0, True
+    n_ff_expert = meta.integer(K.LLM.EXPERT_FEED_FORWARD_LENGTH, MAX_FF, low=0) or n_ff
+    shared = meta.integer(K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, MAX_FF, low=0)
+    if shared is None:
+        count = meta.integer(K.LLM.EXPERT_SHARED_COUNT, MAX_EXPERTS, low=0)
+        shared = (count or (1 if meta.arch in _ARCH_SHARED_EXPERT else 0)) * n_ff_expert
+    dense = bool(meta.integer(K.LLM.LEADING_DENSE_BLOCK_COUNT, MAX_LAYERS, low=0)) or any(
+        (meta.integer(key, MAX_LAYERS, low=0) or 1) > 1
+        for key in (K.LLM.INTERLEAVE_MOE_LAYER_STEP, K.LLM.MOE_EVERY_N_LAYERS)
+    )
+    return n_ff_expert, shared, dense
+
+
 def shape_from_model(model: GGUFModel) -> ModelShape:
     """Read llama.cpp's hyper-parameters from metadata, falling back conservatively where keys are absent."""
     arch = model.metadata.get(K.General.ARCHITECTURE)
@@ -217,6 +254,15 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
     key_length = default_head_dim if key_length is None else key_length
     value_length = default_head_dim if value_length is None else value_length
 
+    value_length_mla = meta.integer(K.Attention.VALUE_LENGTH_MLA, MAX_HEAD_DIM, low=0) or 0
+    query_width = mla_rank = 0
+    if meta.integer(K.Attention.KEY_LENGTH_MLA, MAX_HEAD_DIM, low=0) and value_length_mla:
+        # Multi-head latent attention: llama.cpp caches the compressed latent (kv_lora_rank + the rope part,
+        # the file's key_length) as K and reads V as a view of it, so there is no V cache at all; with flash
+        # attention the per-token working width is its output, n_head x the MLA value length.
+        value_length = 0
+        query_width = max(heads) * value_length_mla
+        mla_rank = meta.integer(K.Attention.KV_LORA_RANK, MAX_HEAD_DIM, low=0) or key_length
     window, swa_layers = _swa_layers(meta, n_layer)
     key_length_swa = meta.integer(K.Attention.KEY_LENGTH_SWA, MAX_HEAD_DIM, low=0) or key_length
     value_length_swa = meta.integer(K.Attention.VALUE_LENGTH_SWA, MAX_HEAD_DIM, low=0) or value_length
@@ -234,6 +280,8 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
     else:
         n_ff = max(n_ff_layers)
 
+    n_expert = meta.integer(K.LLM.EXPERT_COUNT, MAX_EXPERTS, low=0) or 0
+    n_ff_expert, n_ff_shared, dense_ffn = _experts(meta, n_expert, n_ff)
     context = meta.integer(K.LLM.CONTEXT_LENGTH, MAX_CONTEXT)
     if context is None:
         meta.note_missing(K.LLM.CONTEXT_LENGTH)
@@ -254,11 +302,17 @@ def shape_from_model(model: GGUFModel) -> ModelShape:
         weights_bytes=model.weights_bytes,
         file_bytes=model.file_bytes,
         tensor_count=len(model.tensors),
-        n_expert=meta.integer(K.LLM.EXPERT_COUNT, MAX_EXPERTS, low=0) or 0,
+        n_expert=n_expert,
         n_expert_used=meta.integer(K.LLM.EXPERT_USED_COUNT, MAX_EXPERTS, low=0) or 0,
         sliding_window=window,
         swa_layers=swa_layers,
         recurrent_state_bytes=tuple(4 * state_elements if rec else 0 for rec in recurrent),
+        n_ff_expert=n_ff_expert,
+        n_ff_shared=n_ff_shared,
+        dense_ffn=dense_ffn,
+        mla_rank=mla_rank,
+        flash_query_width=query_width,
+        ssm=_ssm_shape(meta) if any(recurrent) else None,
         shard_count=len(model.headers),
         missing=tuple(meta.missing),
         input_weights_bytes=sum(t.nbytes for t in model.tensors if t.name.split(".")[0] in INPUT_TENSORS),

@@ -17,6 +17,8 @@ _KV = re.compile(
     r"llama_kv_cache: size =\s+([\d.]+) MiB \(\s*(\d+) cells,\s+(\d+) layers,\s+(\d+)/(\d+) seqs\), "
     r"K \((\w+)\):\s+([\d.]+) MiB, V \((\w+)\):\s+([\d.]+) MiB"
 )
+# Recurrent layers (mamba, RWKV, hybrids' SSM layers) keep a per-sequence state instead of a KV cache.
+_STATE = re.compile(r"llama_memory_recurrent: size =\s+([\d.]+) MiB")
 _OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 _KV_BUFFER = re.compile(r"(\S+) KV buffer size =\s+([\d.]+) MiB")
 _LOAD_START = "load_tensors: loading model tensors"
@@ -48,6 +50,8 @@ class KVReport:
 class LlamaMemoryReport:
     model_bytes: int | None = None
     kv: tuple[KVReport, ...] = ()  # one per cache (a sliding-window model has two)
+    state_bytes: int | None = None  # recurrent state (SSM/RWKV layers); None when the model has none
+    state_text: str | None = None  # as printed
     output_bytes: int | None = None
     compute_bytes: int | None = None
 
@@ -56,8 +60,15 @@ class LlamaMemoryReport:
         return sum(r.bytes for r in self.kv) if self.kv else None
 
     @property
+    def memory_bytes(self) -> int | None:
+        """KV cache plus recurrent state: what the estimate's ``kv_cache`` term covers."""
+        if self.kv_bytes is None and self.state_bytes is None:
+            return None
+        return (self.kv_bytes or 0) + (self.state_bytes or 0)
+
+    @property
     def total_bytes(self) -> int | None:
-        parts = (self.model_bytes, self.kv_bytes, self.output_bytes, self.compute_bytes)
+        parts = (self.model_bytes, self.memory_bytes, self.output_bytes, self.compute_bytes)
         if any(p is None for p in parts):
             return None
         return sum(p for p in parts if p is not None)
@@ -97,9 +108,12 @@ def parse_memory_log(text: str) -> LlamaMemoryReport:
         )
         for m in _KV.finditer(text)
     )
+    state = list(_STATE.finditer(text))
     return LlamaMemoryReport(
         model_bytes=_sum_last_block(list(_MODEL.finditer(text)), 2),
         kv=kv,
+        state_bytes=mib_to_bytes(state[-1].group(1)) if state else None,
+        state_text=state[-1].group(1) if state else None,
         output_bytes=_sum_last_block(list(_OUTPUT.finditer(text)), 2),
         compute_bytes=_sum_last_block(list(_COMPUTE.finditer(text)), 2),
     )

@@ -14,6 +14,17 @@ KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", 
 
 
 @dataclass(frozen=True)
+class SSMShape:
+    """A mamba-style layer's dimensions: they size its working buffers in the compute graph."""
+
+    d_inner: int
+    d_state: int
+    n_group: int
+    n_head: int
+    d_conv: int
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """The hyper-parameters of a model that decide what llama.cpp allocates.
 
@@ -40,6 +51,14 @@ class ModelShape:
     sliding_window: int = 0
     swa_layers: tuple[bool, ...] = ()  # per layer, True where the layer uses the sliding window
     recurrent_state_bytes: tuple[int, ...] = ()  # per layer f32 state per sequence (0 where none)
+    # Mixture of experts: each routed expert's FFN width (llama.cpp falls back to n_ff without the key), the
+    # always-on shared experts' total width, and whether some layers keep a dense FFN of n_ff.
+    n_ff_expert: int = 0
+    n_ff_shared: int = 0
+    dense_ffn: bool = True
+    mla_rank: int = 0  # multi-head latent attention: kv_lora_rank, the latent's width (0 = not MLA)
+    flash_query_width: int = 0  # with flash attention, the per-token attention width when not n_head x key_length (MLA)
+    ssm: SSMShape | None = None  # the SSM (mamba2-style) layers' dimensions, when the model has any
     shard_count: int = 1
     missing: tuple[str, ...] = field(default=())
     # Weights llama.cpp keeps in host memory even with every layer on a GPU (the input layer: token_embd), and

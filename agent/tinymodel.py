@@ -49,7 +49,18 @@ def _vocab(n_extra: int) -> tuple[list[str], list[float], list[int]]:
     types = [2, 3, 3]  # unknown, control, control
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256  # byte
-    pieces = ["▁", "▁the", "▁a", "▁hello", "▁world", "<|user|>", "<|assistant|>", "<|system|>"]
+    pieces = [
+        "▁",
+        "▁the",
+        "▁a",
+        "▁hello",
+        "▁world",
+        "<|user|>",
+        "<|assistant|>",
+        "<|system|>",
+        "<|end|>",
+        "<|endoftext|>",
+    ]
     pieces += [f"▁w{i}" for i in range(max(0, n_extra - len(pieces)))]
     tokens += pieces[:n_extra]
     types += [1] * n_extra
@@ -59,8 +70,26 @@ def _vocab(n_extra: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def n_vocab_for(n_extra: int) -> int:
+    return len(_CONTROL) + 256 + n_extra
+
+
 def n_vocab(shape: TinyShape) -> int:
-    return len(_CONTROL) + 256 + shape.n_vocab_extra
+    return n_vocab_for(shape.n_vocab_extra)
+
+
+def add_tiny_vocab(w: GGUFWriter, n_extra: int) -> None:
+    """The tokenizer metadata of the tiny vocabulary (SentencePiece-style, with a chat template)."""
+    tokens, scores, types = _vocab(n_extra)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_chat_template(_CHAT_TEMPLATE)
 
 
 def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int = 0) -> Path:
@@ -110,16 +139,7 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
         else:
             w.add_string(key, value)
 
-    tokens, scores, types = _vocab(shape.n_vocab_extra)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_chat_template(_CHAT_TEMPLATE)
+    add_tiny_vocab(w, shape.n_vocab_extra)
 
     def tensor(name: str, *dims: int) -> None:
         data = (rng.standard_normal(dims) * 0.02).astype(dtype)

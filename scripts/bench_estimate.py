@@ -3,7 +3,9 @@
 Run: ``python scripts/bench_estimate.py``. For each tiny model shape and setting it starts llama.cpp (xllamacpp),
 reads what it allocated (weights, KV cache, output, compute) and prints our estimate's error and LLMKube's
 (file size + layers x embedding x ctx x (bytes K + bytes V) + 512 MiB). Targets: KV exact, total within 5 %
-and never more than 5 % under. A second table compares the KV cache of well-known model shapes (published
+and never more than 5 % under. A second table does the same per architecture (the zoo of agent/tinyarch.py:
+gemma, qwen3, MoE, MLA, mamba2, hybrids...; target -1 %..+5 %, KV and recurrent state exact), with each
+architecture's worst errors. A third compares the KV cache of well-known model shapes (published
 hyper-parameters) with LLMKube's formula, which ignores grouped-query attention.
 """
 
@@ -19,6 +21,7 @@ from agent.estimator import estimate
 from agent.gguf_shape import load_shape
 from agent.kvcache import kv_cache_bytes
 from agent.shape import ModelShape, ServeSettings
+from agent.tinyarch import BOUNDED, ZOO, write_arch_gguf
 from agent.tinymodel import TinyShape, write_tiny_gguf
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -75,23 +78,65 @@ def measured_table() -> bool:
     return ok
 
 
+ARCH_SETTINGS = {
+    "ctx 4096": ServeSettings(ctx_size=4096),
+    "ctx 16384 fa": ServeSettings(ctx_size=16384, flash_attn=True),
+    "ctx 8192 np 4": ServeSettings(ctx_size=8192, parallel=4),
+    "ctx 4096 q8_0": ServeSettings(ctx_size=4096, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn=True),
+    "ctx 2048 ub 128": ServeSettings(ctx_size=2048, n_ubatch=128),
+}
+
+
+def architecture_table() -> bool:
+    """Every zoo architecture under every setting; returns whether all met -1 %..+5 % with KV and state exact
+    (the uncalibrated ones, estimated with the upper bound: never under)."""
+    ok = True
+    worst: dict[str, tuple[float, float]] = {}
+    print(f"\n{'architecture':<14} {'setting':<16} {'llama.cpp':>10} {'ours':>10} {'error':>7} {'KV+state':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ZOO + BOUNDED:
+            path = write_arch_gguf(Path(tmp) / f"{name}.gguf", name)
+            shape = load_shape(path)
+            for label, settings in ARCH_SETTINGS.items():
+                report = measure(path, settings).report
+                allocated = report.total_bytes or 0
+                est = estimate(shape, settings)
+                ours = est.weights_bytes + est.kv_cache_bytes + est.compute_bytes + output_buffer_bytes(shape, settings)
+                error = (ours - allocated) / allocated
+                caches = len(report.kv) + (report.state_bytes is not None)
+                exact = abs(est.kv_cache_bytes - (report.memory_bytes or 0)) <= 0.01 * MiB * caches
+                ok &= exact and (error >= 0 if name in BOUNDED else -0.01 <= error <= 0.05)
+                low, high = worst.get(name, (error, error))
+                worst[name] = (min(low, error), max(high, error))
+                print(
+                    f"{name:<14} {label:<16} {allocated / MiB:>8.1f}Mi {ours / MiB:>8.1f}Mi {error:>+7.1%} "
+                    f"{'exact' if exact else 'NO':>9}"
+                )
+    print(f"\n{'architecture':<14} {'worst under':>12} {'worst over':>11}")
+    for name, (low, high) in worst.items():
+        kind = "  (uncalibrated: upper bound)" if name in BOUNDED else ""
+        print(f"{name:<14} {min(low, 0.0):>+12.1%} {max(high, 0.0):>+11.1%}{kind}")
+    return ok
+
+
 KNOWN = {
-    # name: (layers, n_embd, n_head, n_head_kv, head_dim)
-    "Llama-3.1-8B": (32, 4096, 32, 8, 128),
-    "Llama-3.1-70B": (80, 8192, 64, 8, 128),
-    "Qwen2.5-7B": (28, 3584, 28, 4, 128),
-    "Mistral-7B-v0.3": (32, 4096, 32, 8, 128),
-    "Llama-2-7B (MHA)": (32, 4096, 32, 32, 128),
+    # name: (layers, n_embd, n_head, n_head_kv, key length, value length)
+    "Llama-3.1-8B": (32, 4096, 32, 8, 128, 128),
+    "Llama-3.1-70B": (80, 8192, 64, 8, 128, 128),
+    "Qwen2.5-7B": (28, 3584, 28, 4, 128, 128),
+    "Mistral-7B-v0.3": (32, 4096, 32, 8, 128, 128),
+    "Llama-2-7B (MHA)": (32, 4096, 32, 32, 128, 128),
+    "DeepSeek-V3 (MLA)": (61, 7168, 128, 1, 512 + 64, 0),  # the latent only: kv_lora_rank + rope, no V
 }
 
 
 def known_table(ctx: int = 32768) -> None:
     print(f"\nKV cache at ctx {ctx}, f16, published hyper-parameters:")
     print(f"{'model':<18} {'ours (exact)':>13} {'LLMKube':>10} {'factor':>7}")
-    for name, (layers, embd, heads, kv_heads, dim) in KNOWN.items():
+    for name, (layers, embd, heads, kv_heads, k_dim, v_dim) in KNOWN.items():
         shape = ModelShape(
             path=name, architecture="llama", n_layer=layers, n_embd=embd, n_head=heads,
-            n_head_kv=(kv_heads,) * layers, key_length=(dim,) * layers, value_length=(dim,) * layers,
+            n_head_kv=(kv_heads,) * layers, key_length=(k_dim,) * layers, value_length=(v_dim,) * layers,
             n_vocab=128256, n_ff=4 * embd, context_length=131072, weights_bytes=0, file_bytes=0, tensor_count=0,
         )  # fmt: skip
         ours = kv_cache_bytes(shape, ServeSettings(ctx_size=ctx))
@@ -101,8 +146,11 @@ def known_table(ctx: int = 32768) -> None:
 
 def main() -> int:
     ok = measured_table()
+    arch_ok = architecture_table()
     known_table()
     print("\ntargets (KV exact, total within 5 %):", "met" if ok else "NOT MET")
+    print("architectures (KV and state exact, total -1 %..+5 %):", "met" if arch_ok else "NOT MET")
+    ok &= arch_ok
     return 0 if ok else 1
 
 

@@ -1,7 +1,9 @@
 """Measure what real llama.cpp allocates for a matrix of tiny models and settings (calibration data).
 
 Writes one JSON line per run (to --out, default stdout): the model shape, the settings, llama.cpp's reported
-buffers and the server's RSS. docs/calibration.md is derived from this output.
+buffers and the server's RSS. docs/calibration.md is derived from this output. ``--archs`` measures the tiny
+models of agent/tinyarch.py instead (``--archs mamba2 mamba2-wide mamba2-state`` is the SSM fit, swept over
+n_ubatch and slots with ``--sweep``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from agent.calibrate import measure
 from agent.gguf_shape import load_shape
 from agent.kvcache import InvalidSettings, kv_cache_bytes
 from agent.shape import ServeSettings
+from agent.tinyarch import BUILDERS, write_arch_gguf
 from agent.tinymodel import TinyShape, n_vocab, write_tiny_gguf
 
 SHAPES = {
@@ -48,12 +52,40 @@ SETTINGS = [
 ]
 
 
+# The SSM fit: micro-batches from 64 to 1024 tokens, one and four sequences.
+SWEEP = [ServeSettings(ctx_size=4096, n_ubatch=ub, parallel=np) for ub in (64, 128, 256, 512, 1024) for np in (1, 4)]
+
+
+def measure_archs(names: list[str], settings_list: list[ServeSettings], out: TextIO) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path = write_arch_gguf(Path(tmp) / f"{name}.gguf", name)
+            for settings in settings_list:
+                m = measure(path, settings)
+                row = {
+                    "arch": name,
+                    "settings": dataclasses.asdict(settings),
+                    "model": m.report.model_bytes,
+                    "kv": m.report.kv_bytes,
+                    "state": m.report.state_bytes,
+                    "output": m.report.output_bytes,
+                    "compute": m.report.compute_bytes,
+                    "rss": m.rss_bytes,
+                }
+                print(json.dumps(row), file=out, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--shapes", nargs="*", default=sorted(SHAPES))
+    parser.add_argument("--archs", nargs="*", choices=sorted(BUILDERS), help="tiny architecture models instead")
+    parser.add_argument("--sweep", action="store_true", help="with --archs: the n_ubatch x slots sweep")
     args = parser.parse_args()
     out = args.out.open("w") if args.out else sys.stdout
+    if args.archs:
+        measure_archs(args.archs, SWEEP if args.sweep else SETTINGS, out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
             shape = SHAPES[name]

@@ -141,7 +141,7 @@ async def test_transient_errors_back_off_in_one_loop_however_many_changes_arrive
         # A retry loop per change (the old reporter) sent ten times as many.
         assert during <= 30, during
         assert reporter.stats()["backing_off"] == ["default/chat"]
-        assert status_of(kube_api)["agent"]["restarts"] == 9  # the latest status is written meanwhile
+        await until(lambda: status_of(kube_api)["agent"]["restarts"] == 9)  # the latest status is written meanwhile
         kube_api.clear_faults()
         await until(lambda: kube_api.get("EndpointSlice", "chat-metal-agent", api_version=SLICE) is not None)
         await settle(reporter)
