@@ -16,6 +16,7 @@ unit's own worker ever touches its process (see agent/pipeline.py).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,15 @@ WAIT_PHASES = frozenset({"Pending", "Downloading", "Starting", "Restarting", "Cr
 RETRY_AFTER_S = 5
 PENDING_POLL_S = 0.05
 GONE_WAIT_S = 5.0  # how long a failed connection's server is watched for going away before the 502
+
+
+def running_context(child: supervisor.Child | None) -> int | None:
+    """The ``--ctx-size`` a server's command line gives it, if any."""
+    argv = child.argv if child is not None else []
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("--ctx-size", "-c") and value.isdigit():
+            return int(value)
+    return None
 
 
 class Unavailable(Exception):
@@ -303,7 +313,11 @@ class OnDemand:
     def unit_status(self, runtime: UnitRuntime) -> dict[str, Any]:
         """The on-demand and context fields of one unit's status (merged into Agent.status's unit entry)."""
         unit, _ = self.agent.current_unit(runtime.key)
-        context = self.contexts.get(runtime.key) or (unit.settings.ctx_size if unit else None)
+        context = (
+            running_context(runtime.child)  # what the server was started with (an adopted one included)
+            or self.contexts.get(runtime.key)
+            or (unit.settings.ctx_size if unit else None)
+        )
         fields: dict[str, Any] = {"context_size": context, "on_demand": None}
         if unit is None or not unit.service.on_demand:
             return fields

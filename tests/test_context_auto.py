@@ -117,3 +117,17 @@ def test_the_sized_unit_is_the_same_unit_to_the_pipeline(model: Path) -> None:
     assert chosen_unit.spec_hash() == unit.spec_hash()  # not a spec change: the server it starts is kept
     fixed = ServingUnit(ServiceSpec("s", "d", "m", context_size=1024), ModelSpec("m", "d", str(model)))
     assert sized(fixed, model, 1 << 30) == (fixed, None)
+
+
+def test_the_context_shown_is_the_one_the_server_runs_with(tmp_path: Path) -> None:
+    from agent.ondemand import running_context
+    from agent.supervisor import Child
+
+    def child(*argv: str) -> Child:
+        return Child(1, 8080, list(argv), tmp_path / "log", 0.0)
+
+    assert running_context(child("llama-server", "-m", "m.gguf", "--ctx-size", "6144", "--parallel", "2")) == 6144
+    assert running_context(child("llama-server", "-c", "512")) == 512
+    assert running_context(child("mlx_lm.server", "--model", "m")) is None
+    assert running_context(child("llama-server", "--ctx-size")) is None
+    assert running_context(None) is None
