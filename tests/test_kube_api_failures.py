@@ -140,7 +140,7 @@ async def test_transient_errors_back_off_in_one_loop_however_many_changes_arrive
         # One worker backing off (0.05, 0.1, 0.2, 0.4, 0.5 s... with jitter; 3 quick attempts each): about 20.
         # A retry loop per change (the old reporter) sent ten times as many.
         assert during <= 30, during
-        assert reporter.stats()["backing_off"] == ["default/chat"]
+        await until(lambda: reporter.stats()["backing_off"] == ["default/chat"])  # between two tries, not in one
         await until(lambda: status_of(kube_api)["agent"]["restarts"] == 9)  # the latest status is written meanwhile
         kube_api.clear_faults()
         await until(lambda: kube_api.get("EndpointSlice", "chat-metal-agent", api_version=SLICE) is not None)
