@@ -36,14 +36,20 @@ from typing import Any
 
 import anyio.to_thread
 import pluggy
-import structlog
 
 from agent import hookspecs
 from agent.config import NOT_SETTINGS, PLUGIN_AUTOLOAD_ENV
 from agent.hookspecs import ENTRY_POINT_GROUP, PROJECT, Executor
 from agent.settings import ENV_PREFIX, SETTINGS, Setting
 
-log = structlog.get_logger("metal_agent.plugins")
+
+def _log() -> Any:
+    """The plugins' logger; structlog is imported on first use, not with the module (short commands start faster)."""
+    import structlog
+
+    return structlog.get_logger("metal_agent.plugins")
+
+
 BUILTIN = ("agent.defaults", "plugins.llamacpp", "plugins.mlx", "plugins.cuda")
 LOAD_TIME_HOOKS = frozenset({"agent_settings", "register_executors"})  # one that raises fails its plugin
 _ADAPTED = "_metal_agent_adapted"  # set on an implementation's wrapper
@@ -114,14 +120,14 @@ class Plugins:
                 try:
                     await result.awaitable
                 except Exception as exc:
-                    log.warning("plugin hook failed", plugin=result.plugin_name, hook=hook_name, error=str(exc))
+                    _log().warning("plugin hook failed", plugin=result.plugin_name, hook=hook_name, error=str(exc))
 
     def fail(self, name: str, why: str) -> None:
         """Take a plugin out: unregistered, and listed with ``why`` by ``metal-agent plugins``."""
         self.failures[name] = why
         if self.manager.get_plugin(name) is not None:
             self.manager.unregister(name=name)
-        log.warning("plugin failed", plugin=name, error=why)
+        _log().warning("plugin failed", plugin=name, error=why)
 
     def add(self, name: str | None, load: Callable[[], object], version: str) -> None:
         """Import (``load``) and register one plugin; any failure fails it alone."""
@@ -172,7 +178,7 @@ class Plugins:
         if hook_name in LOAD_TIME_HOOKS:
             self._broken[name] = f"{hook_name} failed: {type(exc).__name__}: {exc}"
         else:
-            log.warning("plugin hook failed", plugin=name, hook=hook_name, error=str(exc))
+            _log().warning("plugin hook failed", plugin=name, hook=hook_name, error=str(exc))
 
     def _call_at_load(self, hook_name: str, **kwargs: Any) -> dict[str, Any]:
         """Each plugin's answer to a load-time hook, async ones run to completion; a plugin that raises fails."""

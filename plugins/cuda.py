@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agent.plugin import (
     CONTEXT_OVERHEAD,
     DEFAULT_CONTEXT_OVERHEAD,
@@ -44,7 +42,6 @@ from agent.plugin import (
 from plugins.llamacpp import LlamaCppExecutor, executor_arguments
 
 __all__ = ["GPU", "NoGPU", "list_gpus"]
-log = structlog.get_logger("metal_agent.cuda")
 MiB = 1 << 20
 
 
@@ -113,7 +110,11 @@ class CUDAExecutor(LlamaCppExecutor):
             ((index, used),) = device.by_gpu.items()
             learned = CONTEXT_OVERHEAD.learn(index, used, sum(reported.values()))
             if learned is not None:
-                log.info("learned the CUDA context overhead", gpu=index, overhead=learned, process=used)
+                import structlog  # here, not at import: `estimate` loads this plugin and needs no logging
+
+                structlog.get_logger("metal_agent.cuda").info(
+                    "learned the CUDA context overhead", gpu=index, overhead=learned, process=used
+                )
         return footprint
 
 
