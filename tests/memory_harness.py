@@ -15,11 +15,11 @@ import psutil
 from anyio.streams.memory import MemoryObjectSendStream
 from fake_servers import Executors, FakeServer
 
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent
-from agent.pressure import Sample
-from agent.standalone import Event, EventType, Synced
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.memory.pressure import Sample
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType, Synced
 
 MiB = 1 << 20
 

@@ -10,15 +10,15 @@ import pytest
 from fake_servers import exec_done, server_argv
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent import supervisor
-from agent.calibrate import free_port
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.engine.units import ServingUnit
+from agent.estimate.calibrate import free_port
 from agent.hookspecs import Launch
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.statefile import ChildRecord, save
-from agent.units import ServingUnit
+from agent.processes import supervisor
+from agent.processes.statefile import ChildRecord, save
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from memory_harness import MiB, SimulatedHost, TinyPlugin, phase, running, service, until
 
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.preflight import Mode
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.preflight import Mode
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import Event, EventType
 
 
 def make_agent(tmp_path: Path, total: int, fraction: float, mode: Mode = Mode.ENFORCE) -> Agent:

@@ -11,11 +11,11 @@ import pytest
 from fake_servers import Executors, FakeServer
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent.memory_guard import MemoryGuard
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.pressure import Sample
-from agent.standalone import Event, EventType
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.memory.memory_guard import MemoryGuard
+from agent.memory.pressure import Sample
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB

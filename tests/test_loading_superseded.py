@@ -10,14 +10,14 @@ import pytest
 from fake_servers import Executors, FakeServer, exec_done, marked_servers, server_argv
 from memory_harness import MiB, SimulatedHost, model_event, phase, running, service, until
 
-from agent import marker, supervisor
-from agent.calibrate import free_port
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.engine.units import ServingUnit
+from agent.estimate.calibrate import free_port
 from agent.hookspecs import Launch
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import SYNCED, Event, EventType
-from agent.units import ServingUnit
+from agent.processes import marker, supervisor
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import SYNCED, Event, EventType
 
 pytestmark = pytest.mark.anyio
 

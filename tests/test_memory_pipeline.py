@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent.manifest import PRIORITIES
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.sources.manifest import PRIORITIES
+from agent.sources.standalone import Event, EventType
 
 TOTAL = 512 * MiB
 

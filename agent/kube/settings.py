@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.manifest import ACCELERATORS
-from agent.quantity import InvalidValue
+from agent.estimate.quantity import InvalidValue
+from agent.sources.manifest import ACCELERATORS
 
 # DNS-1123 labels (namespaces) and subdomains (object names), as the API server checks them.
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
