@@ -30,10 +30,10 @@ import pluggy
 
 if TYPE_CHECKING:
     from agent.config.settings import Setting
-    from agent.engine.units import ServingUnit
     from agent.estimate.budget import Budget
     from agent.estimate.hostmem import HostMemory
     from agent.estimate.preflight import Verdict
+    from agent.sources.units import ServingUnit
 
 PROJECT = "metal_agent"
 ENTRY_POINT_GROUP = "metal_agent.executors"

@@ -38,19 +38,19 @@ from agent.config.settings import (
     text,
     text_choice,
 )
-from agent.engine.units import ServingUnit
 from agent.estimate.budget import Budget
 from agent.estimate.device_estimate import gpu_estimate
 from agent.estimate.hostmem import HostMemory
 from agent.estimate.preflight import Mode, Reason, Verdict, failed, judge
 from agent.estimate.preflight import preflight as check_gguf
-from agent.estimate.quantity import InvalidValue, format_bytes, parse_quantity, shown
 from agent.estimate.shape import ModelShape, ServeSettings
 from agent.hookspecs import ENTRY_POINT_GROUP, Executor, Launch, hookimpl
 from agent.memory.footprint import Footprint, is_device_backend, measure_process
 from agent.memory.gpus import CONTEXT_OVERHEAD, DEFAULT_CONTEXT_OVERHEAD, GPU, NoGPU, list_gpus
 from agent.memory.gpus import process_memory as gpu_process_memory
 from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
+from agent.util.quantity import InvalidValue, format_bytes, parse_quantity, shown
 from agent.util.redact import quoted
 from agent.util.safe_files import read_bytes
 

@@ -15,7 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.estimate.calibrate import measure
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # calibrate.py
+
+from calibrate import measure
+
 from agent.estimate.compute_model import output_buffer_bytes
 from agent.estimate.estimator import estimate
 from agent.estimate.gguf_shape import load_shape

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from kubeapi import KubeAPI
 from kubernetes_asyncio.client import ApiClient
 
-from agent.engine.units import ServingUnit
 from agent.kube.report import KubeReporter, ReporterSettings
 from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
 from agent.util import logs
 
 API = "inference.llmkube.dev/v1alpha1"

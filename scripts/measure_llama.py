@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from agent.estimate.calibrate import measure
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # calibrate.py
+
+from calibrate import measure
+
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.kvcache import InvalidSettings, kv_cache_bytes
 from agent.estimate.shape import ServeSettings

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fake_servers import Executors
 
-from agent.engine.units import ServingUnit
 from agent.hookspecs import Launch
+from agent.sources.units import ServingUnit
 
 SERVER = r"""
 import http.server, json, sys, time

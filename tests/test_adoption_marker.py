@@ -21,12 +21,12 @@ from structlog.testing import capture_logs
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
-from agent.estimate.calibrate import free_port
 from agent.hookspecs import Launch
 from agent.processes import marker, supervisor
+from agent.processes.ports import free_port
 from agent.sources.manifest import ModelSpec
 from agent.sources.standalone import SYNCED, Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

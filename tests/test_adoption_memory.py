@@ -12,13 +12,13 @@ from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, r
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
-from agent.estimate.calibrate import free_port
 from agent.hookspecs import Launch
 from agent.processes import supervisor
+from agent.processes.ports import free_port
 from agent.processes.statefile import ChildRecord, save
 from agent.sources.manifest import ModelSpec
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB

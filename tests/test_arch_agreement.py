@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from calibrate import measure
 
-from agent.estimate.calibrate import measure
 from agent.estimate.compute_model import (
     compute_model_and_bound,
     is_calibrated,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from agent.estimate.budget import ADAPTIVE_THRESHOLD, Budget, describe, fraction_of, resolve_budget
-from agent.estimate.quantity import InvalidValue
+from agent.util.quantity import InvalidValue
 
 GiB = 2**30
 

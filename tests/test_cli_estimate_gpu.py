@@ -11,9 +11,9 @@ from gguf_headers import MODELS, write_header_only
 
 from agent.cli import cmd_estimate, main
 from agent.engine.plugin_manager import Plugins, load_plugins
-from agent.engine.units import ServingUnit
 from agent.estimate.budget import Budget
 from agent.hookspecs import hookimpl
+from agent.sources.units import ServingUnit
 
 GiB, MiB = 1 << 30, 1 << 20
 

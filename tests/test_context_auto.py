@@ -13,7 +13,6 @@ from memory_harness import MiB, SimulatedHost, TinyPlugin, running, until
 from agent.cli import main
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
 from agent.estimate.estimator import estimate, max_ctx_size
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.shape import ServeSettings
@@ -21,6 +20,7 @@ from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.memory.context_auto import choose, largest_context
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 
 @pytest.fixture

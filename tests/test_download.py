@@ -16,11 +16,11 @@ import pytest
 import structlog.testing
 
 from agent.cli import main
+from agent.engine.model_fetch import FetchSettings, ModelFetcher
 from agent.estimate.gguf_header import IncompleteHeader, read_header, read_header_prefix
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.models.download import DownloadError, Progress, download
-from agent.models.model_fetch import FetchSettings, ModelFetcher
 from agent.models.model_store import (
     SourceError,
     auth_headers,

@@ -11,9 +11,9 @@ import pytest
 from fake_servers import Executors, FakeServer
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
+from agent.engine.memory_guard import MemoryGuard
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.memory.memory_guard import MemoryGuard
 from agent.memory.pressure import Sample
 from agent.sources.standalone import Event, EventType
 

@@ -11,8 +11,8 @@ import pytest
 
 from agent.config.loading import ConfigError, all_settings, resolve
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
 from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
 from plugins.extra_args import ExtraArgsRefused
 from plugins.llama_flags import LLAMA_SERVER
 from plugins.llamacpp import LlamaCppExecutor

@@ -14,10 +14,10 @@ from memory_harness import model_event, running, until
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
 from agent.hookspecs import hookimpl
 from agent.sources.manifest import ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

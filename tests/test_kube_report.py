@@ -397,8 +397,8 @@ def test_run_flags_reach_the_reporter_settings() -> None:
     from agent.cli import build_parser
     from agent.cli.cmd_run import effective_config
     from agent.engine.plugin_manager import load_plugins
-    from agent.estimate.quantity import InvalidValue
     from agent.kube.report import reporter_settings
+    from agent.util.quantity import InvalidValue
 
     def config_from(args: Any) -> Any:
         return effective_config(args, load_plugins(entry_points=False))[1]

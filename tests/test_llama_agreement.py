@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from calibrate import measure
 
-from agent.estimate.calibrate import measure
 from agent.estimate.compute_model import output_buffer_bytes
 from agent.estimate.estimator import estimate
 from agent.estimate.gguf_shape import load_shape

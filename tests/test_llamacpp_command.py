@@ -73,8 +73,8 @@ def test_ports_kernel_assigned_or_from_a_configured_range() -> None:
     import socket
 
     from agent.cli.cmd_run import port_range
-    from agent.estimate.calibrate import free_port
-    from agent.estimate.quantity import InvalidValue
+    from agent.processes.ports import free_port
+    from agent.util.quantity import InvalidValue
 
     def bindable(port: int) -> bool:
         with socket.socket() as probe:
@@ -117,8 +117,8 @@ def test_servers_listen_where_the_mode_needs_them(argv: list[str], host: str, tm
     from agent.cli import build_parser
     from agent.cli.cmd_run import effective_config
     from agent.engine.plugin_manager import load_plugins
-    from agent.engine.units import ServingUnit
     from agent.sources.manifest import ModelSpec, ServiceSpec
+    from agent.sources.units import ServingUnit
 
     kubeconfig = ["--kubeconfig", str(tmp_path / "kubeconfig")] if "--kube" in argv else []
     plugins = load_plugins(entry_points=False)

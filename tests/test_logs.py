@@ -18,11 +18,11 @@ import structlog
 from agent import cli
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 from agent.util import logs
 
 SECRET = "kubeconfig-token-7f3a9c"  # must never reach a log line

@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
-from agent.estimate.calibrate import free_port
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
+from agent.processes.ports import free_port
 from agent.service.api import serve
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

@@ -22,8 +22,8 @@ from memory_harness import MiB, Sender, SimulatedHost, running, until
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.estimate.calibrate import free_port
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 from agent.service.api import serve
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType

@@ -13,9 +13,9 @@ from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, r
 
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
-from agent.engine.units import ServingUnit
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

@@ -101,7 +101,7 @@ async def test_downloaded_models_get_the_configured_mode(
 
 def test_model_file_mode_setting_refuses_modes_others_may_write() -> None:
     from agent.config.settings import FILE_MODE
-    from agent.estimate.quantity import InvalidValue
+    from agent.util.quantity import InvalidValue
 
     assert FILE_MODE.check("0640", "models.file_mode") == 0o640
     assert FILE_MODE.check("600", "models.file_mode") == 0o600

@@ -14,10 +14,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent.estimate.calibrate import free_port
 from agent.hookspecs import Launch
 from agent.processes import supervisor
 from agent.processes.logwriter import RotatingLog
+from agent.processes.ports import free_port
 from agent.processes.server_env import server_environment
 
 pytestmark = pytest.mark.anyio

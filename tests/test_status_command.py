@@ -15,8 +15,8 @@ from test_agent_e2e import AgentProcess, manifest
 
 from agent.cli import main
 from agent.cli.cmd_status import COLUMNS, render
-from agent.estimate.calibrate import free_port
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 
 METAL_AGENT = Path(sys.executable).parent / "metal-agent"
 STATUS = {

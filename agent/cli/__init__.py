@@ -17,8 +17,8 @@ from collections.abc import Collection, Sequence
 from typing import NoReturn
 
 from agent import __version__
-from agent.estimate.quantity import InvalidValue
 from agent.util import logs
+from agent.util.quantity import InvalidValue
 
 # command -> (its module, which has ``add_parser(subparsers, help_line)``; the line ``metal-agent --help`` shows)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -25,7 +25,6 @@ import anyio
 import yaml
 
 from agent.estimate.kvcache import validate_settings
-from agent.estimate.quantity import InvalidValue, parse_fraction
 from agent.estimate.shape import KV_CACHE_TYPES
 from agent.kube.calls import MERGE_PATCH, api_message
 from agent.sources.manifest import (
@@ -39,6 +38,7 @@ from agent.sources.manifest import (
     ServiceSpec,
     parse_object,
 )
+from agent.util.quantity import InvalidValue, parse_fraction
 
 EXIT_OK, EXIT_API, EXIT_INVALID = 0, 1, 2
 DEADLINE = 60.0  # seconds for all (at most four) API calls

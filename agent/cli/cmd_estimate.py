@@ -16,18 +16,18 @@ import anyio
 
 from agent.config.loading import ConfigError, add_config_flag, all_settings, load
 from agent.engine.plugin_manager import Plugins, load_plugins
-from agent.engine.units import ServingUnit
 from agent.estimate.budget import Budget
 from agent.estimate.gguf_header import GGUFError
 from agent.estimate.hostmem import HostMemory, detect_host_memory
 from agent.estimate.kvcache import InvalidSettings, validate_settings
 from agent.estimate.preflight import Mode, Reason, Verdict
-from agent.estimate.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 from agent.estimate.shape import KV_CACHE_TYPES, ServeSettings
 from agent.kube.settings import default_accelerators
 from agent.memory import gpus
 from agent.models.model_store import SourceError, default_model_store, remote_url
 from agent.sources.manifest import ManifestError, ModelSpec, ServiceSpec, load_file
+from agent.sources.units import ServingUnit
+from agent.util.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID = 0, 1, 2
 ACCELERATORS = ("metal", "cpu", "cuda")
@@ -102,8 +102,8 @@ def _load_target(source: str) -> tuple[Path, ModelSpec | None, ServiceSpec | Non
 
 def _plan_remote(source: str) -> Path:
     """Where a remote model will be, its header fetched; the HTTP client is imported only for remote models."""
+    from agent.engine.model_fetch import plan_remote
     from agent.models.download import DownloadError
-    from agent.models.model_fetch import plan_remote
 
     try:
         return plan_remote(source, default_model_store())

@@ -28,7 +28,6 @@ from agent.config.loading import (
 from agent.config.settings import port_range as port_range  # re-exported: the --ports parser
 from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import Plugins, load_plugins
-from agent.estimate.quantity import InvalidValue
 from agent.kube import flags as kube_flags
 from agent.kube.report import start_reporter
 from agent.kube.source import ConfigError as KubeConfigError
@@ -38,6 +37,7 @@ from agent.processes.instance_lock import AlreadyRunning, InstanceLock
 from agent.service.api import serve
 from agent.sources.standalone import SYNCED, Event, Synced, watch
 from agent.util import logs
+from agent.util.quantity import InvalidValue
 from agent.util.safe_files import private_dir, write_atomic
 
 HELP = f"""\

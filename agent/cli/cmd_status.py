@@ -12,8 +12,8 @@ from typing import Any
 
 from agent.config.loading import Config, ConfigError, add_config_flag, all_settings, load
 from agent.engine.plugin_manager import load_plugins
-from agent.estimate.quantity import format_bytes
 from agent.util.duration import format_duration
+from agent.util.quantity import format_bytes
 
 EPILOG = """\
 The agent's address comes from --api, else from the configuration (api.host and api.port: the config file,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config.settings import BOOLEAN, ENV_PREFIX, SETTINGS, Setting, toml_value
-from agent.estimate.quantity import InvalidValue
 from agent.processes import marker
+from agent.util.quantity import InvalidValue
 from agent.util.safe_files import read_text
 
 if TYPE_CHECKING:

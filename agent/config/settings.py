@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.estimate.preflight import Mode
-from agent.estimate.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity, shown
 from agent.kube.settings import check_label_selector, check_namespace, parse_accelerators, parse_only
 from agent.util import logs
+from agent.util.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity, shown
 
 ENV_PREFIX = "METAL_AGENT_"
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.engine.units import ServingUnit
 from agent.estimate.budget import Budget
 from agent.estimate.hostmem import HostMemory
 from agent.estimate.preflight import Mode, Verdict
 from agent.estimate.preflight import preflight as check
 from agent.hookspecs import hookimpl
+from agent.sources.units import ServingUnit
 
 
 @hookimpl

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from agent.engine.serving_metrics import ServingMetrics
 from agent.engine.unit_state import UnitRuntime
-from agent.engine.units import ServingUnit
-from agent.estimate.quantity import format_bytes
 from agent.memory.admission import PRIORITY_RANK
 from agent.processes import supervisor
-from agent.service.serving_metrics import ServingMetrics
+from agent.sources.units import ServingUnit
 from agent.util.duration import format_duration
+from agent.util.quantity import format_bytes
 
 if TYPE_CHECKING:
     from agent.engine.pipeline import Agent

@@ -19,32 +19,32 @@ import anyio
 import structlog
 
 from agent.config.agent_config import AgentConfig as AgentConfig  # re-exported: callers build it beside Agent
+from agent.engine.memory_guard import Measured, MemoryGuard
+from agent.engine.metrics import Metrics
+from agent.engine.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.engine.ondemand import IDLE, OnDemand
 from agent.engine.plugin_manager import Plugins
 from agent.engine.unit_state import UnitRuntime
-from agent.engine.units import ServingUnit
 from agent.estimate.budget import resolve_budget
-from agent.estimate.calibrate import free_port
 from agent.estimate.hostmem import detect_host_memory
 from agent.estimate.preflight import Reason, Verdict
-from agent.estimate.quantity import format_bytes
 from agent.hookspecs import Executor, spec_problem
 from agent.memory import context_auto, gpus
 from agent.memory.admission import EVICTED, Admission, Outcome
 from agent.memory.footprint import keep_report, measure_with
-from agent.memory.memory_guard import Measured, MemoryGuard
 from agent.memory.pressure import Provider, Watchdog, system_provider
 from agent.models.download import DownloadError, Progress
-from agent.models.model_fetch import FetchSettings, ModelFetcher, cancellable, download_status, failure_status
 from agent.models.model_store import ModelFiles, SourceError
 from agent.processes import marker, supervisor
 from agent.processes.adoption import recover
+from agent.processes.ports import free_port
 from agent.processes.state_keeper import StateKeeper
 from agent.processes.statefile import ChildRecord
-from agent.service.metrics import Metrics
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType, Synced
+from agent.sources.units import ServingUnit
 from agent.util import logs
+from agent.util.quantity import format_bytes
 from agent.util.redact import redact_text
 
 log = structlog.get_logger("metal_agent.pipeline")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from agent.estimate.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
+from agent.util.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity
 
 ADAPTIVE_THRESHOLD = 36 * 2**30  # hosts up to and including 36 GiB get the smaller fraction
 ADAPTIVE_SMALL_FRACTION = 0.67

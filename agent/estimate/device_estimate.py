@@ -15,8 +15,8 @@ import dataclasses
 from agent.estimate.compute_model import F16, F32, output_buffer_bytes
 from agent.estimate.estimator import Estimate, estimate
 from agent.estimate.kvcache import kv_cells
-from agent.estimate.quantity import format_bytes
 from agent.estimate.shape import ModelShape, ServeSettings
+from agent.util.quantity import format_bytes
 
 MiB = 1 << 20
 # Resident host memory of a CUDA llama-server beyond its host buffers: 333-360 MiB measured (the CUDA runtime

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from agent.estimate.compute_model import compute_buffer_bytes, runtime_overhead_bytes, uncalibrated_margin_bytes
 from agent.estimate.kvcache import kv_cache_bytes, kv_cells, validate_settings
-from agent.estimate.quantity import format_bytes
 from agent.estimate.shape import ModelShape, ServeSettings
+from agent.util.quantity import format_bytes
 
 MIN_CTX = 256
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.estimate.quantity import format_bytes
+from agent.util.quantity import format_bytes
 
 MiB = 2**20
 # cgroup v1 writes a page-rounded 2**63 - 1 for "no limit"; anything this large is no limit at all.

@@ -17,8 +17,8 @@ from agent.estimate.estimator import Estimate, Estimator, advice, estimate, max_
 from agent.estimate.gguf_header import GGUFError
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.hostmem import HostMemory
-from agent.estimate.quantity import format_bytes
 from agent.estimate.shape import ModelShape, ServeSettings
+from agent.util.quantity import format_bytes
 
 
 class Reason(StrEnum):

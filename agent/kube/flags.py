@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from agent.estimate.quantity import InvalidValue
 from agent.kube.endpoints import routable
 from agent.kube.settings import KubeSettings
+from agent.util.quantity import InvalidValue
 
 KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only",
              "agent_name", "advertise_address")  # fmt: skip

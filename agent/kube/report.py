@@ -13,7 +13,7 @@ wins, backing off on transient failures and not asking again after a permanent o
 
 Text the cluster reads (conditions, Events) names the Service URL, never the server's loopback URL.
 The agent's own status writes do not start another reconcile: a write to the status subresource never changes
-``metadata.generation`` or the spec, and the unit's spec hash (``agent.engine.units``) covers the specs only.
+``metadata.generation`` or the spec, and the unit's spec hash (``agent.sources.units``) covers the specs only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from kubernetes_asyncio.client import CustomObjectsApi
 
 from agent.engine.pipeline import AgentConfig
 from agent.engine.plugin_manager import Plugins
-from agent.engine.units import ServingUnit
 from agent.hookspecs import hookimpl
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.kube.endpoints import Endpoints, label_value
@@ -40,6 +39,7 @@ from agent.kube.reconcile import Outcome, Reconciler
 from agent.kube.registration import Registration
 from agent.kube.status import SCHEDULING_REASONS, TERMINATING, build_status, managed, merge_patch, strip_nulls
 from agent.sources.manifest import GROUP, VERSION
+from agent.sources.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.kube.report")
 PLURAL = "inferenceservices"

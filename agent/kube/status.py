@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.estimate.quantity import format_bytes
 from agent.estimate.shape import ModelShape
 from agent.util.duration import format_duration
+from agent.util.quantity import format_bytes
 
 JSON = dict[str, Any]
 

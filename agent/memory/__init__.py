@@ -2,5 +2,6 @@
 
 The admission ledger (host and per GPU), the admission queue and ``contextSize: auto``, the pressure watchdog,
 eviction order, what a running server really uses (footprints) and the GPUs as the agent sees them. Built on
-``agent.estimate``; knows units only by the plain values the engine hands it.
+``agent.estimate`` and the unit types of ``agent.sources``; the engine wires it to running units
+(``agent.engine.memory_guard``).
 """

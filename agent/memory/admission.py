@@ -33,12 +33,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.estimate.quantity import format_bytes
 from agent.memory import gpu_ledgers
 from agent.memory.eviction import Candidate, choose_victims
 from agent.memory.footprint import Footprint
 from agent.memory.ledger import Ledger
 from agent.sources.manifest import PRIORITIES
+from agent.util.quantity import format_bytes
 
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 INSUFFICIENT_MEMORY = "InsufficientMemory"

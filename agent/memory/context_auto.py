@@ -16,12 +16,12 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from agent.engine.units import ServingUnit
 from agent.estimate.estimator import MIN_CTX, max_ctx_size
 from agent.estimate.gguf_header import GGUFError
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.shape import ModelShape, ServeSettings
 from agent.sources.manifest import DEFAULT_CTX_SIZE, MAX_CTX_SIZE
+from agent.sources.units import ServingUnit
 
 
 @dataclass(frozen=True)

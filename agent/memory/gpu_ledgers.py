@@ -8,8 +8,8 @@ fit when fewer than ``gpu_count`` GPUs have a budget as large as its share. The 
 
 from __future__ import annotations
 
-from agent.estimate.quantity import format_bytes
 from agent.memory.ledger import Ledger
+from agent.util.quantity import format_bytes
 
 Ledgers = dict[int, Ledger]
 

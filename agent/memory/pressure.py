@@ -23,7 +23,7 @@ import anyio
 import structlog
 
 from agent.estimate.hostmem import Sysctl, _run_sysctl, detect_host_memory
-from agent.estimate.quantity import InvalidValue, format_bytes
+from agent.util.quantity import InvalidValue, format_bytes
 
 log = structlog.get_logger("metal_agent.pressure")
 KERNEL_LEVELS = {1: "normal", 2: "warning", 4: "critical"}

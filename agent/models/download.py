@@ -29,8 +29,8 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.estimate.quantity import format_bytes
 from agent.models.model_store import RemoteFile, auth_headers, canonical
+from agent.util.quantity import format_bytes
 from agent.util.redact import redact_text
 from agent.util.redact import redact_url as redact
 from agent.util.safe_files import open_regular, read_bytes

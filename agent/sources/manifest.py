@@ -17,9 +17,9 @@ import yaml
 
 from agent.estimate.budget import Budget, resolve_budget
 from agent.estimate.kvcache import cache_type
-from agent.estimate.quantity import InvalidValue, parse_fraction, parse_quantity
 from agent.estimate.shape import ServeSettings
 from agent.util.duration import parse_duration
+from agent.util.quantity import InvalidValue, parse_fraction, parse_quantity
 from agent.util.redact import quoted
 from agent.util.safe_files import read_bytes
 

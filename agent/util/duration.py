@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from agent.estimate.quantity import InvalidValue, shown
+from agent.util.quantity import InvalidValue, shown
 
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from agent.estimate.quantity import InvalidValue, shown
+from agent.util.quantity import InvalidValue, shown
 from agent.util.redact import redact_text
 
 if TYPE_CHECKING:

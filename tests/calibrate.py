@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,24 +22,10 @@ import psutil
 
 from agent.estimate.llama_memlog import LlamaMemoryReport, parse_memory_log
 from agent.estimate.shape import ServeSettings
+from agent.processes.ports import free_port
 from plugins.llamacpp import ServerOptions, server_argv
 
 STAND_IN = [sys.executable, "-m", "plugins.xllamacpp_server"]  # llama.cpp's server from the xllamacpp wheel
-
-
-def free_port(candidates: range | None = None, taken: frozenset[int] = frozenset()) -> int:
-    """A port nothing listens on: kernel-assigned, or the first free one of ``candidates`` not in ``taken``."""
-    for port in candidates if candidates is not None else [0]:
-        if port in taken:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen: int = sock.getsockname()[1]
-            return chosen
-    raise OSError(f"no free port in {candidates.start}-{candidates.stop - 1}" if candidates else "no free port")
 
 
 @dataclass(frozen=True)
@@ -58,7 +43,7 @@ def measure(model: str | os.PathLike[str], settings: ServeSettings, timeout: flo
             server_argv(STAND_IN, model, settings, port, ServerOptions(threads=2)),
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=Path(__file__).resolve().parents[1],
             start_new_session=True,
         )
         try:

@@ -1,6 +1,6 @@
 """Metrics of the OpenAI-compatible endpoint and of serving on demand, in the agent's own registry.
 
-Kept apart from agent/service/metrics.py (the pipeline's): cold starts, idle stops, how long requests waited for their
+Kept apart from agent/engine/metrics.py (the pipeline's): cold starts, idle stops, how long requests waited for their
 unit, and requests by unit and status code. Evictions to make room are the pipeline's eviction counter with
 reason ``MakeRoom``.
 """

@@ -18,10 +18,10 @@ import structlog
 
 from agent.engine.unit_state import UnitRuntime
 from agent.estimate.preflight import Mode
-from agent.estimate.quantity import format_bytes
 from agent.memory.admission import Admission, Claim
 from agent.memory.footprint import Footprint
 from agent.memory.pressure import Level, Sample, Thresholds, Watchdog
+from agent.util.quantity import format_bytes
 
 log = structlog.get_logger("metal_agent.memory")
 EXCEEDS_BUDGET_HINT = (

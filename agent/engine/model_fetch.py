@@ -19,13 +19,13 @@ import anyio
 import structlog
 
 from agent.engine.unit_state import UnitRuntime
-from agent.engine.units import ServingUnit
 from agent.estimate.gguf_header import GGUFError
 from agent.estimate.gguf_shape import plan_shape
 from agent.models.download import MODEL_FILE_MODE, READ_BUFFER, DiskFree, DownloadError, Progress, download, free_bytes
 from agent.models.model_store import ModelFiles, RemoteFile, SourceError, model_files
 from agent.models.remote_header import RemoteHeader, fetch_header, forget_header, load_header, remote_shape, save_header
 from agent.sources.manifest import ModelSpec
+from agent.sources.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.download")
 Report = Callable[[list[Progress], bool], Awaitable[None]]  # (progress, publish: log it and call report hooks)
