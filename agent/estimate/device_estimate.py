@@ -1,6 +1,6 @@
 """A GPU server's memory (llama.cpp on CUDA): the estimate split into device memory and host memory.
 
-Measured on an H200 (the CUDA section of the README): the process's device memory is the GPU-placed weights
+Measured on an H200 (docs/running.md, "What is measured how"): the process's device memory is the GPU-placed weights
 (every layer and the output layer with ``-ngl 99``; a tied output layer is a *copy* of ``token_embd``), the KV
 cache, the CUDA compute buffer (the same graph the CPU calibration sized) and a constant CUDA context overhead
 (context, cuBLAS, kernel images: 589 MiB there, a setting, learned from the first server). The host keeps the

@@ -134,7 +134,7 @@ def process_memory(pid: int, run: Run | None = None) -> ProcessMemory | None:
 
 # Measured on an NVIDIA H200 with CUDA 13.0 (driver 580): a llama-server process holds 589 MiB of device
 # memory beyond the buffers llama.cpp reports (CUDA context, cuBLAS, kernel images), constant to 1 MiB over 17
-# cases (docs: the CUDA section of the README). Rounded up; other GPUs and drivers differ, so the agent learns it.
+# cases (docs/running.md, "What is measured how"). Rounded up; other GPUs and drivers differ, so the agent learns it.
 DEFAULT_CONTEXT_OVERHEAD = 600 * MiB
 
 
