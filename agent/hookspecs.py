@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
-    from agent.budget import Budget
-    from agent.hostmem import HostMemory
-    from agent.preflight import Verdict
-    from agent.settings import Setting
-    from agent.units import ServingUnit
+    from agent.config.settings import Setting
+    from agent.estimate.budget import Budget
+    from agent.estimate.hostmem import HostMemory
+    from agent.estimate.preflight import Verdict
+    from agent.sources.units import ServingUnit
 
 PROJECT = "metal_agent"
 ENTRY_POINT_GROUP = "metal_agent.executors"
@@ -68,7 +68,7 @@ class Executor(Protocol):
     written (an ``extraArgs`` flag it does not allow, say), or None. The agent asks it before the unit is admitted;
     a message makes the unit ``Failed`` with reason ``InvalidSpec`` and nothing is started.
 
-    An executor may also define ``measure(pid, log_path) -> agent.footprint.Footprint``: what its server really
+    An executor may also define ``measure(pid, log_path) -> agent.memory.footprint.Footprint``: what its server really
     uses, per kind of memory (host, device per GPU), each figure with its source. Without it the agent measures
     the process's host memory (RSS on Linux, the physical footprint on macOS) and llama.cpp's log.
     """

@@ -23,20 +23,7 @@ complete example package; agent/hookspecs.py documents each hook's arguments and
 
 from __future__ import annotations
 
-from agent.budget import Budget
-from agent.device_estimate import gpu_estimate
-from agent.footprint import Footprint, is_device_backend, measure_process
-from agent.gpus import CONTEXT_OVERHEAD, DEFAULT_CONTEXT_OVERHEAD, GPU, NoGPU, list_gpus
-from agent.gpus import process_memory as gpu_process_memory
-from agent.hookspecs import ENTRY_POINT_GROUP, Executor, Launch, hookimpl
-from agent.hostmem import HostMemory
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.preflight import Mode, Reason, Verdict, failed, judge
-from agent.preflight import preflight as check_gguf
-from agent.quantity import InvalidValue, format_bytes, parse_quantity, shown
-from agent.redact import quoted
-from agent.safe_files import read_bytes
-from agent.settings import (
+from agent.config.settings import (
     BOOLEAN,
     FRACTION,
     HOST,
@@ -51,8 +38,21 @@ from agent.settings import (
     text,
     text_choice,
 )
-from agent.shape import ModelShape, ServeSettings
-from agent.units import ServingUnit
+from agent.estimate.budget import Budget
+from agent.estimate.device_estimate import gpu_estimate
+from agent.estimate.hostmem import HostMemory
+from agent.estimate.preflight import Mode, Reason, Verdict, failed, judge
+from agent.estimate.preflight import preflight as check_gguf
+from agent.estimate.shape import ModelShape, ServeSettings
+from agent.hookspecs import ENTRY_POINT_GROUP, Executor, Launch, hookimpl
+from agent.memory.footprint import Footprint, is_device_backend, measure_process
+from agent.memory.gpus import CONTEXT_OVERHEAD, DEFAULT_CONTEXT_OVERHEAD, GPU, NoGPU, list_gpus
+from agent.memory.gpus import process_memory as gpu_process_memory
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
+from agent.util.quantity import InvalidValue, format_bytes, parse_quantity, shown
+from agent.util.redact import quoted
+from agent.util.safe_files import read_bytes
 
 __all__ = [
     "BOOLEAN",

@@ -1,8 +1,8 @@
 """GGUF models on NVIDIA GPUs: llama-server budgeted against GPU memory, not host RAM.
 
-GPU memory comes from NVML, else ``nvidia-smi`` (agent/gpus.py). The unit's ``hardware.gpu.count`` picks that
+GPU memory comes from NVML, else ``nvidia-smi`` (agent/memory/gpus.py). The unit's ``hardware.gpu.count`` picks that
 many devices with the most free memory; their memory together is the total the budget is taken from. The
-estimate is split into device and host memory (agent/device_estimate.py), the budget limits the device part,
+estimate is split into device and host memory (agent/estimate/device_estimate.py), the budget limits the device part,
 and a running server is measured per process on each GPU. No GPU is a clear ``MemoryCheckFailed``, never a crash.
 """
 

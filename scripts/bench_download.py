@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_header_scan import write_big_header
 
-from agent.calibrate import free_port
-from agent.download import READ_BUFFER, Progress, download
-from agent.model_store import remote_files
-from agent.remote_header import fetch_header, remote_shape
+from agent.models.download import READ_BUFFER, Progress, download
+from agent.models.model_store import remote_files
+from agent.models.remote_header import fetch_header, remote_shape
+from agent.processes.ports import free_port
 
 
 async def bench(folder: Path, mib: int) -> None:

@@ -3,7 +3,7 @@
 Run: ``python scripts/bench_estimate.py``. For each tiny model shape and setting it starts llama.cpp (xllamacpp),
 reads what it allocated (weights, KV cache, output, compute) and prints our estimate's error and LLMKube's
 (file size + layers x embedding x ctx x (bytes K + bytes V) + 512 MiB). Targets: KV exact, total within 5 %
-and never more than 5 % under. A second table does the same per architecture (the zoo of agent/tinyarch.py:
+and never more than 5 % under. A second table does the same per architecture (the zoo of agent/estimate/tinyarch.py:
 gemma, qwen3, MoE, MLA, mamba2, hybrids...; target -1 %..+5 %, KV and recurrent state exact), with each
 architecture's worst errors. A third compares the KV cache of well-known model shapes (published
 hyper-parameters) with LLMKube's formula, which ignores grouped-query attention.
@@ -15,14 +15,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.calibrate import measure
-from agent.compute_model import output_buffer_bytes
-from agent.estimator import estimate
-from agent.gguf_shape import load_shape
-from agent.kvcache import kv_cache_bytes
-from agent.shape import ModelShape, ServeSettings
-from agent.tinyarch import BOUNDED, ZOO, write_arch_gguf
-from agent.tinymodel import TinyShape, write_tiny_gguf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # calibrate.py
+
+from calibrate import measure
+
+from agent.estimate.compute_model import output_buffer_bytes
+from agent.estimate.estimator import estimate
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.kvcache import kv_cache_bytes
+from agent.estimate.shape import ModelShape, ServeSettings
+from agent.estimate.tinyarch import BOUNDED, ZOO, write_arch_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 MiB, GiB = 1 << 20, 1 << 30
 CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0, "q4_0": 0.5}  # LLMKube's per-element sizes

@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cli import median_cpu, metal_agent
 
-from agent.gguf_header import read_model
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.gguf_header import read_model
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 N_VOCAB = 152_064
 N_MERGES = 150_000

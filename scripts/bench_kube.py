@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_pipeline import waiting_agent
 from kubeapi import KubeAPI
 
-from agent import logs
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.kube.settings import KubeSettings
 from agent.kube.source import KubeSource
-from agent.standalone import Event, Synced
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.sources.standalone import Event, Synced
+from agent.util import logs
 
 GiB = 1 << 30
 API = "inference.llmkube.dev/v1alpha1"

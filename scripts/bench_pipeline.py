@@ -16,13 +16,13 @@ from pathlib import Path
 
 import anyio
 
-from agent import logs
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.pressure import Sample
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.memory.pressure import Sample
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.util import logs
 
 GiB = 1 << 30
 

@@ -23,8 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agent.calibrate import free_port
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 
 TOKENS = 256
 API_VERSION = "inference.llmkube.dev/v1alpha1"

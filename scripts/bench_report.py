@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from kubeapi import KubeAPI
 from kubernetes_asyncio.client import ApiClient
 
-from agent import logs
 from agent.kube.report import KubeReporter, ReporterSettings
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.units import ServingUnit
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
+from agent.util import logs
 
 API = "inference.llmkube.dev/v1alpha1"
 GiB = 1 << 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Writes one JSON line per run (to --out, default stdout): the model shape, the settings, llama.cpp's reported
 buffers and the server's RSS. docs/calibration.md is derived from this output. ``--archs`` measures the tiny
-models of agent/tinyarch.py instead (``--archs mamba2 mamba2-wide mamba2-state`` is the SSM fit, swept over
+models of agent/estimate/tinyarch.py instead (``--archs mamba2 mamba2-wide mamba2-state`` is the SSM fit, swept over
 n_ubatch and slots with ``--sweep``).
 """
 
@@ -16,12 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from agent.calibrate import measure
-from agent.gguf_shape import load_shape
-from agent.kvcache import InvalidSettings, kv_cache_bytes
-from agent.shape import ServeSettings
-from agent.tinyarch import BUILDERS, write_arch_gguf
-from agent.tinymodel import TinyShape, n_vocab, write_tiny_gguf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # calibrate.py
+
+from calibrate import measure
+
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.kvcache import InvalidSettings, kv_cache_bytes
+from agent.estimate.shape import ServeSettings
+from agent.estimate.tinyarch import BUILDERS, write_arch_gguf
+from agent.estimate.tinymodel import TinyShape, n_vocab, write_tiny_gguf
 
 SHAPES = {
     "small": TinyShape(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab_extra=200),

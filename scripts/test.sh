@@ -3,4 +3,5 @@
 source "$(dirname "$0")/_venv.sh"
 echo "== ruff"; ruff check agent plugins tests scripts; ruff format --check agent plugins tests scripts
 echo "== mypy"; mypy
+echo "== import layers"; lint-imports
 echo "== pytest"; python -m pytest "$@"

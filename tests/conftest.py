@@ -13,8 +13,8 @@ import pytest
 from kubeapi import KubeAPI
 from model_server import ModelServer, serve
 
-from agent.config import PLUGIN_AUTOLOAD_ENV
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.config.loading import PLUGIN_AUTOLOAD_ENV
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from fake_servers import Executors
 
 from agent.hookspecs import Launch
-from agent.units import ServingUnit
+from agent.sources.units import ServingUnit
 
 SERVER = r"""
 import http.server, json, sys, time

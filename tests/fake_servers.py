@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 
-from agent import marker, supervisor
 from agent.hookspecs import Executor, Launch, hookimpl
-from agent.units import ServingUnit
+from agent.processes import marker, supervisor
+from agent.sources.units import ServingUnit
 
 SERVER = """
 import http.server, sys, time

@@ -9,17 +9,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
 from anyio.streams.memory import MemoryObjectSendStream
 from fake_servers import Executors, FakeServer
 
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent
-from agent.pressure import Sample
-from agent.standalone import Event, EventType, Synced
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.memory.pressure import Sample
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType, Synced
+from agent.testing import build_agent
 
 MiB = 1 << 20
 
@@ -101,6 +103,20 @@ async def running(agent: Agent) -> AsyncIterator[Sender]:
     finally:
         with anyio.CancelScope(shield=True):
             await agent.shutdown()
+
+
+def make_agent(folder: Path, *plugins: object, host: SimulatedHost | None = None, **settings: Any) -> Agent:
+    """The suite's agent factory: the built-in plugins plus ``plugins`` (a TinyPlugin when none is given), the
+    suite's fast timings, models under ``folder``, and ``host`` (simulated memory) when given; ``settings``
+    override any AgentConfig field."""
+    config: dict[str, Any] = {
+        "memory_fraction": 0.9, "startup_timeout": 20, "grace_period": 2, "probe_interval": 0.05,
+        "pressure_interval": 0.05, "model_roots": (folder,), **settings,
+    }  # fmt: skip
+    agent = build_agent(folder / "state", *(plugins or (TinyPlugin(),)), memory=host, **config)
+    if host is not None:
+        host.agent = agent
+    return agent
 
 
 async def until(condition: Callable[[], bool], timeout: float = 30, agent: Agent | None = None) -> None:

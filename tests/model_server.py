@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.calibrate import free_port
+from agent.processes.ports import free_port
 
 
 @dataclass

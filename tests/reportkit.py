@@ -12,8 +12,8 @@ from kubernetes_asyncio.client import ApiClient
 
 from agent.kube.calls import Retry
 from agent.kube.report import KubeReporter, ReporterSettings
-from agent.manifest import parse_object
-from agent.units import ServingUnit
+from agent.sources.manifest import parse_object
+from agent.sources.units import ServingUnit
 
 API_VERSION = "inference.llmkube.dev/v1alpha1"
 FAST = Retry(attempts=3, base=0.01, cap=0.05, timeout=5)

@@ -16,9 +16,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from agent.admission import EVICTED, MEMORY_PRESSURE, Admission, Outcome
-from agent.eviction import Candidate, choose_victims, eviction_order
-from agent.manifest import PRIORITIES
+from agent.memory.admission import EVICTED, MEMORY_PRESSURE, Admission, Outcome
+from agent.memory.eviction import Candidate, choose_victims, eviction_order
+from agent.sources.manifest import PRIORITIES
 
 PLENTY = 10**12  # OS memory available, where a test is not about the OS
 

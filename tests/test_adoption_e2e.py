@@ -19,7 +19,7 @@ import pytest
 from fake_servers import marked_servers
 from test_agent_e2e import AgentProcess, manifest
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 FAKE_LLAMA_SERVER = """#!{python}
 # llama-server stand-in: records "PID CTX" per launch, answers 503 for {load} s (loading), then 200.

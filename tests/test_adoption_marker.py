@@ -16,17 +16,16 @@ from typing import Any
 import psutil
 import pytest
 from fake_servers import exec_done, marked_servers, server_argv
-from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, make_agent, model_event, phase, running, service, until
 from structlog.testing import capture_logs
 
-from agent import marker, supervisor
-from agent.calibrate import free_port
+from agent.engine.pipeline import Agent
 from agent.hookspecs import Launch
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import SYNCED, Event, EventType
-from agent.units import ServingUnit
+from agent.processes import marker, supervisor
+from agent.processes.ports import free_port
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import SYNCED, Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 
@@ -68,17 +67,6 @@ def cleanup() -> Iterator[list[supervisor.Child]]:
             child.process.wait()
 
 
-def make_agent(tmp_path: Path) -> Agent:
-    config = AgentConfig(
-        state_dir=tmp_path / "state", memory_fraction=0.9, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
-    )  # fmt: skip
-    host = SimulatedHost(512 * MiB)
-    agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
-    host.agent = agent
-    return agent
-
-
 def gone(child: supervisor.Child) -> bool:
     return not child.running()
 
@@ -113,7 +101,7 @@ async def test_a_hostile_state_file_is_survived_and_servers_are_adopted_by_their
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "children.json").write_text(content(record(child, "d/kept")), errors="surrogateescape")
     with capture_logs() as logs:
-        agent = make_agent(tmp_path)
+        agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     assert [e for e in logs if e["event"].startswith(warning) and e["log_level"] == "warning"], logs
     assert all(len(str(e)) < 2000 for e in logs)  # no warning quotes the file at length
     await adopted_once(tmp_path, agent, child)
@@ -146,7 +134,7 @@ async def test_servers_are_adopted_by_their_mark_without_a_usable_state_file(
         other = psutil.Process()
         path.write_text(state_file(record(child, "d/kept", pid=other.pid, create_time=other.create_time())))
     with capture_logs() as logs:
-        agent = make_agent(tmp_path)
+        agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     assert agent.adoptable["d/kept"].pid == child.pid
     if state == "a directory":
         assert [e for e in logs if e["event"].startswith("state file unreadable")]
@@ -159,7 +147,7 @@ async def test_a_second_server_for_one_unit_and_one_for_a_deleted_unit_are_stopp
 ) -> None:
     first, second, deleted = leftover(tmp_path, "kept"), leftover(tmp_path, "kept"), leftover(tmp_path, "deleted")
     cleanup += [first, second, deleted]
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("kept")))
@@ -176,7 +164,7 @@ async def test_a_server_marked_by_another_agent_is_never_touched(
 ) -> None:
     foreign = leftover(tmp_path, "kept", state_dir=tmp_path / "other-state")
     cleanup.append(foreign)
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("kept")))
@@ -190,7 +178,7 @@ async def test_an_unclaimed_leftover_is_stopped_with_the_agent(tmp_path: Path, c
     """Shut down before the first listing ends: a server found by its mark does not outlive the agent."""
     child = leftover(tmp_path, "kept")
     cleanup.append(child)
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     async with running(agent):
         assert "d/kept" in agent.adoptable
     assert gone(child) and marked_servers(tmp_path / "state") == []
@@ -205,7 +193,7 @@ async def test_leftovers_of_a_suspended_unit_and_of_a_unit_without_its_model_are
         leftover(tmp_path, "zero"),
     )
     cleanup += [suspended, orphan, scaled_down]
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, dataclasses.replace(service("suspended"), suspend=True)))

@@ -8,17 +8,15 @@ from pathlib import Path
 import psutil
 import pytest
 from fake_servers import exec_done, server_argv
-from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, make_agent, model_event, phase, running, service, until
 
-from agent import supervisor
-from agent.calibrate import free_port
 from agent.hookspecs import Launch
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.statefile import ChildRecord, save
-from agent.units import ServingUnit
+from agent.processes import supervisor
+from agent.processes.ports import free_port
+from agent.processes.statefile import ChildRecord, save
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB
@@ -36,16 +34,6 @@ def leftover_server(tmp_path: Path, model: ModelSpec, name: str) -> supervisor.C
     return child
 
 
-def make_agent(tmp_path: Path, host: SimulatedHost) -> Agent:
-    config = AgentConfig(
-        state_dir=tmp_path / "state", memory_fraction=0.9, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
-    )  # fmt: skip
-    agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
-    host.agent = agent
-    return agent
-
-
 def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -55,7 +43,7 @@ async def test_a_leftover_server_is_adopted_and_held_while_pressure_blocks_admis
     child = leftover_server(tmp_path, event.obj, "kept")  # type: ignore[arg-type]
     host = SimulatedHost(TOTAL)
     host.leave_available(int(0.15 * TOTAL))  # warning: nothing new is admitted
-    agent = make_agent(tmp_path, host)
+    agent = make_agent(tmp_path, host=host)
     try:
         async with running(agent) as send:
             send(event)
@@ -74,7 +62,7 @@ async def test_a_leftover_server_whose_unit_cannot_run_is_stopped(tmp_path: Path
     event = model_event(tmp_path)
     child = leftover_server(tmp_path, event.obj, "shrunk")  # type: ignore[arg-type]
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host)
+    agent = make_agent(tmp_path, host=host)
     tiny_budget = ModelSpec(name="m", namespace="d", source=event.obj.source, memory_budget="1Mi")  # type: ignore[union-attr]
     try:
         async with running(agent) as send:

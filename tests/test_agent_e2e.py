@@ -17,8 +17,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.calibrate import free_port
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 
 pytestmark = pytest.mark.llama
 API_VERSION = "inference.llmkube.dev/v1alpha1"

@@ -1,6 +1,6 @@
 """The second calibration zoo: today's popular non-llama architectures against real llama.cpp (xllamacpp).
 
-Each case writes a tiny GGUF of one architecture (agent/tinyarch.py: gemma2/3's sliding windows, qwen3's MoE
+Each case writes a tiny GGUF of one architecture (agent/estimate/tinyarch.py: gemma2/3's sliding windows, qwen3's MoE
 expert widths, deepseek2's MLA latent cache, mamba2's recurrent state and SSM buffers, a granite hybrid,
 gpt-oss's sinks, llama4's chunked attention...), loads it in llama.cpp's server with given settings and
 compares the estimate with the buffers llama.cpp reports: weights, KV cache and recurrent state exact; weights
@@ -12,20 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from calibrate import measure
 
-from agent.calibrate import measure
-from agent.compute_model import (
+from agent.estimate.compute_model import (
     compute_model_and_bound,
     is_calibrated,
     output_buffer_bytes,
     uncalibrated_margin_bytes,
 )
-from agent.estimator import estimate
-from agent.gguf_shape import load_shape
-from agent.kvcache import kv_cache_parts
-from agent.llama_memlog import as_printed
-from agent.shape import ServeSettings
-from agent.tinyarch import BOUNDED, ZOO, write_arch_gguf
+from agent.estimate.estimator import estimate
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.kvcache import kv_cache_parts
+from agent.estimate.llama_memlog import as_printed
+from agent.estimate.shape import ServeSettings
+from agent.estimate.tinyarch import BOUNDED, ZOO, write_arch_gguf
 
 pytestmark = pytest.mark.llama
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.compute_model import compute_buffer_bytes, compute_model_and_bound, is_calibrated
-from agent.estimator import estimate
-from agent.gguf_header import GGUFError
-from agent.gguf_shape import load_shape
-from agent.kvcache import kv_cache_parts, kv_cells
-from agent.llama_memlog import parse_memory_log
-from agent.shape import ModelShape, ServeSettings
-from agent.tinyarch import BUILDERS, write_arch_gguf
-from agent.tinyarch_blocks import write_model
+from agent.estimate.compute_model import compute_buffer_bytes, compute_model_and_bound, is_calibrated
+from agent.estimate.estimator import estimate
+from agent.estimate.gguf_header import GGUFError
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.kvcache import kv_cache_parts, kv_cells
+from agent.estimate.llama_memlog import parse_memory_log
+from agent.estimate.shape import ModelShape, ServeSettings
+from agent.estimate.tinyarch import BUILDERS, write_arch_gguf
+from agent.estimate.tinyarch_blocks import write_model
 
 FA = ServeSettings(ctx_size=4096, flash_attn=True)
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from agent.budget import ADAPTIVE_THRESHOLD, Budget, describe, fraction_of, resolve_budget
-from agent.quantity import InvalidValue
+from agent.estimate.budget import ADAPTIVE_THRESHOLD, Budget, describe, fraction_of, resolve_budget
+from agent.util.quantity import InvalidValue
 
 GiB = 2**30
 

@@ -7,25 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from memory_harness import MiB, SimulatedHost, TinyPlugin, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, make_agent, phase, running, service, until
 
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.preflight import Mode
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-
-
-def make_agent(tmp_path: Path, total: int, fraction: float, mode: Mode = Mode.ENFORCE) -> Agent:
-    config = AgentConfig(
-        state_dir=tmp_path / "state", memory_fraction=fraction, mode=mode, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
-    )  # fmt: skip
-    host = SimulatedHost(total)
-    agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
-    host.agent = agent
-    return agent
+from agent.estimate.preflight import Mode
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import Event, EventType
 
 
 def model(tmp_path: Path, budget: str) -> Event:
@@ -35,7 +22,7 @@ def model(tmp_path: Path, budget: str) -> Event:
 
 @pytest.mark.anyio
 async def test_a_server_that_outgrows_its_budget_is_stopped_in_enforce_mode(tmp_path: Path) -> None:
-    agent = make_agent(tmp_path, 4096 * MiB, 0.5)
+    agent = make_agent(tmp_path, host=SimulatedHost(4096 * MiB), memory_fraction=0.5)
     async with running(agent) as send:
         send(model(tmp_path, "64Mi"))  # the estimate fits 64 MiB; the server then holds 80 MiB more than that
         send(Event(EventType.ADDED, service("greedy", ballast_mib=80)))
@@ -49,7 +36,7 @@ async def test_a_server_that_outgrows_its_budget_is_stopped_in_enforce_mode(tmp_
 
 @pytest.mark.anyio
 async def test_warn_mode_keeps_it_with_a_warning(tmp_path: Path) -> None:
-    agent = make_agent(tmp_path, 4096 * MiB, 0.5, Mode.WARN)
+    agent = make_agent(tmp_path, host=SimulatedHost(4096 * MiB), memory_fraction=0.5, mode=Mode.WARN)
     async with running(agent) as send:
         send(model(tmp_path, "64Mi"))
         send(Event(EventType.ADDED, service("greedy", ballast_mib=80)))
@@ -61,7 +48,9 @@ async def test_warn_mode_keeps_it_with_a_warning(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_a_footprint_over_the_host_budget_evicts_by_priority(tmp_path: Path) -> None:
-    agent = make_agent(tmp_path, 4096 * MiB, 0.06)  # a 245 MiB host budget, and no memory pressure
+    agent = make_agent(
+        tmp_path, host=SimulatedHost(4096 * MiB), memory_fraction=0.06
+    )  # a 245 MiB host budget, and no memory pressure
     async with running(agent) as send:
         send(model(tmp_path, "512Mi"))
         send(Event(EventType.ADDED, service("low", "low")))
@@ -74,7 +63,7 @@ async def test_a_footprint_over_the_host_budget_evicts_by_priority(tmp_path: Pat
 
 @pytest.mark.anyio
 async def test_a_server_stopped_for_its_own_budget_evicts_nobody(tmp_path: Path) -> None:
-    agent = make_agent(tmp_path, 4096 * MiB, 0.06)  # a 245 MiB host budget
+    agent = make_agent(tmp_path, host=SimulatedHost(4096 * MiB), memory_fraction=0.06)  # a 245 MiB host budget
     async with running(agent) as send:
         send(model(tmp_path, "512Mi"))
         small = write_tiny_gguf(tmp_path / "g.gguf", TinyShape())

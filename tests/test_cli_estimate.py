@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 GiB = 1 << 30
 MiB = 1 << 20

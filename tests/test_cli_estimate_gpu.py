@@ -9,12 +9,11 @@ import pytest
 from fake_gpu import fake_nvidia_smi, no_nvml
 from gguf_headers import MODELS, write_header_only
 
-from agent import cmd_estimate
-from agent.budget import Budget
-from agent.cli import main
+from agent.cli import cmd_estimate, main
+from agent.engine.plugin_manager import Plugins, load_plugins
+from agent.estimate.budget import Budget
 from agent.hookspecs import hookimpl
-from agent.plugin_manager import Plugins, load_plugins
-from agent.units import ServingUnit
+from agent.sources.units import ServingUnit
 
 GiB, MiB = 1 << 30, 1 << 20
 

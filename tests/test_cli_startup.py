@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import COMMANDS, build_parser, main
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_AND_SERVER = ("kubernetes_asyncio", "aiohttp", "prometheus_client")

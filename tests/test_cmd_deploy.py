@@ -12,7 +12,7 @@ from crdschema import errors as crd_errors
 from kubeapi import KubeAPI
 
 from agent.cli import main
-from agent.manifest import ManifestError, ModelSpec, ServiceSpec, parse_object
+from agent.sources.manifest import ManifestError, ModelSpec, ServiceSpec, parse_object
 
 
 def deploy(*args: str) -> int:
@@ -267,7 +267,7 @@ def test_manifests_writes_a_file_the_standalone_agent_reads_and_never_overwrites
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))  # no cluster is consulted
-    from agent.manifest import load_file
+    from agent.sources.manifest import load_file
 
     assert deploy("tiny", "--source", "/m.gguf", "--manifests", str(tmp_path), "--on-demand") == 0
     path = tmp_path / "tiny.yaml"

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from agent.cli import build_parser, main
-from agent.cmd_run import config_from
-from agent.config import Config, ConfigError, all_settings, default_path, load, locate, resolve
+from agent.cli.cmd_run import config_from
+from agent.config.loading import Config, ConfigError, all_settings, default_path, load, locate, resolve
+from agent.config.settings import PATH, Setting, seconds
+from agent.engine.pipeline import AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.preflight import Mode
 from agent.hookspecs import hookimpl
-from agent.pipeline import AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.preflight import Mode
-from agent.settings import PATH, Setting, seconds
 
 SETTINGS_WITH_PLUGINS = all_settings(load_plugins(entry_points=False))
 

@@ -8,8 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from agent.config import flag_settings, resolve
-from agent.config_sample import render_sample
+from agent.config.config_sample import render_sample
+from agent.config.loading import flag_settings, resolve
 
 SAMPLE = Path(__file__).parent.parent / "config" / "metal-agent.toml"
 SETTINGS = flag_settings()  # the agent's and the built-in plugins'

@@ -11,16 +11,16 @@ import pytest
 from memory_harness import MiB, SimulatedHost, TinyPlugin, running, until
 
 from agent.cli import main
-from agent.context_auto import choose, largest_context
-from agent.estimator import estimate, max_ctx_size
-from agent.gguf_shape import load_shape
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.shape import ServeSettings
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.units import ServingUnit
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.estimator import estimate, max_ctx_size
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.shape import ServeSettings
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.memory.context_auto import choose, largest_context
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ async def test_auto_picks_what_estimate_reports_then_what_the_ledger_leaves(
 
 
 def test_the_sized_unit_is_the_same_unit_to_the_pipeline(model: Path) -> None:
-    from agent.context_auto import sized
+    from agent.memory.context_auto import sized
 
     unit = ServingUnit(ServiceSpec("s", "d", "m", context_auto=True), ModelSpec("m", "d", str(model)))
     chosen_unit, chosen = sized(unit, model, 1 << 30)
@@ -120,8 +120,8 @@ def test_the_sized_unit_is_the_same_unit_to_the_pipeline(model: Path) -> None:
 
 
 def test_the_context_shown_is_the_one_the_server_runs_with(tmp_path: Path) -> None:
-    from agent.ondemand import running_context
-    from agent.supervisor import Child
+    from agent.engine.ondemand import running_context
+    from agent.processes.supervisor import Child
 
     def child(*argv: str) -> Child:
         return Child(1, 8080, list(argv), tmp_path / "log", 0.0)

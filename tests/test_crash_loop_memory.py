@@ -13,10 +13,10 @@ import pytest
 from fake_servers import FakeServer
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
 from agent.hookspecs import Executor, hookimpl
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 

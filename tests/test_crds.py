@@ -1,7 +1,7 @@
 """The CRDs in config/crd: well-formed, structural, and agreeing with the agent's own validation.
 
 The same good and bad examples go through the CRD (schema keywords and CEL rules, as the API server applies them,
-see tests/crdschema.py) and through the agent (agent.manifest.parse_object, then the serving settings llama.cpp
+see tests/crdschema.py) and through the agent (agent.sources.manifest.parse_object, then the serving settings llama.cpp
 would refuse). Where they differ on purpose, the difference is listed and asserted, so it cannot widen unnoticed.
 """
 
@@ -15,10 +15,10 @@ import pytest
 import yaml
 from crdschema import ROOT, cel_rules, crds, errors, schema_of
 
-from agent import manifest
-from agent.kvcache import validate_settings
-from agent.manifest import ManifestError, ServiceSpec, parse_object
-from agent.shape import KV_CACHE_TYPES
+from agent.estimate.kvcache import validate_settings
+from agent.estimate.shape import KV_CACHE_TYPES
+from agent.sources import manifest
+from agent.sources.manifest import ManifestError, ServiceSpec, parse_object
 
 CONFIG = ROOT / "config"
 HEX64 = "0123456789abcdef" * 4

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from gguf_headers import MODELS, write_header_only
 
-from agent.device_estimate import gpu_estimate
-from agent.gguf_shape import load_shape
-from agent.gpus import DEFAULT_CONTEXT_OVERHEAD
-from agent.shape import ServeSettings
+from agent.estimate.device_estimate import gpu_estimate
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.shape import ServeSettings
+from agent.memory.gpus import DEFAULT_CONTEXT_OVERHEAD
 
 MiB = 1 << 20
 REFERENCE = json.loads((Path(__file__).parent / "data" / "cuda-llama-server.json").read_text())

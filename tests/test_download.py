@@ -16,12 +16,12 @@ import pytest
 import structlog.testing
 
 from agent.cli import main
-from agent.download import DownloadError, Progress, download
-from agent.gguf_header import IncompleteHeader, read_header, read_header_prefix
-from agent.gguf_shape import load_shape
-from agent.manifest import ModelSpec
-from agent.model_fetch import FetchSettings, ModelFetcher
-from agent.model_store import (
+from agent.engine.model_fetch import FetchSettings, ModelFetcher
+from agent.estimate.gguf_header import IncompleteHeader, read_header, read_header_prefix
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.models.download import DownloadError, Progress, download
+from agent.models.model_store import (
     SourceError,
     auth_headers,
     confine,
@@ -31,8 +31,8 @@ from agent.model_store import (
     remote_files,
     shard_urls,
 )
-from agent.remote_header import FIRST_RANGE, fetch_header, remote_shape
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.models.remote_header import FIRST_RANGE, fetch_header, remote_shape
+from agent.sources.manifest import ModelSpec
 from tests.model_server import ModelServer
 
 pytestmark = pytest.mark.anyio

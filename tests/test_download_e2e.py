@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from tests.model_server import ModelServer
 from tests.test_agent_e2e import API_VERSION, AgentProcess, llama_children
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import psutil
 import pytest
 from fake_servers import Executors, FakeServer
-from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, TinyPlugin, make_agent, model_event, phase, running, service, until
 
-from agent.memory_guard import MemoryGuard
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.pressure import Sample
-from agent.standalone import Event, EventType
+from agent.engine.memory_guard import MemoryGuard
+from agent.memory.pressure import Sample
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB
@@ -28,24 +26,14 @@ class Plugin(Executors):
         super().__init__(FakeServer("loading", mode="loading"))
 
 
-def make_agent(tmp_path: Path, host: SimulatedHost, **settings: object) -> Agent:
-    options: dict[str, object] = {
-        "state_dir": tmp_path / "state", "memory_fraction": 0.9, "startup_timeout": 300, "grace_period": 2,
-        "probe_interval": 0.05, "pressure_interval": 0.05, "model_roots": (tmp_path,), **settings,
-    }  # fmt: skip
-    plugins = load_plugins(extra=[TinyPlugin(), Plugin()], entry_points=False)
-    agent = Agent(AgentConfig(**options), plugins, memory=host)  # type: ignore[arg-type]
-    host.agent = agent
-    return agent
-
-
 def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 async def test_a_server_still_starting_is_evicted_without_waiting_for_its_startup_timeout(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host)  # startup timeout 300 s: the test would time out if the eviction waited
+    # startup timeout 300 s: the test would time out if the eviction waited
+    agent = make_agent(tmp_path, TinyPlugin(), Plugin(), host=host, startup_timeout=300)
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("ready")))
@@ -61,7 +49,7 @@ async def test_a_server_still_starting_is_evicted_without_waiting_for_its_startu
 
 async def test_without_eviction_critical_pressure_only_blocks(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host, eviction=False)
+    agent = make_agent(tmp_path, TinyPlugin(), Plugin(), host=host, startup_timeout=300, eviction=False)
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("a", priority="batch")))
@@ -78,7 +66,7 @@ async def test_without_eviction_critical_pressure_only_blocks(tmp_path: Path) ->
 
 async def test_a_shrinking_host_budget_evicts_the_lowest_priority_until_reservations_fit(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host, memory_fraction=0.5)  # 256 MiB
+    agent = make_agent(tmp_path, TinyPlugin(), Plugin(), host=host, startup_timeout=300, memory_fraction=0.5)  # 256 MiB
     async with running(agent) as send:
         send(model_event(tmp_path))
         for name, priority in (("critical", "critical"), ("low", "low"), ("batch", "batch")):
@@ -95,7 +83,7 @@ async def test_a_shrinking_host_budget_evicts_the_lowest_priority_until_reservat
 
 
 def test_the_kernel_level_alone_frees_one_unit_at_a_time(tmp_path: Path) -> None:
-    agent = make_agent(tmp_path, SimulatedHost(TOTAL))
+    agent = make_agent(tmp_path, TinyPlugin(), Plugin(), host=SimulatedHost(TOTAL), startup_timeout=300)
     guard: MemoryGuard = agent.memory
     assert guard.to_free(Sample(TOTAL, TOTAL // 2, kernel_level=4)) == 1  # plenty available, kernel critical
     assert guard.to_free(Sample(TOTAL, TOTAL // 2, kernel_level=2)) == 0

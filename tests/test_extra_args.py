@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, all_settings, resolve
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.plugin_manager import load_plugins
-from agent.units import ServingUnit
+from agent.config.loading import ConfigError, all_settings, resolve
+from agent.engine.plugin_manager import load_plugins
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
 from plugins.extra_args import ExtraArgsRefused
 from plugins.llama_flags import LLAMA_SERVER
 from plugins.llamacpp import LlamaCppExecutor

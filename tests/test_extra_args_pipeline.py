@@ -12,12 +12,12 @@ import anyio
 import pytest
 from memory_harness import model_event, running, until
 
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
 from agent.hookspecs import hookimpl
-from agent.manifest import ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.units import ServingUnit
+from agent.sources.manifest import ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from fake_gpu import FakeNVML, GiB, MiB, fake_nvidia_smi, no_nvml
 
-from agent import gpus
-from agent.footprint import Figure, Footprint, host_figure, keep_report, measure_process, phys_footprint
-from agent.llama_memlog import backend_bytes
+from agent.estimate.llama_memlog import backend_bytes
+from agent.memory import gpus
+from agent.memory.footprint import Figure, Footprint, host_figure, keep_report, measure_process, phys_footprint
 
 # What llama-server b11434 with CUDA prints at -lv 4 (llama8b-32k of the reference table), after a dry run.
 CUDA_LOG = """\

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.gguf_header import GGUFError, read_model
-from agent.gguf_shape import shape_from_model
+from agent.estimate.gguf_header import GGUFError, read_model
+from agent.estimate.gguf_shape import shape_from_model
 
 MEMORY_LIMIT = 4 * 2**20  # far below what any length field in these files could ask for
 

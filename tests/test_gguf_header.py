@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from agent.gguf_header import ArrayInfo, GGUFError, read_header, read_model
+from agent.estimate.gguf_header import ArrayInfo, GGUFError, read_header, read_model
 
 T = gguf.GGUFValueType
 F32 = int(gguf.GGMLQuantizationType.F32)

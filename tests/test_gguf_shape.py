@@ -11,9 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from agent.gguf_header import GGUFError
-from agent.gguf_shape import FALLBACK_CONTEXT, load_shape
-from agent.tinymodel import TinyShape, n_vocab, write_tiny_gguf
+from agent.estimate.gguf_header import GGUFError
+from agent.estimate.gguf_shape import FALLBACK_CONTEXT, load_shape
+from agent.estimate.tinymodel import TinyShape, n_vocab, write_tiny_gguf
 
 Setup = Callable[[gguf.GGUFWriter], None]
 

@@ -7,8 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.admission import Admission, Outcome
-from agent.footprint import Figure, Footprint
+from agent.memory.admission import Admission, Outcome
+from agent.memory.footprint import Figure, Footprint
 
 PLENTY = 10**13
 

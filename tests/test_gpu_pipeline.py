@@ -14,13 +14,13 @@ from fake_gpu import FakeNVML, GiB, MiB
 from fake_servers import write_fake_llama_server
 from memory_harness import SimulatedHost, phase, running, until
 
-from agent import gpus
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.preflight import Mode
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.preflight import Mode
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.memory import gpus
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
 
 BUFFERS = {"EMBD_MIB": "0.1", "MODEL_MIB": "1.5", "KV_MIB": "2", "COMPUTE_MIB": "20", "HOST_COMPUTE_MIB": "1"}
 REPORTED_DEVICE = round((1.5 + 2 + 20) * MiB)

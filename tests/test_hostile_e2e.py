@@ -15,7 +15,7 @@ from pathlib import Path
 from test_agent_e2e import AgentProcess, manifest
 from test_hostile_files import BOMB
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 FAKE_LLAMA_SERVER = """#!{python}
 import http.server, sys

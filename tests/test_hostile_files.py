@@ -10,13 +10,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent.config import ConfigError, read_file
-from agent.gguf_header import GGUFError, read_header
-from agent.manifest import ManifestError, load_file, parse_yaml
-from agent.preflight import Mode, preflight
-from agent.safe_files import UnsafeFile, read_bytes, write_atomic
-from agent.shape import ServeSettings
-from agent.standalone import ManifestScanner, watch
+from agent.config.loading import ConfigError, read_file
+from agent.estimate.gguf_header import GGUFError, read_header
+from agent.estimate.preflight import Mode, preflight
+from agent.estimate.shape import ServeSettings
+from agent.sources.manifest import ManifestError, load_file, parse_yaml
+from agent.sources.standalone import ManifestScanner, watch
+from agent.util.safe_files import UnsafeFile, read_bytes, write_atomic
 
 API = "apiVersion: inference.llmkube.dev/v1alpha1"
 BOMB = (  # 564 bytes of YAML that expand to billions of strings
@@ -115,8 +115,8 @@ def test_gguf_fifo_and_dev_zero_fail_preflight_without_blocking(tmp_path: Path) 
     for path in (fifo, zero):
         error = finishes_within(5, lambda p=path: read_header(p))  # type: ignore[misc]
         assert isinstance(error, GGUFError) and "not a regular file" in str(error)
-    from agent.budget import resolve_budget
-    from agent.hostmem import HostMemory
+    from agent.estimate.budget import resolve_budget
+    from agent.estimate.hostmem import HostMemory
 
     host = HostMemory(total_bytes=16 << 30, available_bytes=16 << 30, source="test")
     verdict = finishes_within(
@@ -188,7 +188,7 @@ def test_write_atomic_leaves_no_temporary_when_the_disk_is_full(
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("agent.safe_files.os.fsync", full)
+    monkeypatch.setattr("agent.util.safe_files.os.fsync", full)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(target, b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["children.json"] and target.read_bytes() == b"old"

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.hostmem import (
+from agent.estimate.hostmem import (
     CgroupMemory,
     HostMemory,
     HostMemoryUnknown,

@@ -12,7 +12,7 @@ import pytest
 from kubeapi import KubeAPI
 from reportkit import applied, events_in, running, service_obj, settle, status, status_of, unit_of, until
 
-from agent.metrics import Metrics
+from agent.engine.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 SLICE = "discovery.k8s.io/v1"

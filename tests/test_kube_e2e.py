@@ -16,7 +16,7 @@ from kubeapi import KubeAPI
 from prometheus_client.parser import text_string_to_metric_families
 from test_agent_e2e import AgentProcess, ready
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
 API = "inference.llmkube.dev/v1alpha1"

@@ -29,17 +29,17 @@ from reportkit import (
     until,
 )
 
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.engine.unit_state import UnitRuntime
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
 from agent.kube.endpoints import AGENT_NAME, HOST_LABEL, MANAGED_BY, SLICE_SERVICE
 from agent.kube.events import Event, EventRecorder
 from agent.kube.report import register_reporter
-from agent.manifest import parse_object
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event as StandaloneEvent
-from agent.standalone import EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.unit_state import UnitRuntime
+from agent.sources.manifest import parse_object
+from agent.sources.standalone import Event as StandaloneEvent
+from agent.sources.standalone import EventType
 
 MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.anyio
@@ -395,10 +395,10 @@ async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_
 
 def test_run_flags_reach_the_reporter_settings() -> None:
     from agent.cli import build_parser
-    from agent.cmd_run import effective_config
+    from agent.cli.cmd_run import effective_config
+    from agent.engine.plugin_manager import load_plugins
     from agent.kube.report import reporter_settings
-    from agent.plugin_manager import load_plugins
-    from agent.quantity import InvalidValue
+    from agent.util.quantity import InvalidValue
 
     def config_from(args: Any) -> Any:
         return effective_config(args, load_plugins(entry_points=False))[1]

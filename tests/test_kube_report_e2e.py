@@ -14,7 +14,7 @@ import pytest
 from kubeapi import KubeAPI
 from test_agent_e2e import AgentProcess
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.llama

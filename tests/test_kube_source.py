@@ -13,7 +13,7 @@ from anyio.abc import ObjectReceiveStream
 from kubeapi import KubeAPI, RecordedRequest
 
 from agent.cli import build_parser
-from agent.config import all_settings, load
+from agent.config.loading import all_settings, load
 from agent.kube import flags
 from agent.kube.ownership import Ownership, Visibility, api_path
 from agent.kube.settings import (
@@ -25,10 +25,10 @@ from agent.kube.settings import (
 )
 from agent.kube.source import ConfigError, KubeSource, load_configuration
 from agent.kube.watch_loop import backoff_delay
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.quantity import InvalidValue
-from agent.standalone import SYNCED, Event, EventType, Synced
-from agent.units import ServingUnit
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import SYNCED, Event, EventType, Synced
+from agent.sources.units import ServingUnit
+from agent.util.quantity import InvalidValue
 
 API = "inference.llmkube.dev/v1alpha1"
 
@@ -420,7 +420,7 @@ def test_run_refuses_bad_kubernetes_flags_with_exit_status_2(
 async def test_an_unreachable_server_is_retried_not_fatal() -> None:
     from kubernetes_asyncio.client import Configuration
 
-    from agent.calibrate import free_port
+    from agent.processes.ports import free_port
 
     settings = KubeSettings(namespace="default", accelerators=("cpu",), backoff_base=0.01, backoff_cap=0.05)
     source = KubeSource(settings, Configuration(host=f"http://127.0.0.1:{free_port()}"), "default")

@@ -9,8 +9,8 @@ import pytest
 
 from agent.kube.endpoints import detect_host_ip, label_value, owned_by, service_name
 from agent.kube.status import build_status, conditions, llmkube_phase, merge_patch, strip_nulls
-from agent.manifest import parse_object
-from agent.units import ServingUnit
+from agent.sources.manifest import parse_object
+from agent.sources.units import ServingUnit
 
 
 @pytest.mark.parametrize(
@@ -220,9 +220,9 @@ def test_everything_the_reporter_writes_is_declared_in_the_crd_and_valid() -> No
 def test_model_facts_are_declared_in_the_model_crd(tmp_path: Any) -> None:
     from crdschema import errors, schema_of
 
-    from agent.gguf_shape import load_shape
+    from agent.estimate.gguf_shape import load_shape
+    from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
     from agent.kube.status import model_facts
-    from agent.tinymodel import TinyShape, write_tiny_gguf
 
     facts = model_facts(load_shape(write_tiny_gguf(tmp_path / "m.gguf", TinyShape())))
     assert undeclared(facts, schema_of("Model")["properties"]["status"]) == []

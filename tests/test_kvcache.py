@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from agent.kvcache import InvalidSettings, kv_cache_bytes, kv_cells, row_bytes, validate_settings
-from agent.shape import ModelShape, ServeSettings
+from agent.estimate.kvcache import InvalidSettings, kv_cache_bytes, kv_cells, row_bytes, validate_settings
+from agent.estimate.shape import ModelShape, ServeSettings
 
 MiB = 1 << 20
 

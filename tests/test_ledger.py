@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.ledger import Ledger
+from agent.memory.ledger import Ledger
 
 
 def test_reserve_replace_release() -> None:

@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from calibrate import measure
 
-from agent.calibrate import measure
-from agent.compute_model import output_buffer_bytes
-from agent.estimator import estimate
-from agent.gguf_shape import load_shape
-from agent.kvcache import kv_cache_parts
-from agent.llama_memlog import as_printed
-from agent.shape import ServeSettings
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.compute_model import output_buffer_bytes
+from agent.estimate.estimator import estimate
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.kvcache import kv_cache_parts
+from agent.estimate.llama_memlog import as_printed
+from agent.estimate.shape import ServeSettings
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.shape import ServeSettings
+from agent.estimate.shape import ServeSettings
 from plugins.extra_args import ExtraArgsRefused
 from plugins.llamacpp import (
     ServerNotFound,
@@ -72,9 +72,9 @@ def test_fallback_to_the_xllamacpp_stand_in(tmp_path: Path) -> None:
 def test_ports_kernel_assigned_or_from_a_configured_range() -> None:
     import socket
 
-    from agent.calibrate import free_port
-    from agent.cmd_run import port_range
-    from agent.quantity import InvalidValue
+    from agent.cli.cmd_run import port_range
+    from agent.processes.ports import free_port
+    from agent.util.quantity import InvalidValue
 
     def bindable(port: int) -> bool:
         with socket.socket() as probe:
@@ -115,10 +115,10 @@ def test_ports_kernel_assigned_or_from_a_configured_range() -> None:
 )
 def test_servers_listen_where_the_mode_needs_them(argv: list[str], host: str, tmp_path: Path) -> None:
     from agent.cli import build_parser
-    from agent.cmd_run import effective_config
-    from agent.manifest import ModelSpec, ServiceSpec
-    from agent.plugin_manager import load_plugins
-    from agent.units import ServingUnit
+    from agent.cli.cmd_run import effective_config
+    from agent.engine.plugin_manager import load_plugins
+    from agent.sources.manifest import ModelSpec, ServiceSpec
+    from agent.sources.units import ServingUnit
 
     kubeconfig = ["--kubeconfig", str(tmp_path / "kubeconfig")] if "--kube" in argv else []
     plugins = load_plugins(entry_points=False)

@@ -8,35 +8,22 @@ from pathlib import Path
 
 import pytest
 from fake_servers import Executors, FakeServer, exec_done, marked_servers, server_argv
-from memory_harness import MiB, SimulatedHost, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, make_agent, model_event, phase, running, service, until
 
-from agent import marker, supervisor
-from agent.calibrate import free_port
+from agent.engine.pipeline import Agent
 from agent.hookspecs import Launch
-from agent.manifest import ModelSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import SYNCED, Event, EventType
-from agent.units import ServingUnit
+from agent.processes import marker, supervisor
+from agent.processes.ports import free_port
+from agent.sources.manifest import ModelSpec
+from agent.sources.standalone import SYNCED, Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 
 
-def make_agent(tmp_path: Path) -> Agent:
-    config = AgentConfig(
-        state_dir=tmp_path / "state",
-        memory_fraction=0.9,
-        startup_timeout=300,  # far beyond the test's waits: only the delete or the suspend can end the start
-        grace_period=2,
-        probe_interval=0.05,
-        pressure_interval=0.05,
-        model_roots=(tmp_path,),
-    )
-    host = SimulatedHost(512 * MiB)
-    plugin = Executors(FakeServer("tiny", mode="loading"))  # 503 for ever
-    agent = Agent(config, load_plugins(extra=[plugin], entry_points=False), memory=host)
-    host.agent = agent
-    return agent
+def loading_for_ever() -> Executors:
+    """A server that answers 503 for ever: only the delete or the suspend can end its start (timeout 300 s)."""
+    return Executors(FakeServer("tiny", mode="loading"))
 
 
 def never_ready(agent: Agent, seen: list[str]) -> bool:
@@ -47,7 +34,7 @@ def never_ready(agent: Agent, seen: list[str]) -> bool:
 
 @pytest.mark.parametrize("change", ["suspended", "deleted"])
 async def test_a_loading_server_is_stopped_when_its_unit_is_suspended_or_deleted(tmp_path: Path, change: str) -> None:
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, loading_for_ever(), host=SimulatedHost(512 * MiB), startup_timeout=300)
     seen: list[str] = []
     async with running(agent) as send:
         send(model_event(tmp_path))
@@ -75,7 +62,7 @@ async def test_an_adopted_server_still_loading_is_stopped_when_its_unit_is_delet
     child = exec_done(
         supervisor.start(Launch(argv=server_argv(port, "loading")), port, tmp_path / "left.log", mark=mark)
     )
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, loading_for_ever(), host=SimulatedHost(512 * MiB), startup_timeout=300)
     try:
         async with running(agent) as send:
             send(model_event(tmp_path))

@@ -15,14 +15,15 @@ import anyio
 import pytest
 import structlog
 
-from agent import cli, logs
+from agent import cli
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, Launch, hookimpl
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.units import ServingUnit
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
+from agent.util import logs
 
 SECRET = "kubeconfig-token-7f3a9c"  # must never reach a log line
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import ManifestError, ModelSpec, ServiceSpec, load_file, parse_object
+from agent.sources.manifest import ManifestError, ModelSpec, ServiceSpec, load_file, parse_object
 
 GiB = 1 << 30
 

@@ -14,30 +14,13 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, make_agent, model_event, phase, running, service, until
 
-from agent.manifest import PRIORITIES
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
+from agent.engine.pipeline import Agent
+from agent.sources.manifest import PRIORITIES
+from agent.sources.standalone import Event, EventType
 
 TOTAL = 512 * MiB
-
-
-def make_agent(tmp_path: Path, host: SimulatedHost, **settings: object) -> Agent:
-    options: dict[str, object] = {
-        "state_dir": tmp_path / "state",
-        "memory_fraction": 0.9,
-        "startup_timeout": 20,
-        "grace_period": 2,
-        "probe_interval": 0.05,
-        "pressure_interval": 0.05,
-        "model_roots": (tmp_path,),
-        **settings,
-    }
-    agent = Agent(AgentConfig(**options), load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)  # type: ignore[arg-type]
-    host.agent = agent
-    return agent
 
 
 def alive(pid: int) -> bool:
@@ -51,7 +34,7 @@ def ready(agent: Agent, *names: str) -> bool:
 @pytest.mark.anyio
 async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_then_recovers(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host)
+    agent = make_agent(tmp_path, host=host)
     names = ("batch-small", "batch-big", "protected", "critical", "normal")
     units = [
         service("batch-small", "batch"),
@@ -97,7 +80,7 @@ async def test_critical_pressure_evicts_by_priority_then_size_only_as_needed_the
 @pytest.mark.anyio
 async def test_warning_pressure_holds_new_units_until_it_clears(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host)
+    agent = make_agent(tmp_path, host=host)
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("first")))
@@ -115,7 +98,7 @@ async def test_warning_pressure_holds_new_units_until_it_clears(tmp_path: Path) 
 @pytest.mark.anyio
 async def test_a_foreign_process_eating_memory_makes_admission_wait(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host, pressure_warning=0.05, pressure_critical=0.02)
+    agent = make_agent(tmp_path, host=host, pressure_warning=0.05, pressure_critical=0.02)
     async with running(agent) as send:
         send(model_event(tmp_path))
         host.leave_available(40 * MiB)  # no pressure (above 5 %), but less than the unit's estimate
@@ -129,7 +112,7 @@ async def test_a_foreign_process_eating_memory_makes_admission_wait(tmp_path: Pa
 @pytest.mark.anyio
 async def test_a_unit_bigger_than_the_host_budget_fails_and_says_it_can_never_fit(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host, memory_fraction=0.05)  # 25.6 MiB: less than any unit's estimate
+    agent = make_agent(tmp_path, host=host, memory_fraction=0.05)  # 25.6 MiB: less than any unit's estimate
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("huge")))
@@ -141,7 +124,7 @@ async def test_a_unit_bigger_than_the_host_budget_fails_and_says_it_can_never_fi
 @pytest.mark.anyio
 async def test_measured_footprint_replaces_the_estimate_and_an_overrun_is_flagged(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
-    agent = make_agent(tmp_path, host)
+    agent = make_agent(tmp_path, host=host)
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("lean")))
@@ -162,7 +145,7 @@ async def test_measured_footprint_replaces_the_estimate_and_an_overrun_is_flagge
 async def test_waiting_units_start_by_priority_when_memory_frees(tmp_path: Path) -> None:
     host = SimulatedHost(TOTAL)
     # Room for one unit at a time: 76.8 MiB; each is estimated at about 44 MiB and measures about 60 once loaded.
-    agent = make_agent(tmp_path, host, memory_fraction=0.15)
+    agent = make_agent(tmp_path, host=host, memory_fraction=0.15)
     async with running(agent) as send:
         send(model_event(tmp_path))
         send(Event(EventType.ADDED, service("first", ballast_mib=40)))
@@ -200,7 +183,7 @@ def test_random_arrivals_and_deletions_through_the_pipeline_never_over_commit(
 
     async def scenario(folder: Path) -> None:
         host = SimulatedHost(TOTAL)
-        agent = make_agent(folder, host, memory_fraction=fraction)
+        agent = make_agent(folder, host=host, memory_fraction=fraction)
         seen_pids: set[int] = set()
         worst = 0
 

@@ -15,15 +15,15 @@ from fake_servers import FakeServer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.api import serve
-from agent.calibrate import free_port
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.units import ServingUnit
+from agent.processes.ports import free_port
+from agent.service.api import serve
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.budget import resolve_budget
-from agent.hostmem import HostMemory
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.preflight import Reason
-from agent.units import ServingUnit
+from agent.estimate.budget import resolve_budget
+from agent.estimate.hostmem import HostMemory
+from agent.estimate.preflight import Reason
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.units import ServingUnit
 from plugins import cuda, mlx
 
 GiB, MiB = 1 << 30, 1 << 20

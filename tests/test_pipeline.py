@@ -10,13 +10,13 @@ import psutil
 import pytest
 from fake_servers import FakeServer
 
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, Launch, hookimpl
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
-from agent.units import ServingUnit
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

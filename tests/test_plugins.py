@@ -17,11 +17,11 @@ import pytest
 from fake_servers import FakeServer
 from test_agent_e2e import AgentProcess, manifest
 
-from agent.config import PLUGIN_AUTOLOAD_ENV, all_settings
+from agent.config.loading import PLUGIN_AUTOLOAD_ENV, all_settings
+from agent.config.settings import BOOLEAN, Setting
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
-from agent.plugin_manager import load_plugins
-from agent.settings import BOOLEAN, Setting
-from agent.tinymodel import TinyShape, write_tiny_gguf
 
 EXAMPLE = Path(__file__).parent / "example_plugin"
 BUILTIN_EXECUTORS = ["cuda", "mlx", "llamacpp"]
@@ -303,7 +303,12 @@ def test_broken_plugins_do_not_stop_the_configuration_from_loading(installed: Pa
 def test_installed_plugins_stay_out_of_the_suite(installed: Path) -> None:
     assert os.environ[PLUGIN_AUTOLOAD_ENV] == "1"  # set for every test by conftest
     info = json.loads(metal_agent(installed, "plugins", "--json").stdout)
-    assert [p["name"] for p in info["plugins"]] == ["agent.defaults", "plugins.llamacpp", "plugins.mlx", "plugins.cuda"]
+    assert [p["name"] for p in info["plugins"]] == [
+        "agent.engine.defaults",
+        "plugins.llamacpp",
+        "plugins.mlx",
+        "plugins.cuda",
+    ]
     assert info["failed"] == {}
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.budget import resolve_budget
-from agent.estimator import estimate, max_ctx_size
-from agent.gguf_shape import load_shape
-from agent.hostmem import HostMemory
-from agent.preflight import Mode, Reason, judge, preflight
-from agent.shape import ServeSettings
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.budget import resolve_budget
+from agent.estimate.estimator import estimate, max_ctx_size
+from agent.estimate.gguf_shape import load_shape
+from agent.estimate.hostmem import HostMemory
+from agent.estimate.preflight import Mode, Reason, judge, preflight
+from agent.estimate.shape import ServeSettings
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 GiB, MiB = 1 << 30, 1 << 20
 HOST = HostMemory(total_bytes=64 * GiB, available_bytes=48 * GiB, source="override")

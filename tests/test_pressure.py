@@ -8,10 +8,10 @@ import anyio
 import pytest
 
 from agent.cli import main
-from agent.hostmem import HostMemoryUnknown
-from agent.pipeline import AgentConfig
-from agent.pressure import Level, Sample, Thresholds, Watchdog, classify, kernel_pressure_level
-from agent.quantity import InvalidValue
+from agent.engine.pipeline import AgentConfig
+from agent.estimate.hostmem import HostMemoryUnknown
+from agent.memory.pressure import Level, Sample, Thresholds, Watchdog, classify, kernel_pressure_level
+from agent.util.quantity import InvalidValue
 
 GiB = 1 << 30
 

@@ -20,13 +20,13 @@ import pytest
 from fake_openai import plugin
 from memory_harness import MiB, Sender, SimulatedHost, running, until
 
-from agent.api import serve
-from agent.calibrate import free_port
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
+from agent.service.api import serve
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 TOTAL = 512 * MiB

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from agent.quantity import (
+from agent.util.quantity import (
     BINARY,
     DECIMAL,
     MAX_QUANTITY,

@@ -18,8 +18,8 @@ import yaml
 from kubeapi import KubeAPI
 from reportkit import applied, model_obj, running, service_obj, settle, status, unit_of, until
 
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.kube.endpoints import AGENT_NAME, HOST_LABEL, MANAGED_BY
-from agent.tinymodel import TinyShape, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 RBAC = ROOT / "config" / "rbac"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
 from agent.hookspecs import Executor, Launch, hookimpl
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.units import ServingUnit
+from agent.sources.standalone import Event, EventType
+from agent.sources.units import ServingUnit
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from test_agent_e2e import AgentProcess, manifest
 
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
 REPO = Path(__file__).resolve().parents[1]

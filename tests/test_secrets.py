@@ -8,10 +8,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent import logs, model_store
-from agent.download import Progress, download
-from agent.model_store import SourceError, auth_headers, remote_url
-from agent.redact import quoted, redact_text, redact_url
+from agent.models import model_store
+from agent.models.download import Progress, download
+from agent.models.model_store import SourceError, auth_headers, remote_url
+from agent.util import logs
+from agent.util.redact import quoted, redact_text, redact_url
 from tests.model_server import ModelServer
 from tests.test_download_pipeline import Recording, drive, make_agent, phase, unit
 
@@ -99,8 +100,8 @@ async def test_downloaded_models_get_the_configured_mode(
 
 
 def test_model_file_mode_setting_refuses_modes_others_may_write() -> None:
-    from agent.quantity import InvalidValue
-    from agent.settings import FILE_MODE
+    from agent.config.settings import FILE_MODE
+    from agent.util.quantity import InvalidValue
 
     assert FILE_MODE.check("0640", "models.file_mode") == 0o640
     assert FILE_MODE.check("600", "models.file_mode") == 0o600

@@ -14,11 +14,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent import supervisor
-from agent.calibrate import free_port
 from agent.hookspecs import Launch
-from agent.logwriter import RotatingLog
-from agent.server_env import server_environment
+from agent.processes import supervisor
+from agent.processes.logwriter import RotatingLog
+from agent.processes.ports import free_port
+from agent.processes.server_env import server_environment
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20

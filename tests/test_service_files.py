@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.settings import SETTINGS
+from agent.config.settings import SETTINGS
 
 CONFIG = Path(__file__).parent.parent / "config"
 GRACE_PERIOD = next(s.default for s in SETTINGS if s.name == "grace_period")

@@ -7,8 +7,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.standalone import Event, EventType, diff, read_directory, watch
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType, diff, read_directory, watch
 
 API = "apiVersion: inference.llmkube.dev/v1alpha1"
 

@@ -16,12 +16,12 @@ import pytest
 from fake_servers import Executors, FakeServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import state_keeper, statefile
-from agent.manifest import ModelSpec, ServiceSpec
-from agent.pipeline import Agent, AgentConfig
-from agent.plugin_manager import load_plugins
-from agent.standalone import Event, EventType
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.engine.pipeline import Agent, AgentConfig
+from agent.engine.plugin_manager import load_plugins
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes import state_keeper, statefile
+from agent.sources.manifest import ModelSpec, ServiceSpec
+from agent.sources.standalone import Event, EventType
 
 pytestmark = pytest.mark.anyio
 

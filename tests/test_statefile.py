@@ -15,9 +15,9 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from agent import marker, supervisor
 from agent.hookspecs import Launch
-from agent.statefile import ChildRecord, load, parse, save
+from agent.processes import marker, supervisor
+from agent.processes.statefile import ChildRecord, load, parse, save
 
 GOOD: dict[str, Any] = {
     "unit": "ns/a", "spec_hash": "h", "pid": 4242, "create_time": 1.5, "argv": ["llama-server", "-m", "x"],

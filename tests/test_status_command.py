@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from test_agent_e2e import AgentProcess, manifest
 
-from agent.calibrate import free_port
 from agent.cli import main
-from agent.cmd_status import COLUMNS, render
-from agent.tinymodel import TinyShape, write_tiny_gguf
+from agent.cli.cmd_status import COLUMNS, render
+from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 
 METAL_AGENT = Path(sys.executable).parent / "metal-agent"
 STATUS = {
@@ -154,7 +154,7 @@ def test_run_fails_with_status_1_when_the_api_port_is_taken(tmp_path: Path) -> N
 
 
 def test_on_demand_units_show_their_state_last_request_and_idle_timer() -> None:
-    from agent.cmd_status import on_demand_line
+    from agent.cli.cmd_status import on_demand_line
 
     base = {"unit": "default/lazy", "context_size": 8192}
     idle = {**base, "on_demand": {"state": "Idle", "in_flight": 0, "last_request": None, "idle_timeout_s": 600.0,

@@ -10,9 +10,9 @@ import anyio
 import psutil
 import pytest
 
-from agent import supervisor
-from agent.calibrate import free_port
 from agent.hookspecs import Launch
+from agent.processes import supervisor
+from agent.processes.ports import free_port
 
 pytestmark = pytest.mark.anyio
 

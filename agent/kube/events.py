@@ -20,7 +20,7 @@ import structlog
 from kubernetes_asyncio.client import EventsV1Api
 
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
-from agent.manifest import API_VERSION
+from agent.sources.manifest import API_VERSION
 
 log = structlog.get_logger("metal_agent.kube.events")
 CONTROLLER = "llmkube.dev/metal-agent"

@@ -1,4 +1,4 @@
-"""The settings of Kubernetes mode, from the effective `metal-agent run` settings (agent/settings.py)."""
+"""The settings of Kubernetes mode, from the effective `metal-agent run` settings (agent/config/settings.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 from agent.kube.endpoints import routable
 from agent.kube.settings import KubeSettings
-from agent.quantity import InvalidValue
+from agent.util.quantity import InvalidValue
 
 KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only",
              "agent_name", "advertise_address")  # fmt: skip

@@ -11,12 +11,12 @@ from typing import Any
 
 import anyio
 
-from agent.gguf_header import GGUFError
-from agent.gguf_shape import load_shape
+from agent.estimate.gguf_header import GGUFError
+from agent.estimate.gguf_shape import load_shape
 from agent.kube.calls import MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.kube.status import model_facts
-from agent.manifest import GROUP, VERSION
-from agent.units import ServingUnit
+from agent.sources.manifest import GROUP, VERSION
+from agent.sources.units import ServingUnit
 
 PLURAL = "models"
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import structlog
 
-from agent.manifest import API_VERSION, GROUP, VERSION, ManifestError, ModelSpec, ServiceSpec, parse_object
-from agent.standalone import Event, EventType, Obj, diff
+from agent.sources.manifest import API_VERSION, GROUP, VERSION, ManifestError, ModelSpec, ServiceSpec, parse_object
+from agent.sources.standalone import Event, EventType, Obj, diff
 
 log = structlog.get_logger("metal_agent.kube")
 Key = tuple[str, str, str]

@@ -13,7 +13,7 @@ wins, backing off on transient failures and not asking again after a permanent o
 
 Text the cluster reads (conditions, Events) names the Service URL, never the server's loopback URL.
 The agent's own status writes do not start another reconcile: a write to the status subresource never changes
-``metadata.generation`` or the spec, and the unit's spec hash (``agent.units``) covers the specs only.
+``metadata.generation`` or the spec, and the unit's spec hash (``agent.sources.units``) covers the specs only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import anyio
 import structlog
 from kubernetes_asyncio.client import CustomObjectsApi
 
+from agent.engine.pipeline import AgentConfig
+from agent.engine.plugin_manager import Plugins
 from agent.hookspecs import hookimpl
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
 from agent.kube.endpoints import Endpoints, label_value
@@ -36,10 +38,8 @@ from agent.kube.model_status import ModelFacts
 from agent.kube.reconcile import Outcome, Reconciler
 from agent.kube.registration import Registration
 from agent.kube.status import SCHEDULING_REASONS, TERMINATING, build_status, managed, merge_patch, strip_nulls
-from agent.manifest import GROUP, VERSION
-from agent.pipeline import AgentConfig
-from agent.plugin_manager import Plugins
-from agent.units import ServingUnit
+from agent.sources.manifest import GROUP, VERSION
+from agent.sources.units import ServingUnit
 
 log = structlog.get_logger("metal_agent.kube.report")
 PLURAL = "inferenceservices"

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.manifest import ACCELERATORS
-from agent.quantity import InvalidValue
+from agent.sources.manifest import ACCELERATORS
+from agent.util.quantity import InvalidValue
 
 # DNS-1123 labels (namespaces) and subdomains (object names), as the API server checks them.
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -46,7 +46,7 @@ def default_accelerators(system: str | None = None, has_nvidia_gpu: bool | None 
     if (system or platform.system()) == "Darwin":
         return ("metal", "cpu")
     if has_nvidia_gpu is None:
-        from plugins.cuda import NoGPU, list_gpus
+        from agent.memory.gpus import NoGPU, list_gpus
 
         try:
             has_nvidia_gpu = bool(list_gpus())

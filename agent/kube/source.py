@@ -20,8 +20,8 @@ from kubernetes_asyncio import client, config
 from agent.kube.ownership import PLURALS, Ownership, Visibility
 from agent.kube.settings import KubeSettings, default_accelerators
 from agent.kube.watch_loop import Changed, KindCalls, Listed, WatchState, list_and_watch
-from agent.manifest import GROUP, VERSION
-from agent.standalone import SYNCED, Event, Synced
+from agent.sources.manifest import GROUP, VERSION
+from agent.sources.standalone import SYNCED, Event, Synced
 
 log = structlog.get_logger("metal_agent.kube")
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

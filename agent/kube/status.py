@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.duration import format_duration
-from agent.quantity import format_bytes
-from agent.shape import ModelShape
+from agent.estimate.shape import ModelShape
+from agent.util.duration import format_duration
+from agent.util.quantity import format_bytes
 
 JSON = dict[str, Any]
 
@@ -162,7 +162,7 @@ def managed(status: Mapping[str, Any]) -> JSON:
 
 
 def on_demand(fields: Mapping[str, Any] | None) -> JSON | None:
-    """An on-demand unit's state (agent/ondemand.py) as the status holds it; None for an always-on unit."""
+    """An on-demand unit's state (agent/engine/ondemand.py) as the status holds it; None for an always-on unit."""
     if not fields:
         return None
     last = fields.get("last_request")
