@@ -1,10 +1,10 @@
 """Tiny real inference-server stand-ins for pipeline tests: real processes on real ports, no model needed.
 
-One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), or 200 for a
-number of seconds and 503 after (``"0.5"``); ``ballast_mib`` makes the process hold that much more memory.
-``crash`` prints ``boom`` and exits with status 3 at once. With ``health_path`` the server answers only there
-(404 elsewhere, as a server without ``/health`` does) and prints each path it is asked for. ``marked_servers``
-lists what an agent's mark is on.
+One script serves every case: ``/health`` answers 200 (``healthy``), 503 forever (``loading``), 200 for a number of
+seconds and 503 after (``"0.5"``), or 200 while ignoring SIGTERM (``stubborn``); ``ballast_mib`` makes the process
+hold that much more memory. ``crash`` prints ``boom`` and exits with status 3 at once. With ``health_path`` the
+server answers only there (404 elsewhere, as a server without ``/health`` does) and prints each path it is asked
+for. ``marked_servers`` lists what an agent's mark is on.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import http.server, sys, time
 if sys.argv[2] == "crash":
     print("boom"); raise SystemExit(3)
 port, mode, ballast = int(sys.argv[1]), sys.argv[2], b"x" * (int(sys.argv[3]) << 20)
+if mode == "stubborn":  # healthy, but ignores SIGTERM: only the SIGKILL after the grace period ends it
+    import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); mode = "healthy"
 only = sys.argv[4] if len(sys.argv) > 4 else None
 start = time.monotonic()
 def code():

@@ -74,3 +74,30 @@ async def test_an_adopted_server_still_loading_is_stopped_when_its_unit_is_delet
             assert agent.ledger.used == 0 and marked_servers(tmp_path / "state") == []
     finally:
         await supervisor.stop(child, 1)
+
+
+@pytest.mark.parametrize("change", ["suspended", "deleted"])
+async def test_a_ready_server_that_takes_its_grace_period_to_stop_never_shows_ready_meanwhile(
+    tmp_path: Path, change: str
+) -> None:
+    agent = make_agent(tmp_path, Executors(FakeServer("tiny", mode="stubborn")), host=SimulatedHost(512 * MiB))
+    async with running(agent) as send:
+        send(model_event(tmp_path))
+        send(Event(EventType.ADDED, service("a")))
+        await until(lambda: phase(agent, "a") == ("Ready", "Ready"), agent=agent)
+        child = agent.runtimes["d/a"].child
+        assert child is not None
+        if change == "suspended":
+            send(Event(EventType.MODIFIED, dataclasses.replace(service("a"), suspend=True)))
+        else:
+            send(Event(EventType.DELETED, service("a")))
+        # It ignores SIGTERM, so it runs on until the SIGKILL at the end of the grace period (2 s): meanwhile the
+        # unit says it is stopping, and nothing says Ready.
+        await until(lambda: phase(agent, "a")[0] == "Stopping", 2, agent=agent)
+        assert child.running()
+        assert agent.status()["units"][0]["phase"] == "Stopping"
+        if change == "suspended":
+            await until(lambda: phase(agent, "a") == ("Stopped", "Suspended"), 10, agent=agent)
+        else:
+            await until(lambda: "d/a" not in agent.runtimes, 10, agent=agent)
+        assert not child.running() and agent.ledger.used == 0

@@ -22,7 +22,18 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 
-PHASES = ("Pending", "Downloading", "Starting", "Ready", "Restarting", "CrashLoop", "Failed", "Stopped", "Idle")
+PHASES = (
+    "Pending",
+    "Downloading",
+    "Starting",
+    "Ready",
+    "Restarting",
+    "CrashLoop",
+    "Failed",
+    "Stopping",
+    "Stopped",
+    "Idle",
+)
 # From a Model edit that only re-checks a budget (milliseconds) to a large model loading from disk (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STARTUP_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)

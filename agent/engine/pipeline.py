@@ -185,6 +185,12 @@ class Agent:
         if unit is None or not unit.wanted:
             if (unit is not None or self.synced) and (record := self.adoptable.pop(runtime.key, None)):
                 self._stop_leftover(record)  # a previous agent's server for a unit that wants none now
+            if runtime.child is not None:  # stopping takes up to the grace period: never Ready meanwhile
+                if unit is None and not missing_reason:  # deleted: shown locally, nothing written to a gone object
+                    runtime.phase, runtime.reason = "Stopping", "Deleted"
+                    runtime.message = "the InferenceService was deleted; its server is stopping"
+                else:
+                    await self._set(runtime, "Stopping", "Stopping", "the server is stopping: the unit is not wanted")
             await self._teardown(runtime)
             runtime.spec_hash = None  # whatever comes back (the same spec included) starts afresh
             if unit is None and not missing_reason:  # the InferenceService itself is gone

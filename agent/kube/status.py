@@ -27,6 +27,7 @@ LLMKUBE_PHASE = {
     "CrashLoop": "Failed",
     "Failed": "Failed",
     "Stopped": "Stopped",
+    "Stopping": "Progressing",  # its server is being stopped (deleted, suspended, its Model gone)
     "Terminating": "Terminating",  # deletionTimestamp set, finalizers pending: the server is already stopped
 }
 TERMINATING = "Terminating"
@@ -87,7 +88,7 @@ def conditions(phase: str, reason: str, message: str) -> list[tuple[str, str, st
         admitted = ("Unknown", reason or phase)
     if phase == "Ready":
         ready = ("True", "Ready")
-    elif phase in ("Starting", "Restarting", "CrashLoop", "Stopped"):
+    elif phase in ("Starting", "Restarting", "CrashLoop", "Stopped", "Stopping"):
         ready = ("False", "Suspended" if reason == "Suspended" else phase)
     else:
         ready = ("False", reason or phase)
