@@ -2,7 +2,7 @@
 
 The reference is built from the hook specifications' own docstrings and signatures, grouped by pipeline stage,
 and the example is the package the tests install and run (tests/example_plugin), so the page cannot drift from
-the code: tests/test_plugins.py fails until this script has been run after either changed.
+the code: tests/engine/test_plugins.py fails until this script has been run after either changed.
 Run: python scripts/plugin_docs.py [--check]
 """
 

@@ -133,3 +133,23 @@ async def until(condition: Callable[[], bool], timeout: float = 30, agent: Agent
 def phase(agent: Agent, name: str) -> tuple[str, str]:
     runtime = agent.runtimes.get(f"d/{name}")
     return (runtime.phase, runtime.reason) if runtime else ("", "")
+
+
+async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:
+    """Run ``agent`` on ``events`` until ``until()`` holds, then shut it down (every server stopped)."""
+    send, receive = anyio.create_memory_object_stream[Event](100)
+
+    async def stream() -> AsyncIterator[Event]:
+        async with receive:
+            async for event in receive:
+                yield event
+
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(agent.run, stream())
+            for event in events:
+                await send.send(event)
+            while not until():
+                await anyio.sleep(0.02)
+            await agent.shutdown()
+            tasks.cancel_scope.cancel()

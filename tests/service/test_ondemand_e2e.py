@@ -19,8 +19,8 @@ from typing import Any
 
 import psutil
 import pytest
+from agent_process import API_VERSION, AgentProcess
 from prometheus_client.parser import text_string_to_metric_families
-from test_agent_e2e import API_VERSION, AgentProcess
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from test_agent_e2e import AgentProcess, manifest
+from agent_process import AgentProcess, manifest
 from test_hostile_files import BOMB
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf

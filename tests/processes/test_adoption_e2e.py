@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from agent_process import AgentProcess, manifest
 from fake_servers import marked_servers
-from test_agent_e2e import AgentProcess, manifest
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 

@@ -11,7 +11,7 @@ from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.sources.manifest import API_VERSION
 from agent.testing import build_agent, manifest_events, running, wait_for_phase
 
-sys.path.insert(0, str(Path(__file__).parent / "example_plugin"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "example_plugin"))
 
 import metal_agent_example
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-import anyio
 import psutil
 import pytest
 from fake_servers import FakeServer
+from memory_harness import drive
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
 from agent.sources.units import ServingUnit
+from agent.testing import build_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -40,25 +40,6 @@ class Executors:
         register(FakeServer("models", health_path="/v1/models"))  # no /health: answers where MLX's server does
 
 
-async def drive(agent: Agent, events: list[Event], until: Callable[[], bool], timeout: float = 20) -> None:
-    send, receive = anyio.create_memory_object_stream[Event](100)
-
-    async def stream() -> AsyncIterator[Event]:
-        async with receive:
-            async for event in receive:
-                yield event
-
-    with anyio.fail_after(timeout):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(agent.run, stream())
-            for event in events:
-                await send.send(event)
-            while not until():
-                await anyio.sleep(0.02)
-            await agent.shutdown()
-            tasks.cancel_scope.cancel()
-
-
 def state(agent: Agent) -> tuple[str, str]:
     runtime = agent.runtimes.get("d/s")
     return (runtime.phase, runtime.reason) if runtime else ("", "")
@@ -72,9 +53,8 @@ def objects(tmp_path: Path, runtime: str, budget: str = "512Mi") -> list[Event]:
 
 
 def make_agent(tmp_path: Path) -> Agent:
-    config = AgentConfig(state_dir=tmp_path / "state", backoff_base=0.01, backoff_cap=0.05, crash_loop_after=3,
-                         startup_timeout=10, grace_period=1, probe_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
-    return Agent(config, load_plugins(extra=[Executors()], entry_points=False))
+    return build_agent(tmp_path / "state", Executors(), backoff_base=0.01, backoff_cap=0.05, crash_loop_after=3,
+                       startup_timeout=10, grace_period=1, probe_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
 
 
 async def test_crashing_server_backs_off_into_crash_loop(tmp_path: Path) -> None:

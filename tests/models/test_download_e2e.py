@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from agent_process import API_VERSION, AgentProcess, llama_children
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from tests.model_server import ModelServer
-from tests.test_agent_e2e import API_VERSION, AgentProcess, llama_children
 
 pytestmark = pytest.mark.llama
 

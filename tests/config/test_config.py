@@ -91,7 +91,7 @@ def test_every_setting_reaches_the_agent() -> None:
     """A declared setting nothing reads would be a silent no-op: each one is an AgentConfig field, or the code
     reads it by name (``args.NAME``, ``settings.get("NAME")``, ``config["NAME"]``)."""
     fields = set(AgentConfig.__dataclass_fields__)
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     source = "\n".join(p.read_text() for d in ("agent", "plugins") for p in (root / d).rglob("*.py"))
     for s in SETTINGS_WITH_PLUGINS:
         if s.config_field in fields:

@@ -14,7 +14,7 @@ import pytest
 
 from agent.config.settings import SETTINGS
 
-CONFIG = Path(__file__).parent.parent / "config"
+CONFIG = Path(__file__).parents[2] / "config"
 GRACE_PERIOD = next(s.default for s in SETTINGS if s.name == "grace_period")
 
 

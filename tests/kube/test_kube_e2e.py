@@ -12,9 +12,9 @@ from typing import Any
 
 import psutil
 import pytest
+from agent_process import AgentProcess, ready
 from kubeapi import KubeAPI
 from prometheus_client.parser import text_string_to_metric_families
-from test_agent_e2e import AgentProcess, ready
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from download_harness import Recording, make_agent, phase, unit
+from memory_harness import drive
 
 from agent.models import model_store
 from agent.models.download import Progress, download
@@ -14,7 +16,6 @@ from agent.models.model_store import SourceError, auth_headers, remote_url
 from agent.util import logs
 from agent.util.redact import quoted, redact_text, redact_url
 from tests.model_server import ModelServer
-from tests.test_download_pipeline import Recording, drive, make_agent, phase, unit
 
 SECRET = "SEKRIT123"
 

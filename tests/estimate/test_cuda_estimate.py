@@ -19,7 +19,7 @@ from agent.estimate.shape import ServeSettings
 from agent.memory.gpus import DEFAULT_CONTEXT_OVERHEAD
 
 MiB = 1 << 20
-REFERENCE = json.loads((Path(__file__).parent / "data" / "cuda-llama-server.json").read_text())
+REFERENCE = json.loads((Path(__file__).parents[1] / "data" / "cuda-llama-server.json").read_text())
 
 
 @pytest.fixture(scope="module")

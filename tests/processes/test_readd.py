@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.sources.standalone import Event, EventType
 from agent.sources.units import ServingUnit
+from agent.testing import build_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -59,10 +59,9 @@ class Plugin:
 
 
 def make_agent(tmp_path: Path, host: SimulatedHost) -> Agent:
-    config = AgentConfig(state_dir=tmp_path / "state", memory_fraction=0.9, grace_period=5, probe_interval=0.05,
-                         pressure_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
-    plugins = load_plugins(extra=[TinyPlugin(), Plugin(tmp_path / "sigterm")], entry_points=False)
-    agent = Agent(config, plugins, memory=host)
+    agent = build_agent(tmp_path / "state", TinyPlugin(), Plugin(tmp_path / "sigterm"), memory=host,
+                        memory_fraction=0.9, grace_period=5, probe_interval=0.05, pressure_interval=0.05,
+                        model_roots=(tmp_path,))  # fmt: skip
     host.agent = agent
     return agent
 

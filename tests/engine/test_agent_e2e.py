@@ -7,82 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
+from agent_process import AgentProcess, llama_children, manifest, ready
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.processes.ports import free_port
 
 pytestmark = pytest.mark.llama
-API_VERSION = "inference.llmkube.dev/v1alpha1"
-POLL_SECONDS = 0.1
-
-
-def manifest(name: str, source: Path, budget: str = "512Mi", ctx: int = 2048) -> str:
-    return (
-        f"apiVersion: {API_VERSION}\nkind: Model\nmetadata: {{name: {name}}}\n"
-        f"spec:\n  source: {source}\n  hardware: {{accelerator: cpu, memoryBudget: '{budget}'}}\n---\n"
-        f"apiVersion: {API_VERSION}\nkind: InferenceService\nmetadata: {{name: {name}}}\n"
-        f"spec: {{modelRef: {name}, contextSize: {ctx}}}\n"
-    )
-
-
-class AgentProcess:
-    def __init__(self, manifests: Path, state: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.log = (state.parent / "agent.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),
-             "--api-port", str(self.port), "--poll-interval", "0.2", "--startup-timeout", "30",
-             "--grace-period", "3", "--model-root", str(state.parent), "--model-store", str(state.parent / "store"),
-             *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-
-    def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=2) as response:
-            result: dict[str, Any] = json.load(response)
-            return result
-
-    def unit(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in self.status()["units"] if u["unit"] == f"default/{name}"), None)
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the agent exited"
-            try:
-                if predicate():
-                    return
-            except OSError:
-                pass
-            time.sleep(POLL_SECONDS)  # between checks of the condition
-        raise AssertionError(f"condition not met within {timeout} s; status: {self.status()}")
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-    def close(self) -> None:
-        """Stop the agent the way an operator does (SIGTERM); kill whatever is left if it does not comply."""
-        if self.proc.poll() is None:
-            children = self.children()
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            for child in children:
-                if child.is_running():
-                    child.kill()
-        self.log.close()
 
 
 @pytest.fixture
@@ -94,10 +31,6 @@ def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
     process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.004")
     yield process, manifests, models
     process.close()
-
-
-def ready(process: AgentProcess, name: str) -> Callable[[], bool]:
-    return lambda: (process.unit(name) or {}).get("phase") == "Ready"
 
 
 def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess, Path, Path]) -> None:
@@ -211,15 +144,6 @@ def test_killed_child_is_restarted_and_sigterm_leaves_no_child(agent: tuple[Agen
     process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(timeout=15) == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-
-def llama_children(process: AgentProcess | None = None) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "plugins.xllamacpp_server" in cmdline:
-            found.append(proc)
-    return found
 
 
 def test_agent_killed_and_restarted_adopts_or_reaps_its_children(tmp_path: Path) -> None:

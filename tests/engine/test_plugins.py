@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process import AgentProcess, manifest
 from fake_servers import FakeServer
-from test_agent_e2e import AgentProcess, manifest
 
 from agent.config.loading import PLUGIN_AUTOLOAD_ENV, all_settings
 from agent.config.settings import BOOLEAN, Setting
@@ -23,7 +23,7 @@ from agent.engine.plugin_manager import load_plugins
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
 
-EXAMPLE = Path(__file__).parent / "example_plugin"
+EXAMPLE = Path(__file__).parents[1] / "example_plugin"
 BUILTIN_EXECUTORS = ["cuda", "mlx", "llamacpp"]
 
 
@@ -331,7 +331,7 @@ def test_built_in_plugins_use_only_the_public_plugin_api() -> None:
     """plugins/ imports `agent.plugin` and nothing else of the agent, as a third-party plugin would."""
     import ast
 
-    for path in sorted((Path(__file__).parent.parent / "plugins").glob("*.py")):
+    for path in sorted((Path(__file__).parents[2] / "plugins").glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
         imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
@@ -349,10 +349,10 @@ def test_the_public_plugin_api_exports_what_it_lists() -> None:
 
 def test_the_plugin_guide_is_built_from_the_hook_specs_and_the_example() -> None:
     """docs/plugins.md documents every hook and every name of agent.plugin, and shows the example verbatim."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
     import plugin_docs
 
-    page = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "plugins.md").read_text()
     assert page == plugin_docs.render(), "docs/plugins.md is out of date: run python scripts/plugin_docs.py"
     for name in plugin_docs.specified():
         assert f"`{name}" in page

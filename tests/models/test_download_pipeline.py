@@ -4,73 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from download_harness import Recording, make_agent, phase, unit
+from memory_harness import drive
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
-from agent.hookspecs import Executor, Launch, hookimpl
-from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
-from agent.sources.units import ServingUnit
 from tests.model_server import ModelServer
-from tests.test_pipeline import drive
 
 pytestmark = pytest.mark.anyio
-
-
-class Recording:
-    """Serves any unit with a plain HTTP server and records the model paths it was asked to start."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.started: list[Path] = []
-
-    def accepts(self, unit: ServingUnit) -> str | None:
-        return None
-
-    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
-        self.started.append(model_path)
-        argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
-        return Launch(argv=argv, health_path="/", cwd=model_path.parent)
-
-
-class Plugin:
-    def __init__(self, executor: Recording) -> None:
-        self.executor = executor
-
-    @hookimpl
-    def register_executors(self, register: Callable[[Executor], None]) -> None:
-        register(self.executor)
-
-
-def make_agent(tmp_path: Path, executor: Recording) -> Agent:
-    config = AgentConfig(state_dir=tmp_path / "state", backoff_base=0.05, backoff_cap=0.2, startup_timeout=20,
-                         grace_period=1, probe_interval=0.1, model_roots=(tmp_path / "root",),
-                         model_store=tmp_path / "store", min_free_disk=0)  # fmt: skip
-    agent = Agent(config, load_plugins(extra=[Plugin(executor)], entry_points=False))
-    agent.fetcher.settings.report_interval = 0.05
-    return agent
-
-
-def unit(
-    source: str, name: str = "s", sha256: str | None = None, budget: str = "512Mi", ctx: int = 1024
-) -> list[Event]:
-    model = ModelSpec(name=f"m-{name}", namespace="d", source=source, sha256=sha256, memory_budget=budget)
-    service = ServiceSpec(name=name, namespace="d", model_ref=f"m-{name}", context_size=ctx)
-    return [Event(EventType.ADDED, model), Event(EventType.ADDED, service)]
-
-
-def phase(agent: Agent, name: str = "s") -> tuple[str, str]:
-    runtime = agent.runtimes.get(f"d/{name}")
-    return (runtime.phase, runtime.reason) if runtime else ("", "")
 
 
 async def test_a_remote_model_downloads_then_serves_with_progress(

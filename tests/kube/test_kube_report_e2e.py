@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process import AgentProcess
 from kubeapi import KubeAPI
-from test_agent_e2e import AgentProcess
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 

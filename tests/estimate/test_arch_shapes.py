@@ -1,7 +1,7 @@
 """Per-architecture modelling without llama.cpp: each promise of the second calibration zoo, checked on shapes.
 
 Every test here would have failed before the estimator modelled the family the way llama.cpp allocates it
-(tests/test_arch_agreement.py checks the same models against real llama.cpp).
+(tests/estimate/test_arch_agreement.py checks the same models against real llama.cpp).
 """
 
 from __future__ import annotations

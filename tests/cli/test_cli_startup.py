@@ -13,7 +13,7 @@ import pytest
 from agent.cli import COMMANDS, build_parser, main
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_AND_SERVER = ("kubernetes_asyncio", "aiohttp", "prometheus_client")
 PROBE = """
 import json, sys

@@ -15,8 +15,7 @@ from fake_servers import FakeServer
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, hookimpl
 from agent.processes.ports import free_port
@@ -24,6 +23,7 @@ from agent.service.api import serve
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
 from agent.sources.units import ServingUnit
+from agent.testing import build_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -80,11 +80,10 @@ class Scraper:
 
 
 def make_agent(tmp_path: Path, plugin: Plugin, **overrides: Any) -> Agent:
-    config = AgentConfig(
-        state_dir=tmp_path / "state", startup_timeout=10, grace_period=1, probe_interval=0.05,
+    return build_agent(
+        tmp_path / "state", plugin, startup_timeout=10, grace_period=1, probe_interval=0.05,
         host_memory=16 << 30, memory_fraction=0.004, model_roots=(tmp_path,), **overrides,
     )  # fmt: skip
-    return Agent(config, load_plugins(extra=[plugin], entry_points=False))
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_e2e import AgentProcess, manifest
+from agent_process import AgentProcess, manifest
 
 from agent.cli import main
 from agent.cli.cmd_status import COLUMNS, render

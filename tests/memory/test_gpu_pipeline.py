@@ -14,13 +14,13 @@ from fake_gpu import FakeNVML, GiB, MiB
 from fake_servers import write_fake_llama_server
 from memory_harness import SimulatedHost, phase, running, until
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.preflight import Mode
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.memory import gpus
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.testing import build_agent
 
 BUFFERS = {"EMBD_MIB": "0.1", "MODEL_MIB": "1.5", "KV_MIB": "2", "COMPUTE_MIB": "20", "HOST_COMPUTE_MIB": "1"}
 REPORTED_DEVICE = round((1.5 + 2 + 20) * MiB)
@@ -50,15 +50,13 @@ def server_usage(device_mib: dict[str, int]) -> FakeNVML:
 
 
 def make_agent(tmp_path: Path, mode: Mode = Mode.ENFORCE) -> Agent:
-    plugins = load_plugins(entry_points=False)
-    plugins.settings["llama_server"] = write_fake_llama_server(tmp_path)
-    config = AgentConfig(
-        state_dir=tmp_path / "state", memory_fraction=0.9, mode=mode, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,),
+    host = SimulatedHost(64 * GiB)
+    agent = build_agent(
+        tmp_path / "state", plugin_settings={"llama_server": write_fake_llama_server(tmp_path)}, memory=host,
+        memory_fraction=0.9, mode=mode, startup_timeout=20, grace_period=2, probe_interval=0.05,
+        pressure_interval=0.05, model_roots=(tmp_path,),
         server_env=("FAKE_LLAMA_*",),  # the stand-in's buffer sizes pass the servers' environment allowlist
     )  # fmt: skip
-    host = SimulatedHost(64 * GiB)
-    agent = Agent(config, plugins, memory=host)
     host.agent = agent
     return agent
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_agent_e2e import AgentProcess, manifest
+from agent_process import AgentProcess, manifest
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 
 pytestmark = pytest.mark.llama
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 WRAPPER = """#!{python}
 # llama-server that waits for a file before it loads: the window in which the agent is killed.

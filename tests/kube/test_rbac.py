@@ -21,7 +21,7 @@ from reportkit import applied, model_obj, running, service_obj, settle, status, 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.kube.endpoints import AGENT_NAME, HOST_LABEL, MANAGED_BY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RBAC = ROOT / "config" / "rbac"
 GROUP = "inference.llmkube.dev"
 Permission = tuple[str, str, str]  # apiGroup, resource (with /subresource), verb

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.config.config_sample import render_sample
 from agent.config.loading import flag_settings, resolve
 
-SAMPLE = Path(__file__).parent.parent / "config" / "metal-agent.toml"
+SAMPLE = Path(__file__).parents[2] / "config" / "metal-agent.toml"
 SETTINGS = flag_settings()  # the agent's and the built-in plugins'
 COMMENTED_KEY = re.compile(r"^# (\w+) = (.*)$")
 

@@ -18,6 +18,7 @@ from agent.hookspecs import hookimpl
 from agent.sources.manifest import ServiceSpec
 from agent.sources.standalone import Event, EventType
 from agent.sources.units import ServingUnit
+from agent.testing import build_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -42,11 +43,9 @@ def recording_llama_server(tmp_path: Path) -> tuple[Path, Path]:
 
 def make_agent(tmp_path: Path, reports: Reports) -> Agent:
     binary, _ = recording_llama_server(tmp_path)
-    plugins = load_plugins(extra=[reports], entry_points=False)
-    plugins.settings = {"llama_server": str(binary)}
-    config = AgentConfig(state_dir=tmp_path / "state", backoff_base=10, backoff_cap=10, startup_timeout=10,
-                         grace_period=1, probe_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
-    return Agent(config, plugins)
+    return build_agent(tmp_path / "state", reports, plugin_settings={"llama_server": str(binary)}, backoff_base=10,
+                       backoff_cap=10, startup_timeout=10, grace_period=1, probe_interval=0.05,
+                       model_roots=(tmp_path,))  # fmt: skip
 
 
 def service(name: str, extra: list[str]) -> ServiceSpec:
