@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_pipeline import waiting_agent
 from kubeapi import KubeAPI
 
+from agent.config.kube_settings import KubeSettings
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
-from agent.kube.settings import KubeSettings
 from agent.kube.source import KubeSource
 from agent.sources.standalone import Event, Synced
 from agent.util import logs

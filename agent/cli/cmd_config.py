@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from agent.cli.setting_flags import flag_settings
 from agent.config.config_sample import render_sample
 from agent.config.loading import (
     PRECEDENCE,
@@ -16,7 +17,6 @@ from agent.config.loading import (
     add_setting_flags,
     all_settings,
     default_path,
-    flag_settings,
     load,
 )
 from agent.engine.plugin_manager import load_plugins

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from agent.config.kube_settings import default_accelerators
 from agent.config.loading import ConfigError, add_config_flag, all_settings, load
 from agent.engine.plugin_manager import Plugins, load_plugins
 from agent.estimate.budget import Budget
@@ -22,7 +23,6 @@ from agent.estimate.hostmem import HostMemory, detect_host_memory
 from agent.estimate.kvcache import InvalidSettings, validate_settings
 from agent.estimate.preflight import Mode, Reason, Verdict
 from agent.estimate.shape import KV_CACHE_TYPES, ServeSettings
-from agent.kube.settings import default_accelerators
 from agent.memory import gpus
 from agent.models.model_store import SourceError, default_model_store, remote_url
 from agent.sources.manifest import ManifestError, ModelSpec, ServiceSpec, load_file

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
+from agent.cli.setting_flags import flag_settings
 from agent.config.loading import (
     PRECEDENCE,
     Config,
@@ -22,7 +23,6 @@ from agent.config.loading import (
     add_config_flag,
     add_setting_flags,
     all_settings,
-    flag_settings,
     load,
 )
 from agent.config.settings import port_range as port_range  # re-exported: the --ports parser

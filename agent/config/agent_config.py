@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.config.kube_settings import KubeSettings
 from agent.estimate.preflight import Mode
-from agent.kube.settings import KubeSettings
 from agent.memory.pressure import Thresholds, check_interval
 
 

@@ -234,10 +234,3 @@ def add_setting_flags(parser: argparse.ArgumentParser, settings: Sequence[Settin
             group.add_argument(
                 s.flag_name, dest=s.name, metavar=None if choices else s.kind.metavar, choices=choices, help=text
             )
-
-
-def flag_settings() -> list[Setting]:
-    """The agent's settings and the built-in plugins' (settings of third-party plugins have no flags)."""
-    from agent.engine.plugin_manager import load_plugins  # the plugin machinery only for the commands that take flags
-
-    return all_settings(load_plugins(entry_points=False))

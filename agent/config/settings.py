@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config.kube_settings import check_label_selector, check_namespace, parse_accelerators, parse_only
 from agent.estimate.preflight import Mode
-from agent.kube.settings import check_label_selector, check_namespace, parse_accelerators, parse_only
 from agent.util import logs
 from agent.util.quantity import InvalidValue, format_bytes, parse_fraction, parse_quantity, shown
 

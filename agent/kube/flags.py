@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from agent.config.kube_settings import KubeSettings
 from agent.kube.endpoints import routable
-from agent.kube.settings import KubeSettings
 from agent.util.quantity import InvalidValue
 
 KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only",

@@ -17,8 +17,8 @@ import structlog
 from anyio.abc import ObjectSendStream
 from kubernetes_asyncio import client, config
 
+from agent.config.kube_settings import KubeSettings, default_accelerators
 from agent.kube.ownership import PLURALS, Ownership, Visibility
-from agent.kube.settings import KubeSettings, default_accelerators
 from agent.kube.watch_loop import Changed, KindCalls, Listed, WatchState, list_and_watch
 from agent.sources.manifest import GROUP, VERSION
 from agent.sources.standalone import SYNCED, Event, Synced

@@ -8,8 +8,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+from agent.cli.setting_flags import flag_settings
 from agent.config.config_sample import render_sample
-from agent.config.loading import flag_settings, resolve
+from agent.config.loading import resolve
 
 SAMPLE = Path(__file__).parents[2] / "config" / "metal-agent.toml"
 SETTINGS = flag_settings()  # the agent's and the built-in plugins'

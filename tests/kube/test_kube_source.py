@@ -13,16 +13,16 @@ from anyio.abc import ObjectReceiveStream
 from kubeapi import KubeAPI, RecordedRequest
 
 from agent.cli import build_parser
-from agent.config.loading import all_settings, load
-from agent.kube import flags
-from agent.kube.ownership import Ownership, Visibility, api_path
-from agent.kube.settings import (
+from agent.config.kube_settings import (
     KubeSettings,
     check_label_selector,
     default_accelerators,
     parse_accelerators,
     parse_only,
 )
+from agent.config.loading import all_settings, load
+from agent.kube import flags
+from agent.kube.ownership import Ownership, Visibility, api_path
 from agent.kube.source import ConfigError, KubeSource, load_configuration
 from agent.kube.watch_loop import backoff_delay
 from agent.sources.manifest import ModelSpec, ServiceSpec
