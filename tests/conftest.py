@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_process import AgentProcess
 from kubeapi import KubeAPI
 from model_server import ModelServer, serve
 
@@ -58,3 +59,15 @@ def server() -> Iterator[ModelServer]:
 @pytest.fixture
 def tiny(tmp_path: Path) -> bytes:
     return write_tiny_gguf(tmp_path / "src" / "tiny.gguf", TinyShape()).read_bytes()
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
+    """A `metal-agent run` process on an empty manifest directory, two tiny models beside it, 64 MiB of budget."""
+    manifests, models = tmp_path / "manifests", tmp_path / "models"
+    manifests.mkdir()
+    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
+    write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
+    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.004")
+    yield process, manifests, models
+    process.close()

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -20,17 +20,6 @@ from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.processes.ports import free_port
 
 pytestmark = pytest.mark.llama
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
-    manifests, models = tmp_path / "manifests", tmp_path / "models"
-    manifests.mkdir()
-    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
-    write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
-    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.004")
-    yield process, manifests, models
-    process.close()
 
 
 def test_manifest_added_serves_chat_and_reports_memory(agent: tuple[AgentProcess, Path, Path]) -> None:

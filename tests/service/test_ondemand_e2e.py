@@ -13,7 +13,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,6 @@ def on_demand(name: str, source: Path, budget: str = "512Mi", **spec: Any) -> st
         f"spec:\n  source: {source}\n  hardware: {{accelerator: cpu, memoryBudget: '{budget}'}}\n---\n"
         f"apiVersion: {API_VERSION}\nkind: InferenceService\nmetadata: {{name: {name}}}\nspec: {json.dumps(service)}\n"
     )
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, Path, Path]]:
-    manifests, models = tmp_path / "manifests", tmp_path / "models"
-    manifests.mkdir()
-    write_tiny_gguf(models / "a.gguf", TinyShape(n_layer=2, n_embd=64))
-    write_tiny_gguf(models / "b.gguf", TinyShape(n_layer=2, n_embd=64), seed=1)
-    process = AgentProcess(manifests, tmp_path / "state", "--host-memory", "16Gi", "--memory-fraction", "0.004")
-    yield process, manifests, models
-    process.close()
 
 
 def chat(process: AgentProcess, model: str, **extra: Any) -> tuple[int, dict[str, Any]]:
