@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter
 
-from agent.estimate.tinymodel import add_tiny_vocab, n_vocab_for
+from agent.estimate.tinymodel import MetadataValue, add_tiny_vocab, add_value, n_vocab_for
 
-Value = int | float | bool | str | list[int] | list[bool]
+Value = MetadataValue
 N_VOCAB_EXTRA = 500
 
 
@@ -131,19 +131,6 @@ class ArchModel:
         )
 
 
-def _add(w: GGUFWriter, key: str, value: Value) -> None:
-    if isinstance(value, bool):
-        w.add_bool(key, value)
-    elif isinstance(value, int):
-        w.add_uint32(key, value)
-    elif isinstance(value, float):
-        w.add_float32(key, value)
-    elif isinstance(value, str):
-        w.add_string(key, value)
-    else:
-        w.add_array(key, list(value))
-
-
 def write_model(model: ArchModel, path: str | Path, name: str, seed: int = 0) -> Path:
     """Write ``model`` to ``path`` as a GGUF named ``tiny-{name}`` with the tiny vocabulary."""
     path = Path(path)
@@ -152,7 +139,7 @@ def write_model(model: ArchModel, path: str | Path, name: str, seed: int = 0) ->
     w = GGUFWriter(str(path), model.arch)
     w.add_name(f"tiny-{name}")
     for key, value in model.meta.items():
-        _add(w, f"{model.arch}.{key}", value)
+        add_value(w, f"{model.arch}.{key}", value)
     add_tiny_vocab(w, N_VOCAB_EXTRA)
     for tensor, shape in model.tensors.items():
         if tensor in model.norms:

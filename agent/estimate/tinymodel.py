@@ -130,14 +130,7 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
     if shape.sliding_window_pattern:
         w.add_uint32(f"{arch}.attention.sliding_window_pattern", shape.sliding_window_pattern)
     for key, value in shape.extra_kv.items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        else:
-            w.add_string(key, value)
+        add_value(w, key, value)
 
     add_tiny_vocab(w, shape.n_vocab_extra)
 
@@ -180,3 +173,20 @@ def write_tiny_gguf(path: str | Path, shape: TinyShape | None = None, seed: int 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+MetadataValue = int | float | bool | str | list[int] | list[bool]
+
+
+def add_value(w: GGUFWriter, key: str, value: MetadataValue) -> None:
+    """Write one metadata value with the GGUF type llama.cpp reads for it (integers as uint32)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
