@@ -32,6 +32,8 @@ def manifest(name: str, source: Path, budget: str = "512Mi", ctx: int = 2048) ->
 class AgentProcess:
     def __init__(self, manifests: Path, state: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        if "--kube" in extra and "--proxy-port" not in extra:  # not the default 9465: a real agent may hold it
+            extra = (*extra, "--proxy-port", str(free_port()))
         self.log = (state.parent / "agent.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--manifests", str(manifests), "--state-dir", str(state),

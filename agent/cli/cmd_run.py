@@ -89,11 +89,24 @@ async def main_async(
         runner = await serve(agent, args.api_host, args.api_port)
     except OSError as exc:
         raise AgentFailed(f"cannot serve the local API on {args.api_host}:{args.api_port}: {exc.strerror}") from None
+    runners = [runner]
+    where: dict[str, str | None] = {}
+    if kube and config.register_endpoints:  # on-demand units' Services point here
+        proxy_host = args.server_host or "0.0.0.0"
+        where["cluster_v1"] = f"{proxy_host}:{config.proxy_port}"
+        try:
+            runners.append(await serve(agent, proxy_host, config.proxy_port, cluster=True))
+        except OSError as exc:
+            await runner.cleanup()
+            raise AgentFailed(
+                f"cannot serve the cluster-facing /v1 endpoint on {proxy_host}:{config.proxy_port} (--proxy-port): "
+                f"{exc.strerror}"
+            ) from None
     # The status back to the API server; its permanent refusals counted in /metrics.
     reporter = start_reporter(agent.plugins, kube.configuration, config, agent.metrics.kube_refused) if kube else None
     agent.report_status = reporter.stats if reporter else None
     log = structlog.get_logger("metal_agent")
-    where = {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
+    where |= {"kubernetes": kube.configuration.host} if kube else {"manifests": str(args.manifests)}
     log.info("agent started", **where, api=f"http://{args.api_host}:{args.api_port}/status")
     try:
         async with anyio.create_task_group() as tasks:
@@ -134,7 +147,8 @@ async def main_async(
             await agent.shutdown()
             if reporter is not None:
                 await reporter.close()  # endpoints removed, statuses say the agent stopped
-            await runner.cleanup()
+            for each in runners:
+                await each.cleanup()
             log.info("agent stopped")
 
 

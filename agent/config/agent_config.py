@@ -44,6 +44,7 @@ class AgentConfig:
     advertise_address: str | None = None  # the IP in EndpointSlices; None: the route to the API server
     register_endpoints: bool = True  # a Service and an EndpointSlice per served unit
     service_port: int = 8080
+    proxy_port: int = 9465  # the cluster-facing /v1 listener (agent/service/api.py) on-demand Services point at
     pressure_warning: float = 0.20  # available fraction at or below which admissions wait
     pressure_critical: float = 0.10  # available fraction at or below which units are evicted
     pressure_hysteresis: float = 0.05  # margin above a threshold before its level is left

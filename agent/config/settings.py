@@ -398,6 +398,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("endpoints", "kubernetes", "endpoints", BOOLEAN, True,
             "register a Service and an EndpointSlice for each served unit", field="register_endpoints"),
     Setting("service_port", "kubernetes", "service_port", PORT, 8080, "port of each unit's Service"),
+    Setting("proxy_port", "kubernetes", "proxy_port", PORT, 9465,
+            "port of the cluster-facing /v1 endpoint, on --server-host: an on-demand unit's EndpointSlice points "
+            "at it, so that a request through its Service starts it (only /v1 is served there)"),
     # Their flags belong to every command (`metal-agent --log-level debug run`), so the table declares none.
     Setting("log_level", "log", "level", text_choice(logs.LEVELS), logs.DEFAULT_LEVEL,
             "debug, info, warning, error or critical; applies to library logs too", flag=False),

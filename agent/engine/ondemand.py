@@ -90,9 +90,7 @@ class OnDemand:
         self.agent = agent
         self.demands: dict[str, Demand] = {}
         self.contexts: dict[str, int] = {}  # contextSize: auto, the value chosen at the unit's last start
-        self.names: dict[str, list[str]] | None = (
-            None  # /v1 model name -> unit keys (agent/service/proxy.py); None: stale
-        )
+        self.routes: Any = None  # the /v1 routing table (agent/service/proxy.py's Routes); None: stale
         self.metrics = ServingMetrics(agent.metrics.registry)
 
     def demand(self, key: str) -> Demand:

@@ -125,7 +125,7 @@ class Agent:
             store.pop(key, None)
         else:
             store[key] = obj
-        self.ondemand.names = None  # the /v1 model names are looked up afresh
+        self.ondemand.routes = None  # the /v1 model and Service names are looked up afresh
         if isinstance(obj, ServiceSpec):
             affected = {f"{obj.namespace}/{obj.name}"}
         else:

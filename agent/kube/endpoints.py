@@ -20,9 +20,7 @@ the API server refuses it in an EndpointSlice.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import structlog
 from kubernetes_asyncio.client import CoreV1Api, DiscoveryV1Api
 
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, Conflict, NotFound, Refused, Retry, call
+from agent.util.kube_names import label_value, service_name
 
 log = structlog.get_logger("metal_agent.kube.endpoints")
 JSON = dict[str, Any]
@@ -46,30 +45,6 @@ SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
 SLICE_CONTROLLER = "metal-agent.llmkube.dev"
 PORT_NAME = "http"
 OK, FAILED, CONFLICT, REFUSED = "ok", "failed", "conflict", "refused"
-_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
-_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def label_value(text: str) -> str:
-    """``text`` as a valid label value (63 characters, alphanumeric ends); long or odd ones end in a hash."""
-    if _LABEL_VALUE.fullmatch(text):
-        return text
-    cleaned = re.sub(r"[^-A-Za-z0-9_.]", "-", text)[:52].strip("-_.")
-    return f"{cleaned}-{_short_hash(text)}" if cleaned else _short_hash(text)
-
-
-def service_name(name: str) -> str:
-    """A Service name (DNS-1035 label) for an InferenceService name (a DNS subdomain: dots, up to 253)."""
-    if _DNS_LABEL.fullmatch(name):
-        return name
-    cleaned = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:51].strip("-")
-    if not cleaned or not cleaned[0].isalpha():
-        cleaned = f"is-{cleaned}".rstrip("-")[:51]
-    return f"{cleaned}-{_short_hash(name)}"
 
 
 def owned_by(labels: dict[str, str] | None, host: str) -> bool:

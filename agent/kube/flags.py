@@ -11,6 +11,7 @@ from agent.util.quantity import InvalidValue
 KUBE_ONLY = ("kubeconfig", "context", "namespace", "all_namespaces", "label_selector", "accelerators", "only",
              "agent_name", "advertise_address")  # fmt: skip
 DEFAULT_SERVICE_PORT = 8080
+DEFAULT_PROXY_PORT = 9465
 
 
 def settings_from(args: argparse.Namespace) -> KubeSettings | None:
@@ -19,6 +20,7 @@ def settings_from(args: argparse.Namespace) -> KubeSettings | None:
         given = [name for name in KUBE_ONLY if getattr(args, name, None)]
         given += ["no_endpoints"] if not args.endpoints else []
         given += ["service_port"] if args.service_port != DEFAULT_SERVICE_PORT else []
+        given += ["proxy_port"] if args.proxy_port != DEFAULT_PROXY_PORT else []
         if given:
             raise InvalidValue(f"--{given[0].replace('_', '-')} needs --kube")
         return None

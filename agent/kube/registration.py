@@ -7,6 +7,12 @@ address and the API server refuses it in an EndpointSlice (422 ``may not be in t
 endpoint is registered at all: each served unit gets an ``EndpointRegistered=False`` condition (reason
 ``NoRoutableAddress``) and one Warning Event saying what to set, and keeps being served on this host.
 
+An on-demand unit (``onDemand: true``) is different: its EndpointSlice points at the agent's cluster-facing
+``/v1`` listener (``--proxy-port``), whether its server runs or not, and is ready while the unit can be asked
+for. A request through its Service then reaches the agent, which starts the unit (routing by the Service name
+in ``Host``, agent/service/proxy.py), and every request counts for its idle timer: a client sent straight to
+the server would be invisible to it, and cut off when the unit idles out.
+
 Conditions and Events name the cluster-facing URL (the Service's), never the server's own loopback URL, which
 stays in the agent's local /status.
 """
@@ -21,6 +27,7 @@ import structlog
 from agent.kube.endpoints import CONFLICT, OK, REFUSED, Endpoints, Target, detect_host_ip, routable
 from agent.kube.events import Event, EventRecorder
 from agent.kube.reconcile import Outcome
+from agent.kube.status import ON_DEMAND_SERVING
 
 log = structlog.get_logger("metal_agent.kube.report")
 NO_ROUTE = (
@@ -33,10 +40,17 @@ Condition = tuple[str, str, str]  # status, reason, message of EndpointRegistere
 
 class Registration:
     def __init__(
-        self, endpoints: Endpoints, events: EventRecorder, host: str, host_ip: str | None, enabled: bool, send: bool
+        self,
+        endpoints: Endpoints,
+        events: EventRecorder,
+        host: str,
+        host_ip: str | None,
+        enabled: bool,
+        send: bool,
+        proxy_port: int | None = None,
     ) -> None:
         self.endpoints, self.events, self.host, self.host_ip = endpoints, events, host, host_ip
-        self.enabled, self.send_events = enabled, send
+        self.enabled, self.send_events, self.proxy_port = enabled, send, proxy_port
         self.no_route = False  # no address the cluster can reach: nothing is registered
         self.swept: set[str] = set()  # units whose leftover endpoints (from a killed agent) were removed
         self.warned: set[str] = set()  # units told (by an Event) that they get no endpoint
@@ -57,6 +71,18 @@ class Registration:
     def forget(self, key: str) -> None:
         self.swept.discard(key)
         self.warned.discard(key)
+
+    def through_proxy(self, status: dict[str, Any]) -> bool:
+        """Whether the cluster reaches this unit through the agent's /v1 listener (an on-demand unit)."""
+        return bool(self.proxy_port and status.get("on_demand"))
+
+    def endpoint_port(self, status: dict[str, Any]) -> int | None:
+        """The port the unit's EndpointSlice lists: the proxy's for an on-demand unit, else its server's (None
+        while no server runs)."""
+        if self.through_proxy(status):
+            return self.proxy_port
+        port = status.get("port")
+        return int(port) if port else None
 
     def host_url(self, port: int) -> str | None:
         """The server's URL at the advertised address; None when the cluster cannot reach that address."""
@@ -89,7 +115,7 @@ class Registration:
         """Register (or unregister) the unit's endpoint: the URL to report, how it went, and the
         ``EndpointRegistered`` condition (None while no server runs, or with --no-endpoints)."""
         namespace, name = key.split("/", 1)
-        phase, port = status.get("phase"), status.get("port")
+        phase, port, proxied = status.get("phase"), self.endpoint_port(status), self.through_proxy(status)
         if not self.enabled:
             return (self.host_url(port) if port else None), Outcome.DONE, None
         if phase == "Stopped":
@@ -107,13 +133,16 @@ class Registration:
                 self.events.emit(Event(namespace, name, "Warning", "NoRoutableAddress", "Register", message))
             return None, Outcome.DONE, ("False", "NoRoutableAddress", message)
         # No server now (a restart, a budget too small): the Service and its ClusterIP stay, the address goes.
-        ready = phase == "Ready" and bool(port)
+        ready = phase in ON_DEMAND_SERVING if proxied else phase == "Ready" and bool(port)
         ip = self.host_ip or "127.0.0.1"
-        target = Target(namespace, name, ip, int(port) if port else None, ready, owner_uid)
+        target = Target(namespace, name, ip, port, ready, owner_uid)
         conflicted = (namespace, name) in self.endpoints.conflicts
         result = await self.endpoints.ensure(target)
         url = self.endpoints.url(namespace, name)
         if result == OK:
+            if proxied:
+                where = f"{url} points at the agent's /v1 endpoint, {ip}:{port}: a request starts the unit"
+                return url, Outcome.DONE, ("True", "Registered", where)
             return url, Outcome.DONE, (("True", "Registered", f"{url} points at {ip}:{port}") if port else None)
         if result == CONFLICT:
             note = f"a Service or EndpointSlice named for {name} exists and is not metal-agent's on {self.host}"

@@ -32,7 +32,7 @@ from agent.engine.pipeline import AgentConfig
 from agent.engine.plugin_manager import Plugins
 from agent.hookspecs import hookimpl
 from agent.kube.calls import DEFAULT_RETRY, MERGE_PATCH, NotFound, Refused, Retry, call
-from agent.kube.endpoints import Endpoints, label_value
+from agent.kube.endpoints import Endpoints
 from agent.kube.events import Event, EventRecorder
 from agent.kube.model_status import ModelFacts
 from agent.kube.reconcile import Outcome, Reconciler
@@ -40,6 +40,7 @@ from agent.kube.registration import Registration
 from agent.kube.status import SCHEDULING_REASONS, TERMINATING, build_status, managed, merge_patch, strip_nulls
 from agent.sources.manifest import GROUP, VERSION
 from agent.sources.units import ServingUnit
+from agent.util.kube_names import label_value
 
 log = structlog.get_logger("metal_agent.kube.report")
 PLURAL = "inferenceservices"
@@ -58,6 +59,7 @@ class ReporterSettings:
     host_ip: str | None = None  # the address the cluster reaches this host at; None: the route to the API server
     endpoints: bool = True  # register a Service and an EndpointSlice per served unit
     service_port: int = 8080  # the Service's port (the EndpointSlice points at the server's own port)
+    proxy_port: int | None = None  # the agent's cluster-facing /v1 port, where on-demand units' slices point
     events: bool = True
     event_queue: int = 1024  # a burst (every unit at start) fits; beyond it Events are dropped and counted
     concurrency: int = 8  # objects written at once
@@ -73,6 +75,7 @@ def reporter_settings(config: AgentConfig) -> ReporterSettings:
         host_ip=config.advertise_address,
         endpoints=config.register_endpoints,
         service_port=config.service_port,
+        proxy_port=config.proxy_port if config.register_endpoints else None,
     )
 
 
@@ -101,8 +104,9 @@ class KubeReporter:
             on_refused=self._refused,
         )  # fmt: skip
         self.registration = Registration(
-            self.endpoints, self.events, self.host, settings.host_ip, settings.endpoints, settings.events
-        )
+            self.endpoints, self.events, self.host, settings.host_ip, settings.endpoints, settings.events,
+            settings.proxy_port,
+        )  # fmt: skip
         self.reconciler = Reconciler(
             self._sync, concurrency=settings.concurrency, backoff_base=settings.retry_after,
             backoff_cap=settings.retry_cap,
@@ -227,7 +231,7 @@ class KubeReporter:
         if desired.unit is not None:
             await self.models.write(desired.unit)
         unit = desired.unit
-        port = desired.status.get("port")
+        port = self.registration.endpoint_port(desired.status)
         new = strip_nulls(
             build_status(
                 {**desired.status, "message": self.registration.cluster_text(key, desired.status)},
@@ -238,6 +242,7 @@ class KubeReporter:
                 endpoint=endpoint,
                 host_endpoint=self.registration.host_url(port) if port else None,
                 endpoint_condition=condition,
+                through_proxy=self.registration.through_proxy(desired.status),
             )
         )
         written = await self._patch_status(key, desired, new)

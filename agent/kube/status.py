@@ -45,6 +45,9 @@ SCHEDULING_REASONS = frozenset(
         "NoExecutor",
     }
 )
+# An on-demand unit in these phases answers a request through the agent's /v1 listener (after a cold start, or a
+# 503 with Retry-After while memory is made); Failed, CrashLoop, Stopping and Stopped ones do not.
+ON_DEMAND_SERVING = frozenset({"Idle", "Pending", "Downloading", "Starting", "Ready", "Restarting"})
 RUNNING_PHASES = frozenset({"Downloading", "Starting", "Ready", "Restarting", "CrashLoop"})  # admitted
 ESTIMATE_KEYS = {"weights": "weights", "kv_cache": "kvCache", "compute": "compute", "overhead": "overhead"}
 MAX_MESSAGE = 4096
@@ -106,10 +109,13 @@ def build_status(
     host_endpoint: str | None,
     endpoint_condition: tuple[str, str, str] | None = None,
     timestamp: str | None = None,
+    through_proxy: bool = False,
 ) -> JSON:
     """The full ``status`` to hold on the InferenceService; ``previous`` (what is there) keeps transition times.
 
-    ``endpoint_condition`` (status, reason, message) is the ``EndpointRegistered`` condition; None removes it."""
+    ``endpoint_condition`` (status, reason, message) is the ``EndpointRegistered`` condition; None removes it.
+    The endpoints are shown while the unit is Ready, or ``through_proxy`` (they lead to the agent's /v1
+    listener, which starts an on-demand unit) in every phase that answers a request."""
     stamp = timestamp or now()
     phase, reason = str(status.get("phase") or "Pending"), str(status.get("reason") or "")
     message = str(status.get("message") or "")[:MAX_MESSAGE]
@@ -135,19 +141,20 @@ def build_status(
         built_conditions.append(condition)
     built_conditions += [dict(c) for t, c in old.items() if t not in OWN_CONDITIONS]  # other writers' are kept
     scheduling = reason in SCHEDULING_REASONS
+    reachable = phase == "Ready" or (through_proxy and phase in ON_DEMAND_SERVING)
     result: JSON = {
         "phase": llmkube_phase(phase, reason, suspended),
         "readyReplicas": 1 if phase == "Ready" else 0,
         "schedulingStatus": reason if scheduling else None,
         "schedulingMessage": message if scheduling else None,
-        "endpoint": endpoint if phase == "Ready" else None,
+        "endpoint": endpoint if reachable else None,
         "observedGeneration": generation if generation is not None else (previous or {}).get("observedGeneration"),
         "agent": {
             "host": host,
             "phase": phase,
             "executor": status.get("executor"),
             "restarts": status.get("restarts") or 0,
-            "endpoint": host_endpoint if phase == "Ready" else None,
+            "endpoint": host_endpoint if reachable else None,
             "contextSize": status.get("context_size"),
             "onDemand": on_demand(status.get("on_demand")),
         },

@@ -2,6 +2,11 @@
 ``/v1`` endpoint for every unit (agent/service/proxy.py).
 
 It listens on 127.0.0.1 by default: it reports on local processes and has no authentication.
+
+In Kubernetes mode a second, cluster-facing listener (``--proxy-port`` on ``--server-host``, where the servers
+listen too) serves only ``/v1`` and ``/healthz``, routed by the Service a request's ``Host`` names: on-demand
+units' EndpointSlices point at it (agent/kube/registration.py). /status and /metrics stay on the local API: they
+describe every unit, the host's memory and the agent's own state, which are not the cluster's to read.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ if TYPE_CHECKING:
     from agent.engine.pipeline import Agent
 
 
-def make_app(agent: Agent) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+async def healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
 
+
+def make_app(agent: Agent) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         return web.Response(text="ready\n") if agent.synced else web.Response(status=503, text="syncing\n")
 
@@ -37,9 +43,18 @@ def make_app(agent: Agent) -> web.Application:
     return app
 
 
-async def serve(agent: Agent, host: str, port: int) -> web.AppRunner:
+def make_cluster_app(agent: Agent) -> web.Application:
+    app = web.Application(client_max_size=agent.config.max_request_body)
+    app.router.add_get("/healthz", healthz)
+    proxy.add_routes(app, agent, by_host=True)
+    return app
+
+
+async def serve(agent: Agent, host: str, port: int, *, cluster: bool = False) -> web.AppRunner:
+    """Start the local API (or with ``cluster``, the cluster-facing /v1 listener) on ``host:port``."""
+    app = make_cluster_app(agent) if cluster else make_app(agent)
     # A client that disconnects cancels its handler: a /v1 request then closes its upstream request.
-    runner = web.AppRunner(make_app(agent), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

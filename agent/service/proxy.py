@@ -7,6 +7,11 @@ chunk, each write waiting for the client to take it (backpressure) — and a cli
 handler, which closes the upstream connection so the server stops generating. Bodies are capped
 (``max_request_body``); errors use OpenAI's shape, ``{"error": {"message", "type", "code"}}``.
 
+In Kubernetes mode the same routes also listen for the cluster (agent/service/api.py's cluster app, at
+``--proxy-port``), where an on-demand unit's Service points: there a request goes to the unit whose Service its
+``Host`` names (``NAME.NAMESPACE.svc``), so a client need not know the unit's model name; a Host that names no
+unit (a ClusterIP, an address) falls back to the body's ``model``.
+
 The relay does not decode: compressed answers pass through as they are, headers minus the hop-by-hop ones.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -22,6 +28,7 @@ from aiohttp import web
 
 from agent.engine.ondemand import Gone, Unavailable
 from agent.sources.manifest import ServiceSpec
+from agent.util.kube_names import service_in_host, service_name
 
 if TYPE_CHECKING:
     from agent.engine.pipeline import Agent
@@ -51,25 +58,48 @@ def error(status: int, message: str, kind: str, code: str, headers: dict[str, st
     return web.json_response(body, status=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class Routes:
+    """Every name a request may use, built once per change of the InferenceServices (the pipeline clears
+    ``agent.ondemand.routes``), not per request. A name with more than one unit key is ambiguous."""
+
+    models: dict[str, list[str]]  # NAMESPACE/NAME always; NAME alone; the alias if set
+    services: dict[str, list[str]]  # the unit's Service name (agent/util/kube_names.py), for routing by Host
+
+
+def routes(agent: Agent) -> Routes:
+    if agent.ondemand.routes is None:
+        models: dict[str, set[str]] = defaultdict(set)
+        services: dict[str, set[str]] = defaultdict(set)
+        for (namespace, name), service in agent.services.items():
+            key = f"{namespace}/{name}"
+            models[key].add(key)
+            models[name].add(key)
+            if service.alias:
+                models[service.alias].add(key)
+            services[service_name(name)].add(key)
+        agent.ondemand.routes = Routes(
+            {name: sorted(keys) for name, keys in models.items()},
+            {name: sorted(keys) for name, keys in services.items()},
+        )
+    found: Routes = agent.ondemand.routes
+    return found
+
+
 def model_names(agent: Agent) -> dict[str, list[str]]:
-    """Every name a request may use -> the unit keys it names (more than one: ambiguous).
-
-    ``NAMESPACE/NAME`` always; ``NAME`` alone (ambiguous where several namespaces have it); the ``alias`` if set.
-    Built once per change of the InferenceServices (the pipeline clears it), not per request."""
-    if agent.ondemand.names is None:
-        agent.ondemand.names = _names(agent)
-    return agent.ondemand.names
+    """Every name a request's ``model`` may use -> the unit keys it names (more than one: ambiguous)."""
+    return routes(agent).models
 
 
-def _names(agent: Agent) -> dict[str, list[str]]:
-    names: dict[str, set[str]] = defaultdict(set)
-    for (namespace, name), service in agent.services.items():
-        key = f"{namespace}/{name}"
-        names[key].add(key)
-        names[name].add(key)
-        if service.alias:
-            names[service.alias].add(key)
-    return {name: sorted(keys) for name, keys in names.items()}
+def unit_in_host(agent: Agent, host: str | None) -> str | None:
+    """The unit whose Service the ``Host`` names (cluster DNS: ``NAME``, ``NAME.NAMESPACE[.svc...]``); None
+    when it names none, or a bare ``NAME`` that several namespaces have."""
+    found = service_in_host(host)
+    if found is None:
+        return None
+    service, namespace = found
+    keys = [key for key in routes(agent).services.get(service, ()) if namespace in (None, key.split("/", 1)[0])]
+    return keys[0] if len(keys) == 1 else None
 
 
 def listed_ids(agent: Agent) -> list[tuple[str, str, ServiceSpec]]:
@@ -85,7 +115,10 @@ def listed_ids(agent: Agent) -> list[tuple[str, str, ServiceSpec]]:
     return entries
 
 
-def add_routes(app: web.Application, agent: Agent) -> None:
+def add_routes(app: web.Application, agent: Agent, *, by_host: bool = False) -> None:
+    """The /v1 routes. ``by_host`` (the cluster-facing listener): a request whose ``Host`` names a unit's
+    Service goes to that unit whatever its body's ``model`` says, and ``/v1/models`` lists only that unit."""
+
     async def session_context(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)  # servers are on loopback: no limit
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)  # generation may take long
@@ -93,10 +126,13 @@ def add_routes(app: web.Application, agent: Agent) -> None:
             app[SESSION] = session
             yield
 
-    async def models(_: web.Request) -> web.Response:
+    async def models(request: web.Request) -> web.Response:
         statuses = {u["unit"]: u for u in agent.status()["units"]}
+        only = unit_in_host(agent, request.host) if by_host else None
         data = []
         for model_id, key, service in listed_ids(agent):
+            if only is not None and key != only:
+                continue
             unit = statuses.get(key, {})
             data.append(
                 {
@@ -117,7 +153,7 @@ def add_routes(app: web.Application, agent: Agent) -> None:
         key = ""
         response: web.StreamResponse
         try:
-            key, body = await _target(request, agent)
+            key, body = await _target(request, agent, by_host)
             try:
                 async with agent.ondemand.serving(key) as child:
                     response = await relay(request, app[SESSION], child.port, body)
@@ -150,8 +186,9 @@ class _Refused(Exception):
         self.response = response
 
 
-async def _target(request: web.Request, agent: Agent) -> tuple[str, bytes]:
-    """The unit key the body's ``model`` names, and the body; raises _Refused with the error response."""
+async def _target(request: web.Request, agent: Agent, by_host: bool) -> tuple[str, bytes]:
+    """The unit key the ``Host`` (``by_host``) or else the body's ``model`` names, and the body; raises _Refused
+    with the error response."""
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -163,6 +200,8 @@ async def _target(request: web.Request, agent: Agent) -> tuple[str, bytes]:
         payload: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise _Refused(error(400, "the body is not valid JSON", "invalid_request_error", "invalid_json")) from None
+    if by_host and (key := unit_in_host(agent, request.host)) is not None:
+        return key, body
     model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(model, str) or not model:
         raise _Refused(error(400, "the body must name a model", "invalid_request_error", "model_required"))

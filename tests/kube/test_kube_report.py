@@ -414,15 +414,20 @@ def test_run_flags_reach_the_reporter_settings() -> None:
             "--no-endpoints",
             "--service-port",
             "80",
+            "--proxy-port",
+            "9500",
         ]
     )
     chosen = reporter_settings(config_from(args))
-    assert (chosen.host_name, chosen.host_ip, chosen.endpoints, chosen.service_port) == (
+    assert (chosen.host_name, chosen.host_ip, chosen.endpoints, chosen.service_port, chosen.proxy_port) == (
         "studio",
         "192.168.1.20",
         False,
         80,
+        None,  # --no-endpoints: no listener runs, no Service points at it
     )
+    proxied = reporter_settings(config_from(build_parser().parse_args(["run", "--kube", "--proxy-port", "9500"])))
+    assert proxied.proxy_port == 9500
     default = reporter_settings(config_from(build_parser().parse_args(["run"])))
     assert default.host_ip is None and default.endpoints and default.service_port == 8080 and default.host_name
     with pytest.raises(InvalidValue, match="--advertise-address needs --kube"):

@@ -1,20 +1,23 @@
 """`metal-agent run --kube` reporting back: a real agent process, real llama.cpp (xllamacpp), the fake API server.
 
 Status by merge patch, a Service and an EndpointSlice at the server's port, Events, no status-write loop, and a
-clean stop that takes the endpoints away.
+clean stop that takes the endpoints away; an on-demand unit started by a request through its Service.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_process import AgentProcess
+from agent_process import AgentProcess, llama_children
 from kubeapi import KubeAPI
 
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
+from agent.processes.ports import free_port
 
 MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.llama
@@ -154,3 +157,45 @@ def test_a_loopback_route_serves_without_an_endpoint_and_a_held_delete_says_term
     loopback_agent.wait(lambda: loopback_agent.unit("a") is None)
     kube_api.remove_finalizers("InferenceService", "a")
     assert kube_api.get("InferenceService", "a") is None
+
+
+def test_an_on_demand_unit_starts_on_a_request_through_its_service_and_idles_out(
+    kube_api: KubeAPI, tmp_path: Path
+) -> None:
+    proxy = free_port()
+    agent = start_agent(kube_api, tmp_path, "--advertise-address", "192.0.2.10", "--proxy-port", str(proxy))
+    try:
+        model, service = objects("a", tmp_path / "models" / "a.gguf")
+        service["spec"] |= {"onDemand": True, "idleTimeout": "3s"}
+        kube_api.apply(model)
+        kube_api.apply(service)
+
+        def slice_points_at_the_proxy() -> bool:
+            found = kube_api.get("EndpointSlice", "a-metal-agent", api_version=SLICE) or {}
+            ports, endpoints = found.get("ports") or [{}], found.get("endpoints") or [{}]
+            return ports[0].get("port") == proxy and (endpoints[0].get("conditions") or {}).get("ready") is True
+
+        agent.wait(lambda: (agent.unit("a") or {}).get("phase") == "Idle" and slice_points_at_the_proxy(), 30)
+        assert not llama_children(agent)
+        # What a pod does through the Service: kube-proxy sends it to the slice's address, the Host names the
+        # Service. (The slice's address is TEST-NET here, so the test goes to the port on loopback.)
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy}/v1/chat/completions", json.dumps(body).encode(),
+            {"Content-Type": "application/json", "Host": "a.default.svc.cluster.local:8080"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert (agent.unit("a") or {}).get("phase") == "Ready" and len(llama_children(agent)) == 1
+        agent.wait(lambda: phase(kube_api, "a") == "Ready", timeout=30)
+        assert slice_points_at_the_proxy()  # while it runs too: every request passes the idle timer
+        # No request for 3 s: the server goes, the Service still leads to the proxy.
+        agent.wait(lambda: (agent.unit("a") or {}).get("phase") == "Idle" and not llama_children(agent), 30)
+        assert slice_points_at_the_proxy()
+        agent.wait(lambda: kube_api.get("InferenceService", "a")["status"]["agent"]["onDemand"]["state"] == "Idle")
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the agent's state is not served to the cluster
+            urllib.request.urlopen(f"http://127.0.0.1:{proxy}/status", timeout=5)
+        assert refused.value.code == 404
+    finally:
+        agent.close()

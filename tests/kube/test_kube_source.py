@@ -395,6 +395,8 @@ def test_the_unit_spec_hash_ignores_generation_origin_and_status() -> None:
     ("argv", "message"),
     [
         (["--namespace", "ml"], "error: --namespace needs --kube"),
+        (["--proxy-port", "9500"], "error: --proxy-port needs --kube"),
+        (["--kube", "--proxy-port", "0"], "error: --proxy-port"),
         (["--kube", "--only", "nope"], "error: --only: 'nope' is not namespace/name"),
         (["--kube", "--accelerators", "tpu"], "error: --accelerators: 'tpu' is not one of"),
         (["--kube", "--label-selector", "a=("], "error: --label-selector"),

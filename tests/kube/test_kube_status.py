@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from agent.kube.endpoints import detect_host_ip, label_value, owned_by, service_name
+from agent.kube.endpoints import detect_host_ip, owned_by
 from agent.kube.status import build_status, conditions, llmkube_phase, merge_patch, strip_nulls
 from agent.sources.manifest import parse_object
 from agent.sources.units import ServingUnit
+from agent.util.kube_names import label_value, service_name
 
 
 @pytest.mark.parametrize(

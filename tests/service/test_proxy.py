@@ -341,3 +341,55 @@ async def test_an_always_on_unit_that_served_requests_is_not_counted_as_memory_c
             status, body, _ = await a.post(model)
             assert status == 200, body
         assert [phase(a.agent, f"d/{n}") for n in ("always", "a", "b")] == ["Ready", "Idle", "Ready"]
+
+
+async def test_the_cluster_listener_routes_by_the_service_in_host_and_serves_only_v1(tmp_path: Path) -> None:
+    async with api(tmp_path) as a:
+        for event in [*unit_events(tmp_path, "chat"), *unit_events(tmp_path, "dup"),
+                      *unit_events(tmp_path, "dup", namespace="other"),
+                      *unit_events(tmp_path, "lazy", on_demand=True, idle_timeout=60.0)]:  # fmt: skip
+            a.send(event)
+        await until(lambda: all(phase(a.agent, k) == "Ready" for k in ("d/chat", "d/dup", "other/dup")), agent=a.agent)
+        await until(lambda: phase(a.agent, "d/lazy") == "Idle", agent=a.agent)
+        port = free_port()
+        runner = await serve(a.agent, "127.0.0.1", port, cluster=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            async def post(host: str, model: str) -> tuple[int, Any]:
+                payload = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                async with a.session.post(base + "/v1/chat/completions", json=payload, headers={"Host": host}) as r:
+                    return r.status, await r.json()
+
+            def served(key: str) -> int:
+                return a.agent.runtimes[key].child.port  # type: ignore[union-attr]
+
+            # The Service the client called decides, whatever model name its OpenAI client sends.
+            for host in ("chat.d.svc.cluster.local:8080", "chat.d.svc:8080", "chat.d", "chat:8080", "CHAT.D.SVC."):
+                status, body = await post(host, "gpt-4o")
+                assert status == 200 and body["served_by"] == served("d/chat"), host
+            assert (await post("dup.other.svc:8080", "d/dup"))[1]["served_by"] == served("other/dup")
+            # A Host that names no unit, or a bare name two namespaces have: the body's model decides.
+            for host, model, key in (("dup:8080", "other/dup", "other/dup"), ("10.96.0.12:8080", "chat", "d/chat"),
+                                     ("nope.d.svc:8080", "d/dup", "d/dup"), ("chat.elsewhere.svc", "d/dup", "d/dup"),
+                                     (f"127.0.0.1:{port}", "chat", "d/chat")):  # fmt: skip
+                status, body = await post(host, model)
+                assert status == 200 and body["served_by"] == served(key), host
+            status, body = await post("10.96.0.12:8080", "gpt-4o")
+            assert status == 404 and body["error"]["code"] == "model_not_found"
+            # An Idle on-demand unit starts on a request through its Service.
+            status, body = await post("lazy.d.svc.cluster.local:8080", "gpt-4o")
+            assert status == 200 and body["served_by"] == served("d/lazy") and phase(a.agent, "d/lazy") == "Ready"
+            assert a.agent.ondemand.demand("d/lazy").last_request is not None  # the idle timer saw it
+            # /v1/models through a Service lists that unit; the agent's own state is not served to the cluster.
+            async with a.session.get(base + "/v1/models", headers={"Host": "lazy.d.svc:8080"}) as response:
+                assert [m["unit"] for m in (await response.json())["data"]] == ["d/lazy"]
+            async with a.session.get(base + "/v1/models", headers={"Host": "10.96.0.12"}) as response:
+                assert len((await response.json())["data"]) == 4
+            for path in ("/status", "/metrics", "/readyz"):
+                async with a.session.get(base + path) as response:
+                    assert response.status == 404, path
+            async with a.session.get(base + "/healthz") as response:
+                assert response.status == 200
+        finally:
+            await runner.cleanup()
