@@ -182,6 +182,7 @@ class KubeReporter:
             "host": self.host,
             "address": self.registration.host_ip,
             "endpoints": self.registration.mode,
+            "proxy_port": self.settings.proxy_port,  # where on-demand units' EndpointSlices point
             "status_writes": self.status_writes,
             "pending": self.reconciler.busy,
             "backing_off": self.reconciler.backing_off,

@@ -176,7 +176,7 @@ def test_an_on_demand_unit_starts_on_a_request_through_its_service_and_idles_out
             return ports[0].get("port") == proxy and (endpoints[0].get("conditions") or {}).get("ready") is True
 
         agent.wait(lambda: (agent.unit("a") or {}).get("phase") == "Idle" and slice_points_at_the_proxy(), 30)
-        assert not llama_children(agent)
+        assert not llama_children(agent) and agent.status()["report"]["proxy_port"] == proxy
         # What a pod does through the Service: kube-proxy sends it to the slice's address, the Host names the
         # Service. (The slice's address is TEST-NET here, so the test goes to the port on loopback.)
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
