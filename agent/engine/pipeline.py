@@ -279,9 +279,11 @@ class Agent:
         await self._launch(runtime, unit, executor, model_path)
 
     def log_path(self, key: str) -> Path:
+        """The file the unit's server writes its output to, in the state directory's ``logs``."""
         return self.config.state_dir / "logs" / f"{key.replace('/', '_')}.log"
 
     def executor_for(self, unit: ServingUnit) -> tuple[Executor | None, str]:
+        """The first executor that accepts the unit; else None and why each one declined."""
         reasons = []
         for executor in self.executors:
             why_not = executor.accepts(unit)
@@ -395,6 +397,7 @@ class Agent:
             await self._failed_run(runtime, f"server unhealthy for {runtime.unhealthy} probes")
 
     async def teardown(self, runtime: UnitRuntime, evicted: str | None = None) -> None:
+        """Stop the unit's server, if any, and release its memory (``evicted``: it waits again, keeping its place)."""
         claim = self.admission.holders.get(runtime.key)
         if runtime.child is not None:
             await supervisor.stop(runtime.child, self.config.grace_period)
@@ -415,6 +418,7 @@ class Agent:
         await self.set_status(runtime, "Pending", EVICTED, message)
 
     async def set_status(self, runtime: UnitRuntime, phase: str, reason: str, message: str) -> None:
+        """The unit's new status: logged, saved with its children, told to on-demand waiters and the reporters."""
         children_changed = runtime.phase in CHILD_PHASES or phase in CHILD_PHASES
         message = redact_text(message)  # no URL secrets in a status, a log line or an Event, whatever said it
         runtime.phase, runtime.reason, runtime.message = phase, reason, message
