@@ -20,7 +20,7 @@ class AgentConfig:
     memory_fraction: float | None = None
     mode: Mode = Mode.ENFORCE
     host_memory: int | None = None  # override of the detected total
-    budget_tolerance: float = 0.02  # enforce: a measured footprint this far over its budget stops the server
+    budget_tolerance: float = 0.02  # beyond this share over its budget: stopped (enforce); over its reservation: warned
     startup_timeout: float = 120.0
     grace_period: float = 10.0
     probe_interval: float = 5.0

@@ -317,8 +317,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_check_mode", "memory", "check_mode", enum_choice(Mode), "enforce",
             "enforce: a model that does not fit is not started; warn: it starts with a warning", field="mode"),
     Setting("budget_tolerance", "memory", "budget_tolerance", RATIO, 0.02,
-            "enforce mode: a running server whose measured footprint exceeds its own budget by more than this "
-            "share is stopped (reason ExceedsBudget)"),
+            "share by which a running server's measured footprint may exceed its own budget (beyond: stopped in "
+            "enforce mode, reason ExceedsBudget) and its reservation (beyond: an ExceedsReservation warning)"),
     Setting("host_memory", "memory", "host_memory", QUANTITY, None,
             "pretend the host has this much memory (default: detected; cgroup and GPU wired limits apply)",
             example="64Gi"),

@@ -45,7 +45,7 @@ class Measured(StrEnum):
     """What a new measurement means for its unit."""
 
     FINE = "Fine"
-    WARNED = "Warned"  # a new warning (above its reservation, or over its budget in warn mode)
+    WARNED = "Warned"  # a new warning (above its reservation or, in warn mode, its budget, beyond the tolerance)
     EXCEEDS_BUDGET = "ExceedsBudget"  # enforce mode: over its own budget beyond the tolerance, to be stopped
 
 
@@ -173,7 +173,9 @@ class MemoryGuard:
         The ledger holds the measurement when it is authoritative for every kind of memory the server uses,
         else the larger of the estimate and the measurement. A footprint that pushes the ledger over the host
         budget evicts by the usual order; in enforce mode a server over its own budget (beyond the tolerance)
-        is to be stopped (``EXCEEDS_BUDGET``: the worker stops it).
+        is to be stopped (``EXCEEDS_BUDGET``: the worker stops it). One above its reservation is warned about
+        (``ExceedsReservation``) only beyond the same tolerance, a share of the reservation: an estimate a few
+        hundred KiB short is no news.
         """
         footprint = runtime.footprint
         claim = self.admission.holders.get(runtime.key)
@@ -212,11 +214,11 @@ class MemoryGuard:
         if footprint.uses_device and claim.device_need > 0:
             reservations.append(("GPU ", footprint.device_bytes, claim.device_need))
         for kind, figure, reserved in reservations:
-            if figure > reserved and runtime.warning is None:
+            if figure > reserved * (1 + self.tolerance) and runtime.warning is None:
                 message = (
                     f"measured {kind}footprint {format_bytes(figure)} exceeds its {kind}reservation "
-                    f"{format_bytes(reserved)} by {format_bytes(figure - reserved)}; the ledger now holds the "
-                    "measured footprint"
+                    f"{format_bytes(reserved)} by {format_bytes(figure - reserved)} (tolerance {self.tolerance:.0%}); "
+                    "the ledger now holds the measured footprint"
                 )
                 runtime.warning = {"reason": "ExceedsReservation", "message": message}
                 log.warning("footprint exceeds reservation", unit=runtime.key, measured=figure, reserved=reserved)

@@ -28,6 +28,8 @@ import structlog
 
 from agent.engine.serving_metrics import ServingMetrics
 from agent.engine.unit_state import UnitRuntime
+from agent.estimate.hostmem import detect_host_memory
+from agent.estimate.preflight import Reason, Verdict
 from agent.memory.admission import PRIORITY_RANK
 from agent.processes import supervisor
 from agent.sources.units import ServingUnit
@@ -106,10 +108,29 @@ class OnDemand:
         if not unit.service.on_demand:
             return True
         demand = self.demand(unit.key)
-        if not demand.active and unit.key in self.agent.adoptable:
+        if not demand.active and unit.key in self.agent.handover.adoptable:
             demand.active = True
             demand.touch()
         return demand.active
+
+    # -- the idle state -------------------------------------------------------------------------------------
+    async def idle(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
+        """An on-demand unit nobody asks for (its worker's reconcile): stop its server if any; its status says Idle
+        with model and budget."""
+        agent = self.agent
+        await agent.teardown(runtime)
+        runtime.spec_hash = None  # the next request starts it afresh
+        runtime.retry_at = None
+        host = detect_host_memory(agent.config.host_memory)
+        try:
+            budget = unit.model.budget(host.total_bytes, agent.config.memory_fraction)
+        except ValueError as exc:
+            await agent.set_status(runtime, "Failed", "InvalidSpec", str(exc))
+            return
+        message = self.idle_message(unit, f"{format_bytes(budget.bytes)} ({budget.source})")
+        runtime.verdict = Verdict(Reason.FITS, allowed=True, message=message, budget=budget)  # the budget shows
+        if (runtime.phase, runtime.reason, runtime.message) != (IDLE, IDLE, message):
+            await agent.set_status(runtime, IDLE, IDLE, message)
 
     def idle_message(self, unit: ServingUnit, budget: str) -> str:
         return (

@@ -29,7 +29,6 @@ from reportkit import (
     until,
 )
 
-from agent.engine.pipeline import Agent, AgentConfig
 from agent.engine.plugin_manager import load_plugins
 from agent.engine.unit_state import UnitRuntime
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
@@ -40,6 +39,7 @@ from agent.kube.report import register_reporter
 from agent.sources.manifest import parse_object
 from agent.sources.standalone import Event as StandaloneEvent
 from agent.sources.standalone import EventType
+from agent.testing import build_agent
 
 MERGE_PATCH = "application/merge-patch+json"  # what a real API server accepts on /status
 pytestmark = pytest.mark.anyio
@@ -337,11 +337,8 @@ async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_
         {**model_obj(budget="512Mi"), "spec": {"source": str(model_file), "hardware": {"memoryBudget": "512Mi"}}}
     )
     kube_api.apply(service_obj(runtime="healthy"))
-    config = AgentConfig(
-        state_dir=tmp_path / "state", startup_timeout=10, grace_period=1, probe_interval=0.05, model_roots=(tmp_path,)
-    )
-    plugins = load_plugins(extra=[Executors()], entry_points=False)
-    agent = Agent(config, plugins)
+    config: dict[str, Any] = {"startup_timeout": 10, "grace_period": 1, "probe_interval": 0.05}
+    agent = build_agent(tmp_path / "state", Executors(), model_roots=(tmp_path,), **config)
     send, receive = anyio.create_memory_object_stream[StandaloneEvent](100)
 
     async def events() -> AsyncIterator[StandaloneEvent]:
@@ -356,7 +353,7 @@ async def test_the_pipeline_reports_through_the_hook_from_ready_to_insufficient_
         return status_of(kube_api).get("phase")
 
     async with ApiClient(kube_api.configuration()) as api_client:
-        reporter = register_reporter(plugins, api_client, settings())
+        reporter = register_reporter(agent.plugins, api_client, settings())
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(reporter.run)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from memory_harness import MiB, SimulatedHost, TinyPlugin, running, until
+from memory_harness import MiB, SimulatedHost, make_agent, running, until
 
 from agent.cli import main
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.estimator import estimate, max_ctx_size
 from agent.estimate.gguf_shape import load_shape
 from agent.estimate.shape import ServeSettings
@@ -58,11 +57,7 @@ def test_never_below_the_minimum(model: Path) -> None:
 
 def agent_with(tmp_path: Path, host: SimulatedHost, fraction: float) -> Agent:
     # No probes while the test runs: the ledger holds each server's footprint measured at load, and nothing moves it.
-    config = AgentConfig(state_dir=tmp_path / "state", memory_fraction=fraction, startup_timeout=20, grace_period=2,
-                         probe_interval=3600, pressure_interval=0.05, model_roots=(tmp_path,))  # fmt: skip
-    agent = Agent(config, load_plugins(extra=[TinyPlugin()], entry_points=False), memory=host)
-    host.agent = agent
-    return agent
+    return make_agent(tmp_path, host=host, memory_fraction=fraction, probe_interval=3600)
 
 
 def events(model: Path, name: str, budget: str, **spec: object) -> list[Event]:

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 from fake_servers import FakeServer
-from memory_harness import MiB, SimulatedHost, TinyPlugin, model_event, phase, running, service, until
+from memory_harness import MiB, SimulatedHost, TinyPlugin, make_agent, model_event, phase, running, service, until
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
 from agent.hookspecs import Executor, hookimpl
 from agent.sources.standalone import Event, EventType
 
@@ -36,20 +34,17 @@ class Plugin:
 
 async def test_crash_loop_backs_off_and_frees_its_memory_between_attempts(tmp_path: Path) -> None:
     host, plugin = SimulatedHost(512 * MiB), Plugin()
-    config = AgentConfig(
-        state_dir=tmp_path / "state",
-        model_roots=(tmp_path,),
+    agent = make_agent(
+        tmp_path,
+        TinyPlugin(),
+        plugin,
+        host=host,
         memory_fraction=0.135,  # 69 MiB: one 44 MiB estimate at a time, or one beside a loaded ~20 MiB server
         backoff_base=0.05,
         backoff_cap=0.2,
         crash_loop_after=4,
-        startup_timeout=20,
         grace_period=1,
-        probe_interval=0.05,
-        pressure_interval=0.05,
     )
-    agent = Agent(config, load_plugins(extra=[TinyPlugin(), plugin], entry_points=False), memory=host)
-    host.agent = agent
     crasher = service("crasher", "critical")
     async with running(agent) as send:
         send(model_event(tmp_path))

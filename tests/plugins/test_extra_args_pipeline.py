@@ -12,8 +12,7 @@ import anyio
 import pytest
 from memory_harness import model_event, running, until
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.hookspecs import hookimpl
 from agent.sources.manifest import ServiceSpec
 from agent.sources.standalone import Event, EventType
@@ -101,8 +100,7 @@ async def test_fixing_the_spec_starts_the_unit(tmp_path: Path) -> None:
 async def test_allowed_flags_reach_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp itself (a llama-server binary, else the xllamacpp stand-in) is given the allowed flags."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server here: the well-known dirs, then the stand-in
-    config = AgentConfig(state_dir=tmp_path / "state", startup_timeout=60, grace_period=3, model_roots=(tmp_path,))
-    agent = Agent(config, load_plugins(entry_points=False))
+    agent = build_agent(tmp_path / "state", startup_timeout=60, grace_period=3, model_roots=(tmp_path,))
     extra = ["--alias", "tiny-alias", "--temp=0.1", "--jinja", "-s", "-1", "--timeout", "30"]
     async with running(agent) as send:
         send(model_event(tmp_path))

@@ -135,7 +135,7 @@ async def test_servers_are_adopted_by_their_mark_without_a_usable_state_file(
         path.write_text(state_file(record(child, "d/kept", pid=other.pid, create_time=other.create_time())))
     with capture_logs() as logs:
         agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
-    assert agent.adoptable["d/kept"].pid == child.pid
+    assert agent.handover.adoptable["d/kept"].pid == child.pid
     if state == "a directory":
         assert [e for e in logs if e["event"].startswith("state file unreadable")]
         path.rmdir()  # saving over a directory is the state writer's concern, not adoption's
@@ -180,7 +180,7 @@ async def test_an_unclaimed_leftover_is_stopped_with_the_agent(tmp_path: Path, c
     cleanup.append(child)
     agent = make_agent(tmp_path, host=SimulatedHost(512 * MiB))
     async with running(agent):
-        assert "d/kept" in agent.adoptable
+        assert "d/kept" in agent.handover.adoptable
     assert gone(child) and marked_servers(tmp_path / "state") == []
 
 

@@ -16,12 +16,12 @@ import pytest
 from fake_servers import Executors, FakeServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.processes import state_keeper, statefile
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
+from agent.testing import build_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -48,9 +48,10 @@ async def test_a_failing_disk_degrades_the_state_and_servers_keep_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     monkeypatch.setattr(state_keeper, "RETRY_SECONDS", 0.1)
-    config = AgentConfig(state_dir=tmp_path / "state", grace_period=1, probe_interval=0.1, startup_timeout=20,
-                         model_roots=(tmp_path,), host_memory=16 << 30)  # fmt: skip
-    agent = Agent(config, load_plugins(extra=[Executors(FakeServer("healthy"))], entry_points=False))
+    agent = build_agent(
+        tmp_path / "state", Executors(FakeServer("healthy")), grace_period=1, probe_interval=0.1, startup_timeout=20,
+        model_roots=(tmp_path,), host_memory=16 << 30,
+    )  # fmt: skip
     send, receive = anyio.create_memory_object_stream[Event](100)
 
     async def stream() -> AsyncIterator[Event]:

@@ -18,10 +18,9 @@ import aiohttp
 import anyio
 import pytest
 from fake_openai import plugin
-from memory_harness import MiB, Sender, SimulatedHost, running, until
+from memory_harness import MiB, Sender, SimulatedHost, make_agent, running, until
 
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
+from agent.engine.pipeline import Agent
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.processes.ports import free_port
 from agent.service.api import serve
@@ -80,12 +79,7 @@ def unit_events(tmp_path: Path, name: str, namespace: str = "d", **spec: Any) ->
 @asynccontextmanager
 async def api(tmp_path: Path, fraction: float = 0.9, **settings: Any) -> AsyncIterator[Api]:
     host = SimulatedHost(TOTAL)
-    config = AgentConfig(
-        state_dir=tmp_path / "state", memory_fraction=fraction, startup_timeout=20, grace_period=2,
-        probe_interval=0.05, pressure_interval=0.05, model_roots=(tmp_path,), **settings,
-    )  # fmt: skip
-    agent = Agent(config, load_plugins(extra=[plugin(tmp_path / "marker")], entry_points=False), memory=host)
-    host.agent = agent
+    agent = make_agent(tmp_path, plugin(tmp_path / "marker"), host=host, memory_fraction=fraction, **settings)
     port = free_port()
     runner = await serve(agent, "127.0.0.1", port)
     try:

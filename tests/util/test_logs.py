@@ -16,13 +16,12 @@ import pytest
 import structlog
 
 from agent import cli
-from agent.engine.pipeline import Agent, AgentConfig
-from agent.engine.plugin_manager import load_plugins
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
 from agent.hookspecs import Executor, Launch, hookimpl
 from agent.sources.manifest import ModelSpec, ServiceSpec
 from agent.sources.standalone import Event, EventType
 from agent.sources.units import ServingUnit
+from agent.testing import build_agent
 from agent.util import logs
 
 SECRET = "kubeconfig-token-7f3a9c"  # must never reach a log line
@@ -193,10 +192,9 @@ async def test_lines_of_a_units_worker_carry_its_unit_executor_and_pid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     logs.configure("info", "json")
-    config = AgentConfig(
-        state_dir=tmp_path / "state", backoff_base=60, startup_timeout=10, grace_period=1, model_roots=(tmp_path,)
+    agent = build_agent(
+        tmp_path / "state", ChattyPlugin(), backoff_base=60, startup_timeout=10, grace_period=1, model_roots=(tmp_path,)
     )
-    agent = Agent(config, load_plugins(extra=[ChattyPlugin()], entry_points=False))
     model = ModelSpec(name="m", namespace="d", source=str(write_tiny_gguf(tmp_path / "m.gguf", TinyShape())))
     events = [
         Event(EventType.ADDED, model),
