@@ -92,7 +92,7 @@ async def main_async(
     runners = [runner]
     where: dict[str, str | None] = {}
     if kube and config.register_endpoints:  # on-demand units' Services point here
-        proxy_host = args.server_host or "0.0.0.0"
+        proxy_host = args.server_host  # the servers' address: 0.0.0.0 unless --server-host (effective_config)
         where["cluster_v1"] = f"{proxy_host}:{config.proxy_port}"
         try:
             runners.append(await serve(agent, proxy_host, config.proxy_port, cluster=True))
