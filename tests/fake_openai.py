@@ -1,8 +1,10 @@
 """A stand-in OpenAI-compatible inference server for proxy tests: a real process on a real port, no model.
 
 ``/health`` answers 200. A POST answers JSON naming the server (``served_by``: its port) and the ``model`` it was
-sent; with ``hang_up`` it closes the connection without an answer; with ``close_after`` it drops the connection
-that many seconds after answering, unannounced. With ``"stream": true`` it sends ``chunks`` SSE events
+sent (and ``pad`` characters more); with ``hang_up`` it closes the connection without an answer; with
+``short_by`` it promises that many bytes more than it sends, then hangs up (and appends ``short`` to the file given
+as its third argument); with ``close_after`` it drops the connection that many seconds after answering,
+unannounced. With ``"stream": true`` it sends ``chunks`` SSE events
 ``interval`` seconds apart, then closes the connection as llama-server does; when the client goes away
 mid-stream it appends ``disconnected`` to the file given as its third argument. ``extraArgs: [N]`` makes the
 process hold N MiB more (so that its measured footprint is known).
@@ -32,9 +34,14 @@ class H(http.server.BaseHTTPRequestHandler):
             return
         if not body.get("stream"):
             data = json.dumps({"served_by": port, "model": body.get("model"), "path": self.path,
-                               "auth": self.headers.get("Authorization")}).encode()
+                               "auth": self.headers.get("Authorization"), "pad": "x" * body.get("pad", 0)}).encode()
+            short = int(body.get("short_by", 0))  # promise more than comes, then hang up
             self.send_response(200); self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+            self.send_header("Content-Length", str(len(data) + short)); self.end_headers(); self.wfile.write(data)
+            if short:
+                with open(marker, "a") as f: f.write("short\n")
+                self.close_connection = True
+                return
             if body.get("close_after"):  # keep the connection open a while, then drop it unannounced
                 self.wfile.flush(); time.sleep(float(body["close_after"])); self.close_connection = True
             return

@@ -12,7 +12,9 @@ In Kubernetes mode the same routes also listen for the cluster (agent/service/ap
 ``Host`` names (``NAME.NAMESPACE.svc``), so a client need not know the unit's model name; a Host that names no
 unit (a ClusterIP, an address) falls back to the body's ``model``.
 
-The relay does not decode: compressed answers pass through as they are, headers minus the hop-by-hop ones.
+The relay does not decode: compressed answers pass through as they are, headers minus the hop-by-hop ones. An
+answer that is not a stream (a Content-Length up to ``WHOLE_ANSWER``) is read whole before any of it goes back, so
+one that breaks off is a 502 in OpenAI's shape rather than a cut JSON body under a 200.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ HOP_BY_HOP = frozenset(
 )
 SESSION = web.AppKey("proxy_session", aiohttp.ClientSession)
 CONNECT_TIMEOUT_S = 10.0
+WHOLE_ANSWER = 256 << 10  # an answer with a Content-Length up to this is read whole before it goes back
 
 
 def error(status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -223,13 +226,18 @@ async def relay(request: web.Request, session: aiohttp.ClientSession, port: int,
     except aiohttp.ServerDisconnectedError:  # a kept-alive connection the server had closed (llama-server does
         upstream = await session.post(url, data=body, headers=headers)  # after a stream): once more, on a new one
     async with upstream:
+        answer_headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+        length = upstream.content_length
+        if length is not None and length <= WHOLE_ANSWER:  # not a stream: read whole, so a break is a 502
+            try:
+                whole = await upstream.read()
+            except aiohttp.ClientError as exc:  # nothing has gone to the client yet: a 502, not a second try
+                raise aiohttp.ClientPayloadError(f"the answer broke off: {exc}") from exc
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=answer_headers, body=whole)
         try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=answer_headers)
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
         except BaseException:
             upstream.close()

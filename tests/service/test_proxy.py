@@ -149,6 +149,30 @@ async def test_routes_by_model_lists_units_and_passes_headers_and_paths(tmp_path
         assert status == 200, body
 
 
+async def test_an_answer_comes_back_whole_large_or_small_and_one_that_breaks_off_is_a_502(tmp_path: Path) -> None:
+    async with api(tmp_path) as a:
+        for event in unit_events(tmp_path, "chat"):
+            a.send(event)
+        await until(lambda: phase(a.agent, "d/chat") == "Ready", agent=a.agent)
+        for pad in (0, 3 << 20):  # read whole, and (beyond WHOLE_ANSWER) streamed with its Content-Length
+            payload = {"model": "chat", "pad": pad, "messages": []}
+            async with a.session.post(a.base + "/v1/embeddings", json=payload) as response:
+                data = await response.read()
+                assert response.status == 200 and int(response.headers["Content-Length"]) == len(data)
+                assert response.headers["Content-Type"] == "application/json"
+            assert json.loads(data)["pad"] == "x" * pad
+        pid = a.agent.runtimes["d/chat"].child.pid  # type: ignore[union-attr]
+        status, body, _ = await a.post("chat", short_by=1)  # read whole: nothing went out yet, so a 502
+        assert status == 502 and body["error"]["code"] == "upstream_error", body
+        payload = {"model": "chat", "short_by": 5 << 20, "messages": []}  # streamed: the answer ends unfinished
+        async with a.session.post(a.base + "/v1/embeddings", json=payload) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        assert (tmp_path / "marker").read_text().count("short") == 2  # asked once each: no second try
+        assert a.agent.runtimes["d/chat"].child.pid == pid  # type: ignore[union-attr]
+
+
 async def test_a_stream_arrives_in_chunks_and_a_client_that_leaves_cancels_upstream(tmp_path: Path) -> None:
     async with api(tmp_path) as a:
         for event in unit_events(tmp_path, "chat"):
