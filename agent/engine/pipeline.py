@@ -41,6 +41,7 @@ from agent.memory import context_auto, gpus
 from agent.memory.admission import EVICTED, Admission, Outcome
 from agent.memory.footprint import keep_report, measure_with
 from agent.memory.pressure import Provider, Watchdog, system_provider
+from agent.models.model_store import ModelFiles
 from agent.processes import marker, supervisor
 from agent.processes.ports import free_port
 from agent.sources.manifest import ModelSpec, ServiceSpec
@@ -205,43 +206,10 @@ class Agent:
 
     async def _start(self, runtime: UnitRuntime, unit: ServingUnit) -> None:
         runtime.retry_at = None
-        executor, _ = self.executor_for(unit)
-        if executor is not None and (problem := spec_problem(executor, unit)):  # e.g. extraArgs off the allowlist
-            self.metrics.rejected("InvalidSpec")
-            await self.set_status(runtime, "Failed", "InvalidSpec", f"{executor.name}: {problem}")
+        checked = await self._check(runtime, unit)
+        if checked is None:
             return
-        files = await self.downloads.locate(runtime, unit)  # a remote model is sized from its header here
-        if files is None:
-            return
-        model_path = files.path
-        host = detect_host_memory(self.config.host_memory)
-        try:
-            budget = await self.plugins.first(
-                "resolve_budget", unit=unit, host=host, agent_fraction=self.config.memory_fraction
-            )
-        except ValueError as exc:
-            self.metrics.rejected("InvalidSpec")
-            await self.set_status(runtime, "Failed", "InvalidSpec", str(exc))
-            return
-        # contextSize: auto: the largest context its budget and the ledger's free memory allow now.
-        limit = min(budget.bytes, host.total_bytes, self.ledger.free_for(runtime.key))
-        unit, chosen_context = context_auto.sized(unit, model_path, limit)
-        if chosen_context is not None:
-            self.ondemand.contexts[runtime.key] = chosen_context
-        verdict: Verdict = await self.plugins.first(
-            "preflight", thread=True, unit=unit, model_path=model_path, budget=budget, host=host,
-            mode=str(self.config.mode),
-        )  # fmt: skip
-        runtime.verdict = verdict
-        if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
-            self.metrics.rejected(str(verdict.reason))
-            await self.set_status(runtime, "Failed", str(verdict.reason), verdict.message)
-            return
-        estimate = verdict.estimate
-        need = estimate.total_bytes if estimate else budget.bytes
-        device_need = 0
-        if estimate is not None and estimate.device_bytes is not None:  # a GPU server: host and device ledgers
-            need, device_need = estimate.host_bytes or 0, estimate.device_bytes
+        unit, files, need, device_need = checked
         if await self.handover.adopt(runtime, unit, need):  # its memory is in use already: it does not queue
             self.metrics.admitted()
             return
@@ -276,7 +244,49 @@ class Agent:
         if self._superseded(runtime, unit):  # deleted or changed while it was checked: never spawned
             self.memory.release(runtime.key)
             return
-        await self._launch(runtime, unit, executor, model_path)
+        await self._launch(runtime, unit, executor, files.path)
+
+    async def _check(self, runtime: UnitRuntime, unit: ServingUnit) -> tuple[ServingUnit, ModelFiles, int, int] | None:
+        """Spec, model files, budget, context and pre-flight: the unit as it will run (its context chosen), its
+        files, and the host and device bytes it needs; None when it cannot start (its status says why)."""
+        executor, _ = self.executor_for(unit)
+        if executor is not None and (problem := spec_problem(executor, unit)):  # e.g. extraArgs off the allowlist
+            self.metrics.rejected("InvalidSpec")
+            await self.set_status(runtime, "Failed", "InvalidSpec", f"{executor.name}: {problem}")
+            return None
+        files = await self.downloads.locate(runtime, unit)  # a remote model is sized from its header here
+        if files is None:
+            return None
+        model_path = files.path
+        host = detect_host_memory(self.config.host_memory)
+        try:
+            budget = await self.plugins.first(
+                "resolve_budget", unit=unit, host=host, agent_fraction=self.config.memory_fraction
+            )
+        except ValueError as exc:
+            self.metrics.rejected("InvalidSpec")
+            await self.set_status(runtime, "Failed", "InvalidSpec", str(exc))
+            return None
+        # contextSize: auto: the largest context its budget and the ledger's free memory allow now.
+        limit = min(budget.bytes, host.total_bytes, self.ledger.free_for(runtime.key))
+        unit, chosen_context = context_auto.sized(unit, model_path, limit)
+        if chosen_context is not None:
+            self.ondemand.contexts[runtime.key] = chosen_context
+        verdict: Verdict = await self.plugins.first(
+            "preflight", thread=True, unit=unit, model_path=model_path, budget=budget, host=host,
+            mode=str(self.config.mode),
+        )  # fmt: skip
+        runtime.verdict = verdict
+        if not verdict.allowed:  # it does not fit its own budget: only a spec change can help
+            self.metrics.rejected(str(verdict.reason))
+            await self.set_status(runtime, "Failed", str(verdict.reason), verdict.message)
+            return None
+        estimate = verdict.estimate
+        need = estimate.total_bytes if estimate else budget.bytes
+        device_need = 0
+        if estimate is not None and estimate.device_bytes is not None:  # a GPU server: host and device ledgers
+            need, device_need = estimate.host_bytes or 0, estimate.device_bytes
+        return unit, files, need, device_need
 
     def log_path(self, key: str) -> Path:
         """The file the unit's server writes its output to, in the state directory's ``logs``."""
