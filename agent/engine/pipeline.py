@@ -392,6 +392,11 @@ class Agent:
             tail = supervisor.tail_lines(child.log_path, 10)
             await self._failed_run(runtime, f"server exited with status {child.exit_code}; last log lines:\n{tail}")
             return
+        if (status := supervisor.log_lost(child)) is not None:
+            log.warning(
+                "server_log_lost", unit=runtime.key, pid=child.pid, writer_status=status, log=str(child.log_path),
+                detail="its log writer ended; the server serves on, its output is lost until it restarts",
+            )  # fmt: skip
         if await supervisor.healthy(child):
             runtime.unhealthy = 0
             self._measure(runtime, child)

@@ -121,6 +121,9 @@ def start(
                 cwd=launch.cwd,
                 env={**server_environment(os.environ, launch.env, env_allow or ()), **(mark or {})},
                 start_new_session=True,
+                # SIGPIPE stays ignored, as in the agent: if its log writer dies, the server's writes fail
+                # (EPIPE) and it serves on, where the default action would kill it mid-request.
+                restore_signals=False,
             )
         except BaseException:
             os.close(write_end)
@@ -141,6 +144,16 @@ def start(
         argv = launch.argv
     state = (mark or {}).get(STATE_ID, "")
     return Child(process.pid, port, argv, log_path, create_time, process, launch.health_path, writer, state)
+
+
+def log_lost(child: Child) -> int | None:
+    """The exit status of a log writer that ended (killed: it ignores SIGTERM) while its server runs on, so the
+    server's output is lost until it restarts; told once, then the child forgets the writer. None otherwise."""
+    writer = child.writer
+    if writer is None or writer.poll() is None or not child.running():
+        return None
+    child.writer = None
+    return writer.returncode
 
 
 async def drain_log(child: Child, timeout: float = 2.0) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from fake_servers import FakeServer
+from fake_servers import SERVER, FakeServer
 from memory_harness import drive
+from structlog.testing import capture_logs
 
 from agent.engine.pipeline import Agent
 from agent.estimate.tinymodel import TinyShape, write_tiny_gguf
@@ -31,6 +35,20 @@ class Refusing:
         raise RuntimeError("cannot build a command for this model")
 
 
+class Chatty:
+    """A server that writes a line to its output every 20 ms, from a shell that keeps the SIGPIPE disposition it
+    inherits, as a program that leaves the signal alone does (Python would ignore SIGPIPE whatever it inherited)."""
+
+    name = "chatty"
+
+    def accepts(self, unit: ServingUnit) -> str | None:
+        return None if unit.service.runtime == "chatty" else "not mine"
+
+    def command(self, unit: ServingUnit, model_path: Path, port: int) -> Launch:
+        loop = '"$0" -c "$1" "$2" healthy 0 & while :; do echo tick; sleep 0.02; done'
+        return Launch(argv=["sh", "-c", loop, sys.executable, SERVER, str(port)])
+
+
 class Executors:
     @hookimpl
     def register_executors(self, register: Callable[[Executor], None]) -> None:
@@ -38,6 +56,7 @@ class Executors:
         register(Refusing())
         register(FakeServer("sicken", mode="0.5"))  # healthy for half a second, then 503 forever
         register(FakeServer("models", health_path="/v1/models"))  # no /health: answers where MLX's server does
+        register(Chatty())
 
 
 def state(agent: Agent) -> tuple[str, str]:
@@ -122,3 +141,32 @@ async def test_a_server_healthy_on_its_own_health_path_is_probed_there_and_never
     assert seen == [(0, 0)]
     log = (tmp_path / "state" / "logs" / "d_s.log").read_text()
     assert set(log.split()) == {"GET", "/v1/models"}  # never /health
+
+
+async def test_a_server_whose_log_writer_is_killed_serves_on_and_the_loss_is_logged_once(tmp_path: Path) -> None:
+    """The writer ignores SIGTERM, but SIGKILL ends it: the server's next write then meets a closed pipe. It must
+    not die of SIGPIPE mid-request (nor be restarted): it serves on, and the agent says once that its log is lost."""
+    agent = make_agent(tmp_path)
+    seen: dict[str, int] = {}
+
+    def probed_a_while_after_the_writer_died() -> bool:
+        runtime = agent.runtimes.get("d/s")
+        if runtime is None or runtime.child is None or runtime.phase != "Ready":
+            return False
+        child = runtime.child
+        if not seen:
+            assert child.writer is not None
+            seen["pid"] = child.pid
+            os.kill(child.writer.pid, signal.SIGKILL)
+            child.writer.wait(5)
+            seen["probes"] = 0
+            return False
+        seen["probes"] += 1  # polled every 20 ms; the agent probes every 50 ms
+        seen["restarts"], seen["now"] = runtime.restarts, child.pid  # as it is before the shutdown
+        return seen["probes"] >= 50
+
+    with capture_logs() as logs:
+        await drive(agent, objects(tmp_path, "chatty"), probed_a_while_after_the_writer_died)
+    assert seen["restarts"] == 0 and seen["now"] == seen["pid"]
+    lost = [e for e in logs if e["event"] == "server_log_lost"]
+    assert len(lost) == 1 and lost[0]["pid"] == seen["pid"] and lost[0]["writer_status"] == -signal.SIGKILL
