@@ -1,13 +1,18 @@
 """A local HTTP file server on 127.0.0.1 for download tests, with the faults real servers have.
 
 It runs in its own thread and event loop, so both in-process tests and tests of a real agent process can use
-it. Every request is logged (method, path, Range, If-Range, status, body bytes sent) for assertions.
+it. Every request is logged (method, path, Range, If-Range, status, body bytes sent) for assertions. With
+``tls`` it serves https (``self_signed`` makes a certificate for ``localhost`` and 127.0.0.1); ``redirects``
+answers a path with a 302 to another URL, as the Hugging Face hub sends a download to its CDN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +45,13 @@ class ModelServer:
     hold: threading.Event | None = None  # while set: whole-file bodies stall after each chunk (header ranges flow)
     log: list[Request] = field(default_factory=list)
     port: int = 0
+    tls: ssl.SSLContext | None = None  # serve https with this context
+    host: str = "127.0.0.1"  # the name its URLs use (it listens on 127.0.0.1 either way)
+    redirects: dict[str, str] = field(default_factory=dict)  # URL path -> where a 302 sends it
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}/{path.lstrip('/')}"
 
     def add(self, path: str, source: Path | bytes) -> str:
         self.files["/" + path.lstrip("/")] = source if isinstance(source, bytes) else source.read_bytes()
@@ -58,6 +67,9 @@ class ModelServer:
         entry = Request(request.method, request.path, request.headers.get("Range"), request.headers.get("If-Range"))
         entry.authorization = request.headers.get("Authorization")
         self.log.append(entry)
+        if request.path in self.redirects:
+            entry.status = 302
+            return web.Response(status=302, headers={"Location": self.redirects[request.path]})
         if self.errors:
             entry.status = self.errors.pop(0)
             return web.Response(status=entry.status)
@@ -123,7 +135,7 @@ def serve(server: ModelServer) -> Iterator[ModelServer]:
     def run() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", server.port).start())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", server.port, ssl_context=server.tls).start())
         started.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
@@ -139,3 +151,22 @@ def serve(server: ModelServer) -> Iterator[ModelServer]:
             server.hold.clear()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def self_signed(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for ``localhost`` and 127.0.0.1 made with the openssl command (the test is skipped without
+    it): its file, for a client to trust, and a server context that presents it."""
+    import pytest
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return cert, context

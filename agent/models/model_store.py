@@ -117,7 +117,8 @@ def shard_urls(url: str) -> list[str]:
 
 
 def auth_headers(url: str) -> dict[str, str]:
-    """``HF_TOKEN`` for Hugging Face over https only: never in clear text, never to another host or port.
+    """``HF_TOKEN`` for Hugging Face over https only: never in clear text, never to another host or port (than
+    ``HF_ENDPOINT``'s).
 
     A manifest naming another host (``huggingface.co.evil.example``, ``http://huggingface.co:8080``) never
     receives it; aiohttp drops the header when a redirect leaves the origin (the CDN).
@@ -127,10 +128,10 @@ def auth_headers(url: str) -> dict[str, str]:
         return {}
     endpoint, parts = urlparse(HF_ENDPOINT), urlparse(url)
     try:
-        port = parts.port
+        port = 443 if parts.port is None else parts.port
     except ValueError:
         return {}
-    if parts.scheme != "https" or parts.hostname != endpoint.hostname or port not in (None, 443):
+    if parts.scheme != "https" or parts.hostname != endpoint.hostname or port != (endpoint.port or 443):
         return {}
     return {"Authorization": f"Bearer {token}"}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import stat
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from agent.models.download import Progress, download
 from agent.models.model_store import SourceError, auth_headers, remote_url
 from agent.util import logs
 from agent.util.redact import quoted, redact_text, redact_url
-from tests.model_server import ModelServer
+from tests.model_server import ModelServer, self_signed, serve
 
 SECRET = "SEKRIT123"
 
@@ -48,6 +50,7 @@ def test_hf_token_only_over_https_to_huggingface(monkeypatch: pytest.MonkeyPatch
         "https://huggingface.co.evil.example/m.gguf",
         "https://evil.example/huggingface.co/m.gguf",
         "https://huggingface.co:bad/m.gguf",
+        "https://huggingface.co:0/m.gguf",
     ):
         assert auth_headers(url) == {}, url
 
@@ -63,6 +66,37 @@ async def test_hf_token_is_not_sent_over_http_even_to_the_endpoint_host(
     async with aiohttp.ClientSession() as session:
         assert await download(session, remote, Progress("m.gguf"), margin=0)
     assert server.gets() and all(r.authorization is None for r in server.gets())
+
+
+@pytest.mark.anyio
+async def test_hf_token_goes_over_https_to_the_hub_and_to_no_other_origin_a_redirect_leads_to(
+    tiny: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub answers a download with a redirect to its CDN: the token must not follow to another host or port
+    (aiohttp's rule, pinned here), while a redirect within the hub keeps it (so the test can tell)."""
+    cert, tls = self_signed(tmp_path)
+    hub, cdn = ModelServer(tls=tls, host="localhost"), ModelServer(tls=tls)
+    with contextlib.contextmanager(serve)(hub), contextlib.contextmanager(serve)(cdn):
+        monkeypatch.setenv("HF_TOKEN", SECRET)
+        monkeypatch.setattr(model_store, "HF_ENDPOINT", f"https://localhost:{hub.port}")
+        targets = {
+            "other-host.gguf": cdn.add("blob/other-host.gguf", tiny),  # https://127.0.0.1:CDN
+            "other-port.gguf": cdn.add("blob/other-port.gguf", tiny).replace("127.0.0.1", "localhost"),
+            "same-origin.gguf": hub.add("blob/same-origin.gguf", tiny),
+        }
+        client = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=cert))
+        async with aiohttp.ClientSession(connector=client) as session:
+            for name, target in targets.items():
+                hub.redirects[f"/o/r/resolve/main/{name}"] = target
+                url = model_store.hf_url(f"hf://o/r/{name}", model_store.HF_ENDPOINT)
+                assert url.startswith(f"https://localhost:{hub.port}/") and auth_headers(url)
+                remote = model_store.remote_files(url, tmp_path / "store").remote[0]
+                assert await download(session, remote, Progress(name), margin=0)
+                assert remote.path.read_bytes() == tiny
+    sent = {r.path: r.authorization for r in [*hub.gets(), *cdn.gets()]}
+    assert all(sent[f"/o/r/resolve/main/{name}"] == f"Bearer {SECRET}" for name in targets)  # the hub: yes
+    assert sent["/blob/same-origin.gguf"] == f"Bearer {SECRET}"  # a redirect within the hub keeps it
+    assert sent["/blob/other-host.gguf"] is None and sent["/blob/other-port.gguf"] is None  # never to the CDN
 
 
 def test_credentials_in_plain_http_urls_are_refused_off_loopback() -> None:
