@@ -1,7 +1,8 @@
 """Fake NVIDIA tools for tests on hosts without a GPU: an NVML module and an nvidia-smi script.
 
 ``FakeNVML`` stands in for ``pynvml`` (install it with ``install(monkeypatch)``): GPUs of given sizes, and
-per-process memory from ``used_by_pid`` (a dict, or a function of the pid for servers started later).
+per-process memory from ``used_by_pid`` (a dict, or a function of the pid for servers started later), and
+``foreign`` memory other tenants of a card use.
 ``fake_nvidia_smi`` writes an ``nvidia-smi`` on PATH that answers the agent's three queries.
 """
 
@@ -30,6 +31,7 @@ class FakeNVML:
     totals: list[int] = field(default_factory=lambda: [80 * GiB])
     used_by_pid: dict[int, dict[int, int]] | Callable[[int], dict[int, int]] = field(default_factory=dict)
     fail_init: bool = False
+    foreign: dict[int, int] = field(default_factory=dict)  # GPU index -> bytes other processes (no pid seen) use
     NVMLError: type[Exception] = NVMLError
 
     def nvmlInit(self) -> None:
@@ -51,7 +53,7 @@ class FakeNVML:
         return [p.pid for p in psutil.Process().children(recursive=True)]
 
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
-        used = sum(self.usage(pid).get(handle, 0) for pid in self._pids())
+        used = sum(self.usage(pid).get(handle, 0) for pid in self._pids()) + self.foreign.get(handle, 0)
         return SimpleNamespace(total=self.totals[handle], used=used, free=self.totals[handle] - used)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:

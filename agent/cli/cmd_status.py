@@ -97,10 +97,7 @@ def render(status: dict[str, Any]) -> str:
         f"host: {format_bytes(host['total_bytes'])} total, {format_bytes(host['available_bytes'])} available; "
         f"budget {format_bytes(budget)} ({host['budget_source']}), reserved {format_bytes(reserved)} "
         f"({reserved / budget:.0%})",
-        *(
-            f"GPU {index}: budget {format_bytes(gpu['budget_bytes'])}, reserved {format_bytes(gpu['reserved_bytes'])}"
-            for index, gpu in (status.get("admission") or {}).get("gpus", {}).items()
-        ),
+        *(gpu_line(index, gpu) for index, gpu in (status.get("admission") or {}).get("gpus", {}).items()),
         "",
     ]
     rows = [COLUMNS, *(row(unit) for unit in status["units"])]
@@ -141,3 +138,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
+
+
+def gpu_line(index: str, gpu: dict[str, Any]) -> str:
+    line = f"GPU {index}: budget {format_bytes(gpu['budget_bytes'])}, reserved {format_bytes(gpu['reserved_bytes'])}"
+    free = gpu.get("device_free_bytes")  # absent from an older agent's status
+    return line if free is None else f"{line}; {format_bytes(free)} free on the device"

@@ -3,7 +3,7 @@
 The guard never stops a process itself: it marks a unit for eviction and wakes its worker, which tears the
 server down (and cancels a start in progress), so each unit's process is only ever touched by its own worker.
 Admissions from the queue are handed over the same way: the memory is reserved at once, the worker is woken
-and checks again (the OS's available memory) just before launch.
+and checks again (the OS's available memory, and each GPU's free memory for a GPU server) just before launch.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+import anyio
 import structlog
 
 from agent.engine.unit_state import UnitRuntime
 from agent.estimate.preflight import Mode
+from agent.memory import gpus
 from agent.memory.admission import Admission, Claim
 from agent.memory.footprint import Footprint
 from agent.memory.pressure import Level, Sample, Thresholds, Watchdog
@@ -94,6 +96,13 @@ class MemoryGuard:
         self._fresh = (now, available)
         return available
 
+    async def observe_gpus(self) -> None:
+        """Read what each GPU has free now (NVML, else nvidia-smi: a subprocess, so off the event loop) for
+        admission; where no GPU answers, the last reading stands."""
+        free = await anyio.to_thread.run_sync(gpus.free_memory)
+        if free is not None:
+            self.admission.observe_gpus(free)
+
     # -- waking workers -------------------------------------------------------------------------------------
     def wake_granted(self) -> None:
         for key in self.admission.take_new_grants():
@@ -143,6 +152,8 @@ class MemoryGuard:
             if need > 0:
                 victims = self.admission.evict_for(need)
                 self.evict(victims, f"evicted under critical memory pressure: {sample.describe()}", "MemoryPressure")
+        if self.admission.gpu_ledgers:
+            await self.observe_gpus()  # a card's other tenants may have freed what a waiter needs, or taken more
         self.admission.grant(sample.available_bytes)
         self.wake_granted()
 

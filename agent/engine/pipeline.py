@@ -214,6 +214,8 @@ class Agent:
             self.metrics.admitted()
             return
         spec = unit.service
+        if device_need:  # what the GPUs have free now: other processes on a card count
+            await self.memory.observe_gpus()
         decision = self.admission.request(
             runtime.key, need, spec.priority, spec.eviction_protection, self.memory.available(), device_need,
             max(1, unit.model.gpu_count or 1),

@@ -17,7 +17,8 @@ A unit whose estimate exceeds the whole host budget can never fit and is refused
 
 GPU servers also hold device memory: one ledger per GPU, each with its budget. A unit on ``gpu_count`` GPUs
 asks each for an equal share of its device estimate (llama.cpp's default layer split) and is admitted onto the
-GPUs with the most room; one whose share exceeds every GPU can never fit either. While
+GPUs with the most room, never past what the device has free now (``observe_gpus``: other tenants of a card
+count); one whose share exceeds every GPU can never fit either. While
 memory pressure is at warning or above, nothing is admitted (waiters say ``MemoryPressure``).
 
 Methods never await: on the event loop each call is atomic, so concurrent arrivals cannot over-commit. The queue
@@ -87,6 +88,7 @@ class Admission:
         self.waiting: dict[str, Claim] = {}
         self.holders: dict[str, Claim] = {}
         self.loading: set[str] = set()  # admitted, not yet measured: the OS does not see their memory yet
+        self.device_free: dict[int, int] | None = None  # GPU index -> free bytes at the last look (None: not read)
         self.evicting: set[str] = set()  # chosen for eviction, still holding until their server is gone
         self.new_grants: set[str] = set()  # admitted from the queue; their worker has not come back yet
         self.blocked: str | None = None  # why nothing is admitted now (memory pressure), or None
@@ -296,6 +298,12 @@ class Admission:
         return self.evict_for(staying - capacity) if staying > capacity else []
 
     # -- GPUs -----------------------------------------------------------------------------------------------
+    def observe_gpus(self, free: dict[int, int]) -> None:
+        """What each GPU has free now by its driver, whoever uses the rest: room on a device never exceeds it."""
+        if free != self.device_free:
+            self.device_free = dict(free)
+            self._settled = None
+
     def set_gpus(self, capacities: dict[int, int]) -> None:
         """The GPUs this host has and the device-memory budget of each."""
         for index, capacity in capacities.items():
@@ -326,7 +334,17 @@ class Admission:
         return gpu_ledgers.never_fits(self.gpu_ledgers, device_need, gpu_count)
 
     def _gpus_for(self, claim: Claim) -> tuple[int, ...] | None:
-        return gpu_ledgers.place(self.gpu_ledgers, claim.key, claim.device_need, claim.gpu_count)
+        headroom = self._device_headroom(claim.key)
+        return gpu_ledgers.place(self.gpu_ledgers, claim.key, claim.device_need, claim.gpu_count, headroom)
+
+    def _device_headroom(self, excluding: str) -> dict[int, int] | None:
+        """Per GPU: free on the device less what starting servers were promised there (the host's rule)."""
+        if self.device_free is None:
+            return None
+        return {
+            index: self.device_free.get(index, 0) - sum(ledger.held.get(k, 0) for k in self.loading if k != excluding)
+            for index, ledger in self.gpu_ledgers.items()
+        }
 
     def _reserve_gpus(self, claim: Claim) -> None:
         claim.gpus = gpu_ledgers.reserve(self.gpu_ledgers, claim.key, claim.share, self._gpus_for(claim) or ())
@@ -374,7 +392,8 @@ class Admission:
 
     def _why_not(self, claim: Claim, free: int, headroom: int) -> str:
         if claim.need <= free and claim.need <= headroom and self._gpus_for(claim) is None:
-            return gpu_ledgers.why_waiting(self.gpu_ledgers, claim.key, claim.share, claim.gpu_count)
+            device = self._device_headroom(claim.key)
+            return gpu_ledgers.why_waiting(self.gpu_ledgers, claim.key, claim.share, claim.gpu_count, device)
         if claim.need > free:
             others = len([k for k in self.ledger.held if k != claim.key])
             return (
@@ -393,5 +412,5 @@ class Admission:
             "waiting": [c.key for c in sorted(self.waiting.values(), key=lambda c: (c.rank, c.seq))],
             "blocked": self.blocked,
             "counts": {name: self.counts[name] for name in ("admitted", "queued", "rejected", "evicted")},
-            "gpus": gpu_ledgers.status(self.gpu_ledgers),
+            "gpus": gpu_ledgers.status(self.gpu_ledgers, self.device_free),
         }

@@ -2,7 +2,9 @@
 
 llama.cpp splits a model's layers over the GPUs it sees (its default layer split), so a unit on ``gpu_count``
 GPUs asks each for an equal share of its device estimate. It goes to the GPUs with the most room; it can never
-fit when fewer than ``gpu_count`` GPUs have a budget as large as its share. The functions work on the ledgers
+fit when fewer than ``gpu_count`` GPUs have a budget as large as its share. Room on a GPU is its budget's free part,
+but no more than the device has free now (NVML: other processes' memory counted) beyond what starting servers were
+promised: a card shared with other tenants is never filled past what they leave. The functions work on the ledgers
 ``Admission`` keeps (GPU index -> ``Ledger``) and never await, like the rest of admission.
 """
 
@@ -34,13 +36,24 @@ def never_fits(ledgers: Ledgers, device_need: int, gpu_count: int) -> str:
     )
 
 
-def place(ledgers: Ledgers, key: str, device_need: int, gpu_count: int) -> tuple[int, ...] | None:
+def room(ledgers: Ledgers, key: str, headroom: dict[int, int] | None) -> dict[int, int]:
+    """What ``key`` may take on each GPU: its budget's free part, and no more than the device has free beyond what
+    starting servers were promised (``headroom``; None where the devices were not read)."""
+    return {
+        index: ledger.free_for(key) if headroom is None else min(ledger.free_for(key), headroom.get(index, 0))
+        for index, ledger in ledgers.items()
+    }
+
+
+def place(
+    ledgers: Ledgers, key: str, device_need: int, gpu_count: int, headroom: dict[int, int] | None = None
+) -> tuple[int, ...] | None:
     """The GPUs ``key`` would go to (those with the most room), or None if its share fits too few of them now."""
     if device_need <= 0 or not ledgers:
         return ()
     each = share(device_need, gpu_count)
-    room = sorted(((ledger.free_for(key), index) for index, ledger in ledgers.items()), reverse=True)
-    chosen = [index for free, index in room[:gpu_count] if free >= each]
+    ranked = sorted(((free, index) for index, free in room(ledgers, key, headroom).items()), reverse=True)
+    chosen = [index for free, index in ranked[:gpu_count] if free >= each]
     return tuple(sorted(chosen)) if len(chosen) == gpu_count else None
 
 
@@ -78,16 +91,27 @@ def settle(
     return tuple(sorted(set(gpus) | {index for index in measured if index in ledgers}))
 
 
-def why_waiting(ledgers: Ledgers, key: str, each: int, gpu_count: int) -> str:
-    free = ", ".join(
-        f"GPU {index} has {format_bytes(max(0, ledger.free_for(key)))} free"
-        for index, ledger in sorted(ledgers.items())
+def why_waiting(ledgers: Ledgers, key: str, each: int, gpu_count: int, headroom: dict[int, int] | None) -> str:
+    parts = []
+    for index, ledger in sorted(ledgers.items()):
+        budget_free = max(0, ledger.free_for(key))
+        part = f"GPU {index} has {format_bytes(budget_free)} free in its budget"
+        if headroom is not None and headroom.get(index, 0) < budget_free:
+            part += f" but {format_bytes(max(0, headroom.get(index, 0)))} on the device (other processes use it)"
+        parts.append(part)
+    return (
+        f"needs {format_bytes(each)} of GPU memory on each of {gpu_count} GPU(s); {'; '.join(parts)}; it starts "
+        "when memory frees"
     )
-    return f"needs {format_bytes(each)} of GPU memory on each of {gpu_count} GPU(s); {free}; it starts when it frees"
 
 
-def status(ledgers: Ledgers) -> dict[str, dict[str, object]]:
+def status(ledgers: Ledgers, device_free: dict[int, int] | None) -> dict[str, dict[str, object]]:
     return {
-        str(index): {"budget_bytes": ledger.capacity, "reserved_bytes": ledger.used, "held": dict(ledger.held)}
+        str(index): {
+            "budget_bytes": ledger.capacity,
+            "reserved_bytes": ledger.used,
+            "held": dict(ledger.held),
+            "device_free_bytes": None if device_free is None else device_free.get(index),
+        }
         for index, ledger in sorted(ledgers.items())
     }

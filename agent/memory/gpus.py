@@ -90,6 +90,14 @@ def budgets(budget_of: Callable[[int], int]) -> dict[int, int]:
         return {}
 
 
+def free_memory() -> dict[int, int] | None:
+    """What each GPU has free now, memory of every process on it counted (ours and others'); None if none answers."""
+    try:
+        return {gpu.index: gpu.free_bytes for gpu in list_gpus()}
+    except NoGPU:
+        return None
+
+
 @dataclass(frozen=True)
 class ProcessMemory:
     """Device memory of one process, by GPU index, and where the figures came from."""

@@ -177,5 +177,7 @@ def test_table_shows_gpu_ledgers_and_the_measured_gpu_footprint() -> None:
     status = {**STATUS, "units": [gpu_unit], "admission": {"gpus": {"0": {"budget_bytes": 100 << 30,
                                                                             "reserved_bytes": 9 << 30}}}}  # fmt: skip
     text = render(status)
-    assert "GPU 0: budget 100.0 GiB, reserved 9.0 GiB" in text
+    assert "GPU 0: budget 100.0 GiB, reserved 9.0 GiB\n" in text  # an older agent's status: no device figure
+    status["admission"]["gpus"]["0"]["device_free_bytes"] = 30 << 30  # type: ignore[index]
+    assert "GPU 0: budget 100.0 GiB, reserved 9.0 GiB; 30.0 GiB free on the device" in render(status)
     assert table(text)[0]["ACTUAL"] == "9.0 GiB"  # host plus GPU memory, not the RSS alone

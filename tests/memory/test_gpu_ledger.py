@@ -95,6 +95,32 @@ def test_a_grant_checked_again_before_launch_holds_one_share_per_gpu_only() -> N
     assert sum(ledger.used for ledger in admission.gpu_ledgers.values()) == 22 * GiB
 
 
+def test_a_card_other_processes_fill_holds_units_back_whatever_the_budget_says() -> None:
+    admission = gpu_admission(24 * GiB, 24 * GiB)
+    admission.observe_gpus({0: 6 * GiB, 1: 4 * GiB})  # another tenant uses most of both cards
+    waiting = admission.request("a", GiB, "normal", False, PLENTY, device_need=10 * GiB)
+    assert waiting.outcome is Outcome.WAITING and not admission.holders
+    assert "GPU 0 has 24.0 GiB free in its budget but 6.0 GiB on the device" in waiting.message
+    assert "other processes" in waiting.message
+    assert admission.request("b", GiB, "normal", False, PLENTY, device_need=5 * GiB).outcome is Outcome.ADMITTED
+    assert admission.holders["b"].gpus == (0,)  # the card with room on the device, not only in its budget
+    # "b" is still loading: the 5 GiB promised to it are not in the driver's figure yet, so GPU 0 has 1 GiB.
+    assert admission.request("c", GiB, "normal", False, PLENTY, device_need=3 * GiB).outcome is Outcome.ADMITTED
+    assert admission.holders["c"].gpus == (1,)
+    assert admission.request("d", GiB, "normal", False, PLENTY, device_need=2 * GiB).outcome is Outcome.WAITING
+    admission.observe_gpus({0: 24 * GiB, 1: 24 * GiB})  # the tenant left: waiters are weighed again
+    assert admission.grant(PLENTY) == ["a", "d"]
+
+
+def test_a_grant_checked_again_before_launch_sees_a_card_filled_meanwhile() -> None:
+    admission = gpu_admission(24 * GiB)
+    admission.observe_gpus({0: 24 * GiB})
+    assert admission.request("a", GiB, "normal", False, PLENTY, device_need=8 * GiB).outcome is Outcome.ADMITTED
+    admission.observe_gpus({0: 4 * GiB})  # before its launch another process took the card
+    again = admission.request("a", GiB, "normal", False, PLENTY, device_need=8 * GiB)
+    assert again.outcome is Outcome.WAITING and not admission.gpu_ledgers[0].held
+
+
 KEYS = ("a", "b", "c", "d", "e")
 
 

@@ -88,6 +88,7 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
         assert measured["llama_buffers"]["CUDA0"] == REPORTED_DEVICE  # printed because the agent passed -lv 4
         # The GPU ledger holds what the GPU really holds, not the host RSS; the host ledger the host part.
         assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
+        await until(lambda: agent.admission.device_free == {0: 8 * GiB - 700 * MiB}, agent=agent)  # next sample
         status = agent.status()
         assert status["units"][0]["reserved_gpu_bytes"] == {"0": 700 * MiB}
         assert status["units"][0]["reserved_from"] == "measured"
@@ -96,7 +97,8 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
             warning is not None and warning["reason"] == "ExceedsReservation" and "GPU footprint" in warning["message"]
         )
         assert status["admission"]["gpus"]["0"] == {
-            "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB}
+            "budget_bytes": int(8 * GiB * 0.9), "reserved_bytes": 700 * MiB, "held": {"d/s": 700 * MiB},
+            "device_free_bytes": 8 * GiB - 700 * MiB,  # read at every memory sample
         }  # fmt: skip
         assert status["units"][0]["estimate"]["device"] > 600 * MiB  # the estimate's split is shown too
         scraped = agent.metrics.registry
@@ -169,3 +171,25 @@ async def test_without_a_device_figure_the_ledger_keeps_the_estimate(
         # llama.cpp's buffers (23.5 MiB) miss the CUDA context: the ledger keeps the device estimate.
         assert agent.admission.gpu_ledgers[0].held["d/s"] == runtime.verdict.estimate.device_bytes > 600 * MiB
         assert not agent.status()["cuda_context_overhead"]["learned_bytes"]
+
+
+@pytest.mark.anyio
+async def test_a_card_another_process_fills_holds_the_unit_pending_until_it_frees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget (90 % of 8 GiB) has room, but another tenant holds 7.5 GiB of the card: starting the server
+    would take the card past its memory (and crash the other tenant). It waits, saying why, and starts once the
+    tenant leaves."""
+    nvml = server_usage({"now": 700}).install(monkeypatch)
+    nvml.foreign = {0: 7 * GiB + 512 * MiB}
+    agent = make_agent(tmp_path)
+    async with running(agent) as send:
+        for event in events(tmp_path, "2Gi"):
+            send(event)
+        await until(lambda: phase(agent, "s")[0] == "Pending", agent=agent)
+        runtime = agent.runtimes["d/s"]
+        assert "512.0 MiB on the device (other processes use it)" in runtime.message, runtime.message
+        assert runtime.child is None and not agent.admission.gpu_ledgers[0].held
+        nvml.foreign = {}
+        await until(lambda: phase(agent, "s") == ("Ready", "Ready"), agent=agent)
+        assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
