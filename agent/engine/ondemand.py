@@ -155,7 +155,8 @@ class OnDemand:
 
     # -- making room ----------------------------------------------------------------------------------------
     def make_room(self, key: str) -> list[str]:
-        """Deactivate idle on-demand units until ``key``'s claim fits the ledger; returns the keys chosen."""
+        """Deactivate idle on-demand units until ``key``'s claim fits (host memory and each GPU it needs); returns
+        the keys chosen."""
         admission = self.agent.admission
         claim = admission.waiting.get(key)
         if claim is None or admission.blocked is not None:
@@ -165,16 +166,21 @@ class OnDemand:
         if shortfall <= 0:  # the ledger has room, the OS does not: what idle servers use is what it lacks
             shortfall = claim.need - self.agent.memory.available()
         # Memory already on its way back (on-demand units deactivated, their workers still stopping them) counts.
-        shortfall -= sum(ledger.held.get(k, 0) for k in self._stopping() if k != key)
-        if shortfall <= 0:
-            return []
+        stopping = self._stopping()
+        shortfall -= sum(ledger.held.get(k, 0) for k in stopping if k != key)
         chosen: list[str] = []
+
+        def enough() -> bool:  # host memory, and each GPU the unit needs (device and budget)
+            return shortfall <= 0 and admission.gpus_fit_without(key, [*stopping, *chosen])
+
+        if enough():
+            return []
         for candidate in self._idle_candidates(key):
-            if shortfall <= 0:
-                break
             chosen.append(candidate)
             shortfall -= ledger.held.get(candidate, 0)
-        if shortfall > 0:
+            if enough():
+                break
+        if not enough():
             return []  # stopping every idle unit would not be enough: stop none, the unit waits as any other
         for candidate in chosen:
             held = format_bytes(ledger.held.get(candidate, 0))

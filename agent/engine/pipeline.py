@@ -419,6 +419,8 @@ class Agent:
         if runtime.child is not None:
             await supervisor.stop(runtime.child, self.config.grace_period)
             runtime.child = None
+            if claim is not None and claim.gpus:  # its device memory is back: waiters are weighed on a fresh figure
+                await self.memory.observe_gpus()
         runtime.actual, runtime.warning, runtime.footprint = {}, None, None
         if evicted is not None and claim is not None:
             self.admission.forget(runtime.key)

@@ -337,6 +337,18 @@ class Admission:
         headroom = self._device_headroom(claim.key)
         return gpu_ledgers.place(self.gpu_ledgers, claim.key, claim.device_need, claim.gpu_count, headroom)
 
+    def gpus_fit_without(self, key: str, gone: list[str]) -> bool:
+        """Whether ``key``'s device share would fit its GPUs once the units in ``gone`` stopped (their memory back
+        in the budgets and on the devices); True for a unit that needs no GPU memory."""
+        claim = self.waiting.get(key) or self.holders.get(key)
+        if claim is None or claim.device_need <= 0 or not self.gpu_ledgers:
+            return True
+        rooms = gpu_ledgers.room(self.gpu_ledgers, key, self._device_headroom(key))
+        for index, ledger in self.gpu_ledgers.items():
+            rooms[index] += sum(ledger.held.get(other, 0) for other in set(gone) if other != key)
+        ranked = sorted(rooms.values(), reverse=True)
+        return len(ranked) >= claim.gpu_count and ranked[claim.gpu_count - 1] >= claim.share
+
     def _device_headroom(self, excluding: str) -> dict[int, int] | None:
         """Per GPU: free on the device less what starting servers were promised there (the host's rule)."""
         if self.device_free is None:

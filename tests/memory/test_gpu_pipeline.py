@@ -193,3 +193,29 @@ async def test_a_card_another_process_fills_holds_the_unit_pending_until_it_free
         nvml.foreign = {}
         await until(lambda: phase(agent, "s") == ("Ready", "Ready"), agent=agent)
         assert agent.admission.gpu_ledgers[0].held["d/s"] == 700 * MiB
+
+
+@pytest.mark.anyio
+async def test_an_on_demand_unit_short_of_gpu_memory_stops_an_idle_one_on_the_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two on-demand CUDA units; the card (another tenant holds 7 GiB of its 8) has room for one server. A request
+    for the second stops the idle first to make room, as on the host, and never runs both."""
+    nvml = server_usage({"now": 700}).install(monkeypatch)
+    nvml.foreign = {0: 7 * GiB}
+    agent = make_agent(tmp_path)
+    model = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())
+    async with running(agent) as send:
+        for name in ("a", "b"):
+            send(Event(EventType.ADDED, ModelSpec(name=name, namespace="d", source=str(model), accelerator="cuda")))
+            send(Event(EventType.ADDED, ServiceSpec(name=name, namespace="d", model_ref=name, context_size=1024,
+                                                    on_demand=True)))  # fmt: skip
+        await until(lambda: phase(agent, "a")[0] == phase(agent, "b")[0] == "Idle", agent=agent)
+        async with agent.ondemand.serving("d/a") as child:
+            first = child.pid
+        await until(lambda: agent.admission.device_free == {0: GiB - 700 * MiB}, agent=agent)
+        async with agent.ondemand.serving("d/b") as child:
+            assert phase(agent, "a")[0] == "Idle" and agent.runtimes["d/a"].child is None
+            assert agent.runtimes["d/b"].child is child
+            assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+        assert agent.metrics.registry.get_sample_value("metal_agent_evictions_total", {"reason": "MakeRoom"}) == 1
