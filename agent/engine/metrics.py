@@ -205,7 +205,12 @@ class StateCollector(Collector):
         gpu_reserved = GaugeMetricFamily(
             "metal_agent_gpu_reserved_bytes", "Device memory starting and running units hold on a GPU.", labels=["gpu"]
         )
+        gpu_free = GaugeMetricFamily(
+            "metal_agent_gpu_free_bytes", "Device memory a GPU has free, other processes' use counted.", labels=["gpu"]
+        )
         for index, gpu in ((status.get("admission") or {}).get("gpus") or {}).items():
             gpu_budget.add_metric([index], gpu["budget_bytes"])
             gpu_reserved.add_metric([index], gpu["reserved_bytes"])
-        yield from (gpu_budget, gpu_reserved)
+            if gpu.get("device_free_bytes") is not None:
+                gpu_free.add_metric([index], gpu["device_free_bytes"])
+        yield from (gpu_budget, gpu_reserved, gpu_free)

@@ -104,6 +104,7 @@ async def test_measured_gpu_memory_goes_to_the_gpu_ledger_and_teaches_the_contex
         scraped = agent.metrics.registry
         assert scraped.get_sample_value("metal_agent_gpu_reserved_bytes", {"gpu": "0"}) == 700 * MiB
         assert scraped.get_sample_value("metal_agent_gpu_budget_bytes", {"gpu": "0"}) == int(8 * GiB * 0.9)
+        assert scraped.get_sample_value("metal_agent_gpu_free_bytes", {"gpu": "0"}) == 8 * GiB - 700 * MiB
         assert agent.ledger.held["d/s"] == measured["host"]["bytes"] < 700 * MiB
         learned = agent.status()["cuda_context_overhead"]["learned_bytes"]
         assert learned == {"0": 700 * MiB - REPORTED_DEVICE}
