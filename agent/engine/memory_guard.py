@@ -41,6 +41,7 @@ def describe_sources(footprint: Footprint) -> str:
 
 
 FRESH_S = 0.1  # how old a reading of available memory admission may use
+GPU_READ_WAIT_S = 2.0  # the longest the watchdog or a start waits for the GPUs' free memory
 
 
 class Measured(StrEnum):
@@ -76,6 +77,7 @@ class MemoryGuard:
         self.budget_of, self.eviction = budget_of, eviction
         self.mode, self.tolerance = mode, tolerance
         self._fresh: tuple[float, int] | None = None  # (when, bytes): the last reading of available memory
+        self._reading_gpus = False  # a read of the GPUs' free memory is running (in a worker thread)
         self.on_evict: Callable[[str], None] = lambda cause: None  # told each eviction's cause (the metrics)
 
     @property
@@ -98,8 +100,23 @@ class MemoryGuard:
 
     async def observe_gpus(self) -> None:
         """Read what each GPU has free now (NVML, else nvidia-smi: a subprocess, so off the event loop) for
-        admission; where no GPU answers, the last reading stands."""
-        free = await anyio.to_thread.run_sync(gpus.free_memory)
+        admission; where no GPU answers, or not within ``GPU_READ_WAIT_S``, the last reading stands.
+
+        A wedged driver can hang nvidia-smi for seconds: the caller (the pressure watchdog, a start) stops waiting
+        and goes on, and no second read starts while that one runs."""
+        if self._reading_gpus:
+            return
+        self._reading_gpus = True
+
+        def read() -> dict[int, int] | None:
+            try:
+                return gpus.free_memory()
+            finally:
+                self._reading_gpus = False  # from the thread, even when nobody waits for it any more
+
+        free = None
+        with anyio.move_on_after(GPU_READ_WAIT_S):
+            free = await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
         if free is not None:
             self.admission.observe_gpus(free)
 

@@ -1,14 +1,20 @@
 """The memory guard's judgment of a measured footprint against the unit's reservation: an excess within
 ``budget_tolerance`` (a share of the reservation, as for the budget) is no news; a real one is warned about, for
-the host reservation and for a GPU's alike."""
+the host reservation and for a GPU's alike. And its reads of the GPUs' free memory, which must not hang it."""
 
 from __future__ import annotations
 
-import pytest
+import threading
 
+import anyio
+import pytest
+from memory_harness import until
+
+from agent.engine import memory_guard
 from agent.engine.memory_guard import Measured, MemoryGuard
 from agent.engine.unit_state import UnitRuntime
 from agent.estimate.preflight import Mode
+from agent.memory import gpus
 from agent.memory.admission import Admission, Outcome
 from agent.memory.footprint import Figure, Footprint
 from agent.memory.pressure import Sample, Thresholds, Watchdog
@@ -87,3 +93,29 @@ def test_a_gpu_reservation_has_the_same_tolerance() -> None:
     runtime.footprint = gpu_footprint(2 * RESERVED)
     assert memory.measured(runtime, loaded=False) is Measured.WARNED
     assert runtime.warning is not None and "GPU footprint" in runtime.warning["message"]
+
+
+@pytest.mark.anyio
+async def test_a_hung_gpu_read_holds_up_nobody_and_is_not_started_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi on a wedged driver can hang: the watchdog (and a start) stop waiting for it, keep the last
+    reading, and start no second read while it runs; once it returns, the next look reads again."""
+    release, reads = threading.Event(), []
+
+    def hung() -> dict[int, int]:
+        reads.append(1)
+        release.wait(10)
+        return {0: MiB}
+
+    monkeypatch.setattr(gpus, "free_memory", hung)
+    monkeypatch.setattr(memory_guard, "GPU_READ_WAIT_S", 0.2)
+    memory = guard(Mode.ENFORCE)
+    memory.admission.observe_gpus({0: HOST})
+    with anyio.fail_after(2):  # far less than the read takes
+        await memory.observe_gpus()
+        await memory.observe_gpus()
+    assert reads == [1] and memory.admission.device_free == {0: HOST}  # one read; the last reading stands
+    release.set()
+    await until(lambda: not memory._reading_gpus, timeout=5)  # the abandoned read ends in its thread
+    monkeypatch.setattr(gpus, "free_memory", lambda: {0: 3 * MiB})
+    await memory.observe_gpus()
+    assert memory.admission.device_free == {0: 3 * MiB}
