@@ -1,7 +1,8 @@
 """A stand-in OpenAI-compatible inference server for proxy tests: a real process on a real port, no model.
 
 ``/health`` answers 200. A POST answers JSON naming the server (``served_by``: its port) and the ``model`` it was
-sent (and ``pad`` characters more); with ``hang_up`` it closes the connection without an answer; with
+sent, and the ``Cookie`` it got (with ``set_cookie`` it sets one; with ``pad`` it sends that many characters
+more); with ``hang_up`` it closes the connection without an answer; with
 ``short_by`` it promises that many bytes more than it sends, then hangs up (and appends ``short`` to the file given
 as its third argument); with ``close_after`` it drops the connection that many seconds after answering,
 unannounced. With ``"stream": true`` it sends ``chunks`` SSE events
@@ -34,9 +35,12 @@ class H(http.server.BaseHTTPRequestHandler):
             return
         if not body.get("stream"):
             data = json.dumps({"served_by": port, "model": body.get("model"), "path": self.path,
-                               "auth": self.headers.get("Authorization"), "pad": "x" * body.get("pad", 0)}).encode()
+                               "auth": self.headers.get("Authorization"), "cookie": self.headers.get("Cookie"),
+                               "pad": "x" * body.get("pad", 0)}).encode()
             short = int(body.get("short_by", 0))  # promise more than comes, then hang up
             self.send_response(200); self.send_header("Content-Type", "application/json")
+            if body.get("set_cookie"):
+                self.send_header("Set-Cookie", body["set_cookie"] + "; Path=/")
             self.send_header("Content-Length", str(len(data) + short)); self.end_headers(); self.wfile.write(data)
             if short:
                 with open(marker, "a") as f: f.write("short\n")

@@ -125,7 +125,10 @@ def add_routes(app: web.Application, agent: Agent, *, by_host: bool = False) -> 
     async def session_context(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)  # servers are on loopback: no limit
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)  # generation may take long
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        jar = aiohttp.DummyCookieJar()  # cookies pass between a client and its server; the relay keeps none
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=jar
+        ) as session:
             app[SESSION] = session
             yield
 

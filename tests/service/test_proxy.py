@@ -134,6 +134,16 @@ async def test_routes_by_model_lists_units_and_passes_headers_and_paths(tmp_path
         async with a.session.post(a.base + "/v1/completions?x=1", json={"model": "chat"}, headers=headers) as response:
             body = await response.json()
         assert body["auth"] == "Bearer k" and body["path"] == "/v1/completions?x=1"
+        # Cookies pass between a client and its server, never from one client to another through the relay.
+        async with aiohttp.ClientSession() as alice, aiohttp.ClientSession() as bob:
+            async with alice.post(a.base + "/v1/completions", json={"model": "chat", "set_cookie": "s=alice"}) as r:
+                assert r.headers["Set-Cookie"].startswith("s=alice")
+            async with alice.post(
+                a.base + "/v1/completions", json={"model": "chat"}, headers={"Cookie": "s=alice"}
+            ) as r:
+                assert (await r.json())["cookie"] == "s=alice"  # hers, sent by her client
+            async with bob.post(a.base + "/v1/completions", json={"model": "chat"}) as r:
+                assert (await r.json())["cookie"] is None
         # A server that hangs up without an answer, and stays: a 502 (after a look whether it was going away).
         pid = a.agent.runtimes["d/chat"].child.pid  # type: ignore[union-attr]
         status, body, _ = await a.post("chat", hang_up=True)
