@@ -71,7 +71,10 @@ class Agent:
             config.budget_tolerance,
         )  # fmt: skip
         if any(getattr(executor, "uses_device", False) for executor in self.executors):
-            self.admission.set_gpus(gpus.budgets(self._host_budget))  # a GPU's total by the host's fraction
+            capacities, free = gpus.budgets(self._host_budget)  # a GPU's total by the host's fraction
+            self.admission.set_gpus(capacities)
+            if free is not None:  # a first reading: units arriving together may all be weighed on it
+                self.admission.observe_gpus(free)
         self.synced = False
         self.source_errors: dict[str, str] = {}  # invalid manifests: file -> message
         self.source_status: Callable[[], dict[str, Any]] | None = None  # the source's own state (the watch)

@@ -82,12 +82,14 @@ def list_gpus(run: Run | None = None) -> list[GPU]:
     return gpus
 
 
-def budgets(budget_of: Callable[[int], int]) -> dict[int, int]:
-    """Each GPU's device-memory budget (``budget_of`` its total); none where no GPU answers."""
+def budgets(budget_of: Callable[[int], int]) -> tuple[dict[int, int], dict[int, int] | None]:
+    """Each GPU's device-memory budget (``budget_of`` its total) and what it has free now; none where no GPU
+    answers."""
     try:
-        return {gpu.index: budget_of(gpu.total_bytes) for gpu in list_gpus()}
+        found = list_gpus()
     except NoGPU:
-        return {}
+        return {}, None
+    return {gpu.index: budget_of(gpu.total_bytes) for gpu in found}, {gpu.index: gpu.free_bytes for gpu in found}
 
 
 def free_memory() -> dict[int, int] | None:

@@ -6,6 +6,7 @@ on the GPU. Together they "lie" the way the issue saw: buffers small, the proces
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psutil
@@ -220,3 +221,40 @@ async def test_an_on_demand_unit_short_of_gpu_memory_stops_an_idle_one_on_the_ca
             assert agent.runtimes["d/b"].child is child
             assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
         assert agent.metrics.registry.get_sample_value("metal_agent_evictions_total", {"reason": "MakeRoom"}) == 1
+
+
+@pytest.mark.anyio
+async def test_units_arriving_together_on_a_shared_card_start_only_as_many_as_it_has_room_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tenant leaves 1 GiB of the card and the driver answers slowly: of three units that arrive together,
+    one starts and the others wait, never two at once."""
+    nvml = server_usage({"now": 700}).install(monkeypatch)
+    nvml.foreign = {0: 7 * GiB}
+    read = nvml.nvmlDeviceGetMemoryInfo
+
+    def slow_read(handle: int) -> object:  # later looks come while a read is still running
+        time.sleep(0.3)
+        return read(handle)
+
+    nvml.nvmlDeviceGetMemoryInfo = slow_read  # type: ignore[method-assign]
+    agent = make_agent(tmp_path)
+    model = write_tiny_gguf(tmp_path / "m.gguf", TinyShape())
+    running_servers: list[int] = []
+
+    def servers() -> int:
+        count = len([p for p in psutil.Process().children(recursive=True) if "fake-llama" in " ".join(p.cmdline())])
+        running_servers.append(count)
+        return count
+
+    async with running(agent) as send:
+        for name in ("a", "b", "c"):
+            send(Event(EventType.ADDED, ModelSpec(name=name, namespace="d", source=str(model), accelerator="cuda")))
+        for name in ("a", "b", "c"):
+            send(Event(EventType.ADDED, ServiceSpec(name=name, namespace="d", model_ref=name, context_size=1024)))
+        phases = lambda: sorted(phase(agent, name) for name in ("a", "b", "c"))  # noqa: E731
+        waiting = ("Pending", "InsufficientMemory")
+        await until(lambda: phases() == [waiting, waiting, ("Ready", "Ready")] and servers() == 1, agent=agent)
+        for runtime in agent.runtimes.values():
+            assert runtime.phase == "Ready" or "on the device (other processes use it)" in runtime.message
+    assert max(running_servers) == 1
