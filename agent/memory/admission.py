@@ -338,25 +338,16 @@ class Admission:
         return gpu_ledgers.place(self.gpu_ledgers, claim.key, claim.device_need, claim.gpu_count, headroom)
 
     def gpus_fit_without(self, key: str, gone: list[str]) -> bool:
-        """Whether ``key``'s device share would fit its GPUs once the units in ``gone`` stopped (their memory back
-        in the budgets and on the devices); True for a unit that needs no GPU memory."""
+        """Whether ``key``'s device share would fit its GPUs once the units in ``gone`` stopped; True for a unit
+        that needs no GPU memory."""
         claim = self.waiting.get(key) or self.holders.get(key)
         if claim is None or claim.device_need <= 0 or not self.gpu_ledgers:
             return True
-        rooms = gpu_ledgers.room(self.gpu_ledgers, key, self._device_headroom(key))
-        for index, ledger in self.gpu_ledgers.items():
-            rooms[index] += sum(ledger.held.get(other, 0) for other in set(gone) if other != key)
-        ranked = sorted(rooms.values(), reverse=True)
-        return len(ranked) >= claim.gpu_count and ranked[claim.gpu_count - 1] >= claim.share
+        room = gpu_ledgers.room(self.gpu_ledgers, key, self._device_headroom(key))
+        return gpu_ledgers.fits_without(self.gpu_ledgers, room, claim.share, claim.gpu_count, set(gone) - {key})
 
     def _device_headroom(self, excluding: str) -> dict[int, int] | None:
-        """Per GPU: free on the device less what starting servers were promised there (the host's rule)."""
-        if self.device_free is None:
-            return None
-        return {
-            index: self.device_free.get(index, 0) - sum(ledger.held.get(k, 0) for k in self.loading if k != excluding)
-            for index, ledger in self.gpu_ledgers.items()
-        }
+        return gpu_ledgers.device_headroom(self.gpu_ledgers, self.device_free, self.loading - {excluding})
 
     def _reserve_gpus(self, claim: Claim) -> None:
         claim.gpus = gpu_ledgers.reserve(self.gpu_ledgers, claim.key, claim.share, self._gpus_for(claim) or ())

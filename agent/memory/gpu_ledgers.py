@@ -36,6 +36,25 @@ def never_fits(ledgers: Ledgers, device_need: int, gpu_count: int) -> str:
     )
 
 
+def device_headroom(ledgers: Ledgers, device_free: dict[int, int] | None, loading: set[str]) -> dict[int, int] | None:
+    """Per GPU: what the device has free less what the ``loading`` servers were promised there (the driver does
+    not count it yet; the host's rule); None where the devices were not read."""
+    if device_free is None:
+        return None
+    return {
+        index: device_free.get(index, 0) - sum(ledger.held.get(key, 0) for key in loading)
+        for index, ledger in ledgers.items()
+    }
+
+
+def fits_without(ledgers: Ledgers, room: dict[int, int], each: int, gpu_count: int, gone: set[str]) -> bool:
+    """Whether ``each`` fits ``gpu_count`` GPUs once the units in ``gone`` stopped: what they hold comes back to
+    the budgets and to the devices alike."""
+    after = sorted((room[index] + sum(ledger.held.get(key, 0) for key in gone) for index, ledger in ledgers.items()),
+                   reverse=True)  # fmt: skip
+    return len(after) >= gpu_count and after[gpu_count - 1] >= each
+
+
 def room(ledgers: Ledgers, key: str, headroom: dict[int, int] | None) -> dict[int, int]:
     """What ``key`` may take on each GPU: its budget's free part, and no more than the device has free beyond what
     starting servers were promised (``headroom``; None where the devices were not read)."""
