@@ -50,9 +50,8 @@ def device_headroom(ledgers: Ledgers, device_free: dict[int, int] | None, loadin
 def fits_without(ledgers: Ledgers, room: dict[int, int], each: int, gpu_count: int, gone: set[str]) -> bool:
     """Whether ``each`` fits ``gpu_count`` GPUs once the units in ``gone`` stopped: what they hold comes back to
     the budgets and to the devices alike."""
-    after = sorted((room[index] + sum(ledger.held.get(key, 0) for key in gone) for index, ledger in ledgers.items()),
-                   reverse=True)  # fmt: skip
-    return len(after) >= gpu_count and after[gpu_count - 1] >= each
+    after = {index: room[index] + sum(ledger.held.get(key, 0) for key in gone) for index, ledger in ledgers.items()}
+    return _pick(after, each, gpu_count) is not None
 
 
 def room(ledgers: Ledgers, key: str, headroom: dict[int, int] | None) -> dict[int, int]:
@@ -70,8 +69,12 @@ def place(
     """The GPUs ``key`` would go to (those with the most room), or None if its share fits too few of them now."""
     if device_need <= 0 or not ledgers:
         return ()
-    each = share(device_need, gpu_count)
-    ranked = sorted(((free, index) for index, free in room(ledgers, key, headroom).items()), reverse=True)
+    return _pick(room(ledgers, key, headroom), share(device_need, gpu_count), gpu_count)
+
+
+def _pick(room: dict[int, int], each: int, gpu_count: int) -> tuple[int, ...] | None:
+    """The ``gpu_count`` GPUs with the most room, if each has ``each``; else None."""
+    ranked = sorted(((free, index) for index, free in room.items()), reverse=True)
     chosen = [index for free, index in ranked[:gpu_count] if free >= each]
     return tuple(sorted(chosen)) if len(chosen) == gpu_count else None
 
